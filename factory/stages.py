@@ -1,0 +1,365 @@
+"""The stages: small pure transforms of rows. No file, SQL or model is touched here.
+
+Model-calling stages are split in two pure halves: one turns parent rows into keyed requests, the other
+turns (requests, call results) into the stage's rows. The build runs the calls in between.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from factory.backends import GenerationRequest, JudgeRequest
+from factory.errors import UserInputError
+from factory.keys import stable_hash
+from factory.protocols import Protocol, parse_verdict
+from factory.recipe import JudgmentsSpec, PairsSpec, PromptSource, ReferenceSpec, SamplesSpec
+
+# Bump a stage's version when its code changes what it writes: the stage key folds it in.
+STAGE_VERSIONS = {
+    "prompts": 1,
+    "references": 1,
+    "samples": 1,
+    "judgments": 1,
+    "scores": 1,
+    "pairs": 1,
+    "export": 1,
+}
+
+
+@dataclass
+class StageOutput:
+    """A stage's rows and the counts worth reporting about them."""
+
+    rows: list[dict[str, Any]]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call a stage needs: its request key, the request, and the row fields it will fill."""
+
+    key: str
+    request: Any
+    meta: dict[str, Any]
+
+
+def request_key(kind: str, identity: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Hash of exactly what changes a call's output (DESIGN.md §7); batch sizes and timeouts stay out."""
+    return stable_hash({"kind": kind, "model": identity, **payload})
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def _text(row: dict[str, Any], column: str, where: str, required: bool) -> str | None:
+    if column not in row or row[column] is None:
+        if required:
+            raise UserInputError(f"{where}: missing column '{column}' (available: {sorted(row)})")
+        return None
+    value = row[column]
+    if not isinstance(value, str):
+        raise UserInputError(f"{where}: column '{column}' must be text, got {type(value).__name__}")
+    return value
+
+
+def prompt_rows(source_name: str, raw: list[dict[str, Any]], spec: PromptSource) -> StageOutput:
+    """Instructions as chat messages with a content-hash id; duplicates dropped, then shuffle and limit."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    duplicates = empty = 0
+    for i, row in enumerate(raw):
+        where = f"prompts ({source_name}, row {i})"
+        instruction = _text(row, spec.instruction_field, where, required=True)
+        assert instruction is not None
+        if not instruction.strip():
+            empty += 1
+            continue
+        messages = []
+        system = _text(row, spec.system_field, where, required=False) if spec.system_field else None
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": instruction})
+        prompt_id = stable_hash(messages, 16)
+        if prompt_id in seen and spec.dedupe:
+            duplicates += 1
+            continue
+        seen.add(prompt_id)
+        refs = {c: _text(row, c, where, required=False) for c in spec.reference_fields}
+        rows.append(
+            {
+                "prompt_id": prompt_id,
+                "messages": json.dumps(messages, ensure_ascii=False),
+                "instruction": instruction,
+                "source": source_name,
+                "source_row": i,
+                "source_id": None if spec.id_field is None else str(row.get(spec.id_field)),
+                "reference_fields": json.dumps(refs, ensure_ascii=False),
+            }
+        )
+    if spec.shuffle:
+        random.Random(spec.seed).shuffle(rows)
+    if spec.limit is not None:
+        rows = rows[: spec.limit]
+    if not rows:
+        raise UserInputError(f"prompts: the source {source_name} gave no usable prompts ({len(raw)} rows read)")
+    return StageOutput(rows, {"read": len(raw), "duplicates": duplicates, "empty": empty, "kept": len(rows)})
+
+
+# --------------------------------------------------------------------------------------------- references
+
+
+def column_reference_rows(prompts: list[dict[str, Any]], ref: ReferenceSpec, column: str) -> StageOutput:
+    """Human references read from the prompt source; prompts without one get a `missing` row."""
+    rows = []
+    for p in prompts:
+        text = json.loads(p["reference_fields"]).get(column)
+        ok = bool(text and text.strip())
+        rows.append(
+            {
+                "prompt_id": p["prompt_id"],
+                "reference_name": ref.name,
+                "text": text if ok else None,
+                "source_kind": "human",
+                "status": "ok" if ok else "missing",
+            }
+        )
+    return StageOutput(rows, {"missing": sum(r["status"] == "missing" for r in rows)})
+
+
+def generation_calls(
+    prompts: list[dict[str, Any]], identity: dict[str, Any], params: Any, seed: int, n: int
+) -> list[Call]:
+    """One call per (prompt, sample index); the backend groups a prompt's indices into one n-sample call."""
+    calls = []
+    for p in prompts:
+        messages = json.loads(p["messages"])
+        for i in range(n):
+            payload = {"messages": messages, "params": params.model_dump(), "seed": seed, "sample_index": i}
+            key = request_key("generate", identity, payload)
+            request = GenerationRequest(messages, params, seed, (i,))
+            calls.append(Call(key, request, {"prompt_id": p["prompt_id"], "sample_index": i}))
+    return calls
+
+
+def model_reference_rows(calls: list[Call], results: dict[str, dict[str, Any]], ref: ReferenceSpec) -> StageOutput:
+    """References written by a model: one row per prompt, failures kept as rows."""
+    rows = []
+    for c in calls:
+        r = results.get(c.key, {})
+        ok = r.get("status") == "ok"
+        rows.append(
+            {
+                "prompt_id": c.meta["prompt_id"],
+                "reference_name": ref.name,
+                "text": r.get("text") if ok else None,
+                "source_kind": "model",
+                "model": ref.model,
+                "request_key": c.key,
+                "status": "ok" if ok else "error",
+                "error": r.get("error") or (None if ok else "no result"),
+                "tokens_in": r.get("tokens_in"),
+                "tokens_out": r.get("tokens_out"),
+                "latency_s": r.get("latency_s"),
+            }
+        )
+    return StageOutput(rows, {"failed": sum(r["status"] != "ok" for r in rows)})
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+
+def sample_rows(calls: list[Call], results: dict[str, dict[str, Any]], spec: SamplesSpec) -> StageOutput:
+    """The policy's outputs; a failed call is a row with finish_reason `error`."""
+    rows = []
+    for c in calls:
+        r = results.get(c.key, {})
+        ok = r.get("status") == "ok"
+        rows.append(
+            {
+                "sample_id": c.key[:16],
+                "prompt_id": c.meta["prompt_id"],
+                "policy": spec.policy,
+                "sample_index": c.meta["sample_index"],
+                "text": r.get("text") if ok else None,
+                "finish_reason": r.get("finish_reason") if ok else "error",
+                "n_tokens": r.get("tokens_out"),
+                "n_prompt_tokens": r.get("tokens_in"),
+                "request_key": c.key,
+                "error": None if ok else (r.get("error") or "no result"),
+                "tokens_in": r.get("tokens_in"),
+                "tokens_out": r.get("tokens_out"),
+                "latency_s": r.get("latency_s"),
+            }
+        )
+    return StageOutput(rows, {"failed": sum(r["error"] is not None for r in rows)})
+
+
+# ---------------------------------------------------------------------------------------------- judgments
+
+
+def judge_calls(
+    prompts: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    references: list[dict[str, Any]],
+    spec: JudgmentsSpec,
+    protocol: Protocol,
+    identity: dict[str, Any],
+) -> tuple[list[Call], dict[str, Any]]:
+    """Every ordered pair of a prompt's good samples (or only a-before-b with `orders: forward`)."""
+    by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        if s["error"] is None:
+            by_prompt[s["prompt_id"]].append(s)
+    refs = {
+        r["prompt_id"]: r["text"] for r in references if r["reference_name"] == spec.reference and r["status"] == "ok"
+    }
+    calls: list[Call] = []
+    no_reference = 0
+    for p in prompts:
+        group = sorted(by_prompt.get(p["prompt_id"], []), key=lambda s: s["sample_index"])
+        reference = refs.get(p["prompt_id"]) if protocol.uses_reference else None
+        if protocol.uses_reference and reference is None:
+            no_reference += 1
+            continue
+        for a in group:
+            for b in group:
+                if a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
+                    continue
+                messages = protocol.render(p["instruction"], a["text"], b["text"], reference)
+                payload = {
+                    "messages": messages,
+                    "prefill": protocol.prefill,
+                    "max_tokens": spec.max_tokens,
+                    "top_logprobs": spec.top_logprobs,
+                }
+                key = request_key("judge", identity, payload)
+                request = JudgeRequest(messages, protocol.prefill, spec.max_tokens, spec.top_logprobs)
+                meta = {
+                    "prompt_id": p["prompt_id"],
+                    "sample_a": a["sample_id"],
+                    "sample_b": b["sample_id"],
+                    "order": "forward" if a["sample_index"] < b["sample_index"] else "swapped",
+                    "prompt_hash": stable_hash(messages, 16),
+                }
+                calls.append(Call(key, request, meta))
+    return calls, {"prompts_without_reference": no_reference}
+
+
+def judgment_rows(
+    calls: list[Call], results: dict[str, dict[str, Any]], spec: JudgmentsSpec, protocol: Protocol
+) -> StageOutput:
+    """Each judge answer parsed into verdict, soft score and parse status; failed calls stay as rows."""
+    rows = []
+    for c in calls:
+        r = results.get(c.key, {})
+        row: dict[str, Any] = {
+            **c.meta,
+            "protocol": protocol.name,
+            "judge": spec.judge,
+            "reference_name": spec.reference,
+            "request_key": c.key,
+            "tokens_in": r.get("tokens_in"),
+            "tokens_out": r.get("tokens_out"),
+            "latency_s": r.get("latency_s"),
+        }
+        if r.get("status") != "ok":
+            row.update(parse_status="error", error=r.get("error") or "no result", p_source="none")
+        else:
+            tops = [[(t["token"], t["logprob"]) for t in step] for step in r["top_logprobs"]]
+            v = parse_verdict(protocol.prefill, r["text"], r["tokens"], tops, last_match=protocol.last_match)
+            row.update(
+                raw_output=protocol.prefill + r["text"],
+                verdict=v.verdict,
+                p_a=v.p_a,
+                p_source=v.p_source,
+                marker_tokens=v.marker_tokens,
+                parse_status=v.parse_status,
+            )
+        rows.append(row)
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row["parse_status"]] += 1
+    return StageOutput(rows, {"parse_status": dict(counts)})
+
+
+def win_probability(row: dict[str, Any], scoring: str) -> float | None:
+    """P(sample_a wins) as the scoring rule reads one judgment; None when it carries no information."""
+    if row["parse_status"] == "error":
+        return None
+    if scoring == "verdict":
+        return {"a": 1.0, "b": 0.0}.get(row["verdict"] or "")
+    return row["p_a"]
+
+
+# --------------------------------------------------------------------------------------- scores and pairs
+
+
+def score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], scoring: str) -> StageOutput:
+    """A sample's score: the mean of its win probabilities over every comparison it appears in."""
+    probs: dict[str, list[float]] = defaultdict(list)
+    wins: dict[str, int] = defaultdict(int)
+    for j in judgments:
+        p = win_probability(j, scoring)
+        if p is None:
+            continue
+        probs[j["sample_a"]].append(p)
+        probs[j["sample_b"]].append(1.0 - p)
+        if j["verdict"] in ("a", "b"):
+            wins[j["sample_a"] if j["verdict"] == "a" else j["sample_b"]] += 1
+    rows = []
+    for s in samples:
+        ps = probs.get(s["sample_id"])
+        if not ps:
+            continue
+        rows.append(
+            {
+                "sample_id": s["sample_id"],
+                "prompt_id": s["prompt_id"],
+                "score": sum(ps) / len(ps),
+                "n_comparisons": len(ps),
+                "wins": wins[s["sample_id"]],
+            }
+        )
+    return StageOutput(rows, {"unscored_samples": len(samples) - len(rows)})
+
+
+def pair_rows(samples: list[dict[str, Any]], scores: list[dict[str, Any]], spec: PairsSpec) -> StageOutput:
+    """Best-vs-worst per prompt, after dropping over-length samples; ties and thin prompts are counted."""
+    sample_by_id = {s["sample_id"]: s for s in samples}
+    by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    over_length = 0
+    for sc in scores:
+        s = sample_by_id[sc["sample_id"]]
+        if spec.max_tokens is not None and (s["n_prompt_tokens"] or 0) + (s["n_tokens"] or 0) > spec.max_tokens:
+            over_length += 1
+            continue
+        by_prompt[sc["prompt_id"]].append(sc)
+    rows = []
+    too_few = ties = 0
+    for prompt_id, group in by_prompt.items():
+        if len(group) < 2:
+            too_few += 1
+            continue
+        # Sort by score, then by sample index, so equal scores pick the same pair on every run.
+        group.sort(key=lambda sc: (-sc["score"], sample_by_id[sc["sample_id"]]["sample_index"]))
+        best, worst = group[0], group[-1]
+        margin = best["score"] - worst["score"]
+        if margin <= spec.min_margin:
+            ties += 1
+            continue
+        rows.append(
+            {
+                "prompt_id": prompt_id,
+                "chosen_sample_id": best["sample_id"],
+                "rejected_sample_id": worst["sample_id"],
+                "chosen_score": best["score"],
+                "rejected_score": worst["score"],
+                "margin": margin,
+            }
+        )
+    notes = {"over_length_samples": over_length, "too_few_samples": too_few, "ties_or_small_margin": ties}
+    return StageOutput(rows, notes)

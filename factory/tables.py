@@ -1,0 +1,159 @@
+"""Arrow schemas of every table (DESIGN.md §3). `python -m factory.schemas` writes them to schemas/."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PROVENANCE = [("recipe", pa.string()), ("run_id", pa.string()), ("stage_key", pa.string())]
+TOP_LOGPROBS = pa.list_(pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())])))
+ACCOUNTING = [
+    ("tokens_in", pa.int64()),
+    ("tokens_out", pa.int64()),
+    ("latency_s", pa.float64()),
+]
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema(list(fields))
+
+
+STAGE_TABLES: dict[str, pa.Schema] = {
+    "prompts": _schema(
+        *PROVENANCE,
+        ("prompt_id", pa.string()),
+        ("messages", pa.string()),  # JSON list of chat messages (system + user)
+        ("instruction", pa.string()),
+        ("source", pa.string()),
+        ("source_row", pa.int64()),
+        ("source_id", pa.string()),
+        ("reference_fields", pa.string()),  # JSON {column: text} kept for `column` references
+    ),
+    "references": _schema(
+        *PROVENANCE,
+        ("prompt_id", pa.string()),
+        ("reference_name", pa.string()),
+        ("text", pa.string()),
+        ("source_kind", pa.string()),  # human | model
+        ("model", pa.string()),
+        ("request_key", pa.string()),
+        ("status", pa.string()),  # ok | error | missing
+        ("error", pa.string()),
+        *ACCOUNTING,
+    ),
+    "samples": _schema(
+        *PROVENANCE,
+        ("sample_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("policy", pa.string()),
+        ("sample_index", pa.int64()),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),  # stop | length | error
+        ("n_tokens", pa.int64()),
+        ("n_prompt_tokens", pa.int64()),
+        ("request_key", pa.string()),
+        ("error", pa.string()),
+        *ACCOUNTING,
+    ),
+    "judgments": _schema(
+        *PROVENANCE,
+        ("prompt_id", pa.string()),
+        ("sample_a", pa.string()),
+        ("sample_b", pa.string()),
+        ("order", pa.string()),  # forward (a has the lower sample index) | swapped
+        ("protocol", pa.string()),
+        ("judge", pa.string()),
+        ("reference_name", pa.string()),
+        ("prompt_hash", pa.string()),
+        ("raw_output", pa.string()),
+        ("verdict", pa.string()),  # a | b | null
+        ("p_a", pa.float64()),
+        ("p_source", pa.string()),
+        ("marker_tokens", pa.string()),
+        ("parse_status", pa.string()),  # ok | no_match | invalid_marker | error
+        ("error", pa.string()),
+        ("request_key", pa.string()),
+        *ACCOUNTING,
+    ),
+    "scores": _schema(
+        *PROVENANCE,
+        ("sample_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("score", pa.float64()),  # mean soft win probability over its comparisons
+        ("n_comparisons", pa.int64()),
+        ("wins", pa.int64()),  # comparisons whose parsed verdict named this sample
+    ),
+    "pairs": _schema(
+        *PROVENANCE,
+        ("prompt_id", pa.string()),
+        ("chosen_sample_id", pa.string()),
+        ("rejected_sample_id", pa.string()),
+        ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()),
+        ("margin", pa.float64()),
+    ),
+}
+
+CALL_TABLES: dict[str, pa.Schema] = {
+    "generation_calls": _schema(
+        ("request_key", pa.string()),
+        ("recipe", pa.string()),
+        ("run_id", pa.string()),
+        ("model", pa.string()),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        *ACCOUNTING,
+        ("status", pa.string()),  # ok | error; an error row is never a cache hit
+        ("error", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ),
+    "judge_calls": _schema(
+        ("request_key", pa.string()),
+        ("recipe", pa.string()),
+        ("run_id", pa.string()),
+        ("model", pa.string()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.string())),
+        ("top_logprobs", TOP_LOGPROBS),
+        *ACCOUNTING,
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ),
+}
+
+STAGE_STATS = pa.struct(
+    [
+        ("stage", pa.string()),
+        ("stage_key", pa.string()),
+        ("skipped", pa.bool_()),
+        ("rows", pa.int64()),
+        ("model_calls", pa.int64()),
+        ("cached_calls", pa.int64()),
+        ("failed_calls", pa.int64()),
+        ("tokens_in", pa.int64()),
+        ("tokens_out", pa.int64()),
+        ("seconds", pa.float64()),
+        ("notes", pa.string()),  # JSON: stage-specific counts (dropped ties, over-length samples, ...)
+    ]
+)
+
+RUNS = _schema(
+    ("run_id", pa.string()),
+    ("recipe", pa.string()),
+    ("recipe_hash", pa.string()),
+    ("recipe_path", pa.string()),
+    ("status", pa.string()),  # running | ok | incomplete | failed | interrupted
+    ("error", pa.string()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("seconds", pa.float64()),
+    ("model_calls", pa.int64()),
+    ("cached_calls", pa.int64()),
+    ("failed_calls", pa.int64()),
+    ("tokens_in", pa.int64()),
+    ("tokens_out", pa.int64()),
+    ("versions", pa.string()),  # JSON: python, factory, torch, transformers, ... and the git revision
+    ("stages", pa.list_(STAGE_STATS)),
+)
+
+ALL_TABLES: dict[str, pa.Schema] = {**STAGE_TABLES, **CALL_TABLES, "runs": RUNS}
