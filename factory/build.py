@@ -9,82 +9,22 @@ import platform
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import factory
 from factory import stages
-from factory.backends import Backend, _package_version, load_backend, model_identity
+from factory.backends import _package_version, model_identity
+from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now
 from factory.keys import stable_hash
 from factory.protocols import get_protocol
 from factory.recipe import LoadedRecipe
 from factory.sources import read_rows
-from factory.stages import Call, StageOutput
+from factory.stages import StageOutput
 from factory.warehouse import Warehouse
-
-
-@dataclass
-class StageStats:
-    """What one stage did in one build (a row of the runs table's `stages` list)."""
-
-    stage: str
-    stage_key: str = ""
-    skipped: bool = False
-    rows: int = 0
-    model_calls: int = 0
-    cached_calls: int = 0
-    failed_calls: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    seconds: float = 0.0
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-class Reporter:
-    """Progress hooks; the CLI subclasses it with rich output, tests and benches use it silent."""
-
-    def stage_started(self, stage: str, total_calls: int) -> None:
-        """A stage begins; `total_calls` model calls are not cached."""
-
-    def calls_done(self, stage: str, n: int, tokens_out: int) -> None:
-        """`n` more calls of the stage finished."""
-
-    def stage_finished(self, stats: StageStats) -> None:
-        """A stage is done (or skipped)."""
-
-
-class ModelPool:
-    """Backends loaded lazily, once per model per build: an unchanged rebuild never loads a model."""
-
-    def __init__(self, loaded: LoadedRecipe, loader: Callable[[Any], Backend] = load_backend) -> None:
-        self.specs = loaded.recipe.models
-        self.loader = loader
-        self.backends: dict[str, Backend] = {}
-
-    def get(self, name: str) -> Backend:
-        """The backend for a named model, loading it on first use."""
-        if name not in self.backends:
-            self.backends[name] = self.loader(self.specs[name])
-        return self.backends[name]
-
-    def close(self) -> None:
-        """Release every loaded model."""
-        for backend in self.backends.values():
-            backend.close()
-        self.backends.clear()
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def versions() -> dict[str, Any]:
@@ -115,8 +55,9 @@ class Build:
         self.recipe = loaded.recipe
         self.wh = warehouse
         self.reporter = reporter or Reporter()
-        self.pool = pool or ModelPool(loaded)
-        self.run_id = _now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.pool = pool or ModelPool(loaded.recipe.models)
+        self.run_id = now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.calls = CallRunner(warehouse, self.run_id, self.recipe.name, self.pool, self.reporter)
         self.stats: list[StageStats] = []
         self.incomplete: list[str] = []
         self.export_path: Path | None = None
@@ -157,99 +98,11 @@ class Build:
         if not complete:
             self.incomplete.append(table)
 
-    def _run_calls(self, table: str, stage: str, model: str, calls: list[Call], st: StageStats) -> dict[str, Any]:
-        """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""
-        results = self.wh.cached_calls(table, (c.key for c in calls))
-        missing = [c for c in calls if c.key not in results]
-        st.cached_calls = len(calls) - len(missing)
-        self.reporter.stage_started(stage, len(missing))
-        if not missing:
-            return results
-        backend = self.pool.get(model)
-        size = self.recipe.models[model].batch_size
-        for batch in self._batches(table, missing, size):
-            rows = self._call_batch(table, backend, model, batch)
-            self.wh.append_calls(table, self.run_id, rows)
-            for row in rows:
-                st.model_calls += 1
-                if row["status"] == "ok":
-                    results[row["request_key"]] = row
-                    st.tokens_in += row["tokens_in"] or 0
-                    st.tokens_out += row["tokens_out"] or 0
-                else:
-                    st.failed_calls += 1
-            self.reporter.calls_done(stage, len(rows), sum(r["tokens_out"] or 0 for r in rows))
-        return results
-
-    @staticmethod
-    def _batches(table: str, calls: list[Call], size: int) -> Iterator[list[Call]]:
-        if table == "judge_calls":
-            yield from (list(b) for b in _chunks(calls, size))
-            return
-        # Generation: group a prompt's missing sample indices into one n-sample request; batch by prompt.
-        by_prompt: dict[str, list[Call]] = {}
-        for c in calls:
-            by_prompt.setdefault(stable_hash(c.request.messages), []).append(c)
-        groups = list(by_prompt.values())
-        for chunk in _chunks(groups, size):
-            yield [c for g in chunk for c in g]
-
-    def _call_batch(self, table: str, backend: Backend, model: str, batch: list[Call]) -> list[dict[str, Any]]:
-        base = {"recipe": self.recipe.name, "run_id": self.run_id, "model": model}
-        t0 = time.perf_counter()
-        try:
-            if table == "judge_calls":
-                outputs = backend.judge([c.request for c in batch])
-                flat: list[dict[str, Any]] = [
-                    {
-                        "text": o.text,
-                        "tokens": o.tokens,
-                        "top_logprobs": [[{"token": t, "logprob": lp} for t, lp in step] for step in o.top_logprobs],
-                        "tokens_in": o.tokens_in,
-                        "tokens_out": o.tokens_out,
-                    }
-                    for o in outputs
-                ]
-            else:
-                flat = self._generate(backend, batch)
-            error = None
-        except Exception as exc:  # a failed batch becomes error rows; the next build retries them
-            flat, error = [], f"{type(exc).__name__}: {exc}"
-        latency = (time.perf_counter() - t0) / max(len(batch), 1)
-        now = _now()
-        if error is not None:
-            return [{**base, "request_key": c.key, "status": "error", "error": error, "created_at": now} for c in batch]
-        return [
-            {**base, **out, "request_key": c.key, "status": "ok", "latency_s": latency, "created_at": now}
-            for c, out in zip(batch, flat, strict=True)
-        ]
-
-    @staticmethod
-    def _generate(backend: Backend, batch: list[Call]) -> list[dict[str, Any]]:
-        """Merge a prompt's calls into one request with several sample indices, then split the outputs."""
-        merged: dict[str, tuple[Any, list[Call]]] = {}
-        for c in batch:
-            h = stable_hash(c.request.messages)
-            if h in merged:
-                merged[h][1].append(c)
-            else:
-                merged[h] = (c.request, [c])
-        requests = [
-            type(req)(req.messages, req.params, req.seed, tuple(c.request.sample_indices[0] for c in cs))
-            for req, cs in merged.values()
-        ]
-        outputs = backend.generate(requests)
-        by_key: dict[str, dict[str, Any]] = {}
-        for (_, cs), gens in zip(merged.values(), outputs, strict=True):
-            for c, g in zip(cs, gens, strict=True):
-                by_key[c.key] = asdict(g)
-        return [by_key[c.key] for c in batch]
-
     # ----------------------------------------------------------------------------------------- stages
     def run(self) -> dict[str, Any]:
         """Build every stage; returns the runs-table row. The warehouse is locked for the duration."""
         with self.wh.lock():
-            started = _now()
+            started = now()
             run = {
                 "run_id": self.run_id,
                 "recipe": self.recipe.name,
@@ -271,7 +124,7 @@ class Build:
                 raise
             finally:
                 self.pool.close()
-                run["finished_at"] = _now()
+                run["finished_at"] = now()
                 run["seconds"] = (run["finished_at"] - started).total_seconds()
                 for name in ("model_calls", "cached_calls", "failed_calls", "tokens_in", "tokens_out"):
                     run[name] = sum(getattr(s, name) for s in self.stats)
@@ -337,7 +190,7 @@ class Build:
                 else:
                     assert ref.model is not None
                     calls = stages.generation_calls(prompts, identities[ref.name], ref.params, ref.seed, 1)
-                    results = self._run_calls("generation_calls", "references", ref.model, calls, st)
+                    results = self.calls.run("generation_calls", "references", ref.model, calls, st)
                     out = stages.model_reference_rows(calls, results, ref)
                     complete = complete and not out.notes["failed"]
                 rows += out.rows
@@ -354,7 +207,7 @@ class Build:
             if reused is not None:
                 return reused, key
             calls = stages.generation_calls(prompts, identity, s.params, s.seed, s.n)
-            results = self._run_calls("generation_calls", "samples", s.policy, calls, st)
+            results = self.calls.run("generation_calls", "samples", s.policy, calls, st)
             out = stages.sample_rows(calls, results, s)
             self._save("samples", key, out, st, complete=not out.notes["failed"])
         return out.rows, key
@@ -375,7 +228,7 @@ class Build:
             if reused is not None:
                 return reused, key
             calls, notes = stages.judge_calls(prompts, samples, references, j, protocol, identity)
-            results = self._run_calls("judge_calls", "judgments", j.judge, calls, st)
+            results = self.calls.run("judge_calls", "judgments", j.judge, calls, st)
             out = stages.judgment_rows(calls, results, j, protocol)
             out.notes.update(notes)
             failed = out.notes["parse_status"].get("error", 0)

@@ -135,5 +135,22 @@ def ls_(warehouse: Path) -> None:
     print_table(runs, 10)
 
 
+def _register_plugins() -> None:
+    """Commands that live in their own modules (kept light: they import heavy libraries when run)."""
+    import importlib
+
+    for module in ("factory.cli_eval",):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        for command in getattr(mod, "COMMANDS", []):
+            main.add_command(command)
+
+
+_register_plugins()
+
 if __name__ == "__main__":
     main()

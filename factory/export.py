@@ -213,7 +213,11 @@ def export_dataset(
     try:
         features = preference_features(datasets)
         dd = datasets.DatasetDict(
-            {split: datasets.Dataset.from_list(recs, features=features) for split, recs in splits.items()}
+            {
+                # from_list drops the columns of an empty list; from_dict keeps them.
+                split: datasets.Dataset.from_dict({k: [r[k] for r in recs] for k in features}, features=features)
+                for split, recs in splits.items()
+            }
         )
         dd.save_to_disk(str(tmp))
         (tmp / "data").mkdir()

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from factory.build import Reporter, StageStats
+from factory.calls import Reporter, StageStats
 from factory.warehouse import Warehouse
 
 console = Console(stderr=True)
