@@ -164,7 +164,9 @@ class Build:
 
     def _prompts(self) -> tuple[list[dict[str, Any]], str]:
         source_name, raw = read_rows(self.loaded)
-        out = stages.prompt_rows(source_name, raw, self.recipe.prompts)
+        spec = self.recipe.prompts
+        source_field = "inline" if spec.inline is not None else "path" if spec.path is not None else "dataset"
+        out = stages.prompt_rows(source_name, raw, spec, where=self.loaded.where("prompts", source_field))
         # Content-addressed: the key is a hash of the prompts themselves, so downstream keys follow the data.
         key = self._key("prompts", stable_hash([p["messages"] for p in out.rows]), [])
         with self._stage("prompts", key) as st:

@@ -105,7 +105,7 @@ class CallRunner:
                     st.tokens_out += row["tokens_out"] or 0
                 else:
                     st.failed_calls += 1
-            self.reporter.calls_done(stage, len(rows), sum(r["tokens_out"] or 0 for r in rows))
+            self.reporter.calls_done(stage, len(rows), sum(r.get("tokens_out") or 0 for r in rows))
         return results
 
     @staticmethod

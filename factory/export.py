@@ -219,7 +219,9 @@ def export_dataset(
                 for split, recs in splits.items()
             }
         )
-        dd.save_to_disk(str(tmp))
+        # An empty split saved with datasets' default shard count gets zero shards, and load_from_disk then
+        # fails on it (IndexError in concat_tables); one explicit (empty) shard loads as a 0-row split.
+        dd.save_to_disk(str(tmp), num_shards={split: 1 for split, ds in dd.items() if len(ds) == 0})
         (tmp / "data").mkdir()
         for split, ds in dd.items():
             ds.to_parquet(str(tmp / "data" / f"{split}.parquet"))

@@ -37,16 +37,22 @@ class RichReporter(Reporter):
         self.tasks: dict[str, TaskID] = {}
         self.started: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
+        self.live = False
 
     def __enter__(self) -> RichReporter:
-        self.progress.__enter__()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.progress.__exit__(kind, exc, tb)
+        if self.live:
+            self.progress.__exit__(kind, exc, tb)
 
     def stage_started(self, stage: str, total_calls: int) -> None:
         if total_calls and stage not in self.tasks:
+            if not self.live:
+                # Started on the first model call, not on entry: a build that fails before any call (bad
+                # input) or needs none then prints no empty progress display, only its one error line.
+                self.progress.start()
+                self.live = True
             self.tasks[stage] = self.progress.add_task(stage, total=total_calls, rate="")
             self.started[stage], self.tokens[stage] = time.perf_counter(), 0
 

@@ -136,7 +136,7 @@ Rules:
 {{output_b}}
 
 # Explain your reasoning in a few sentences, then end with exactly "Therefore, Output (a) is better." or \
-"Therefore, Output (b) is better." """
+"Therefore, Output (b) is better.\""""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,17 @@ PROTOCOLS_WITH_REFERENCE = ("refeval", "refmatch", "llmbar-ref")
 PROTOCOLS_WITHOUT_REFERENCE = ("reffree", "llmbar-base")
 
 
+class FieldError(ValueError):
+    """A cross-field problem, with the path of the field at fault relative to the model that raised it.
+
+    `load_recipe` appends `loc` to the error's location, so the message names the field and its YAML line.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 class Strict(BaseModel):
     """Base for every recipe model: unknown keys are errors, docstrings become field descriptions."""
 
@@ -111,9 +122,9 @@ class ReferenceSpec(Strict):
     @model_validator(mode="after")
     def _kind_fields(self) -> ReferenceSpec:
         if self.kind == "model" and not self.model:
-            raise ValueError("a reference of kind 'model' needs 'model' (a name from 'models')")
+            raise FieldError(("model",), "a reference of kind 'model' needs 'model' (a name from 'models')")
         if self.kind == "column" and self.model:
-            raise ValueError("a reference of kind 'column' takes no 'model'")
+            raise FieldError(("model",), "a reference of kind 'column' takes no 'model'")
         return self
 
 
@@ -151,9 +162,9 @@ class JudgmentsSpec(Strict):
     @model_validator(mode="after")
     def _reference_fits_protocol(self) -> JudgmentsSpec:
         if self.protocol in PROTOCOLS_WITH_REFERENCE and not self.reference:
-            raise ValueError(f"protocol '{self.protocol}' needs 'reference' (a name from 'references')")
+            raise FieldError(("reference",), f"protocol '{self.protocol}' needs 'reference' (a name from 'references')")
         if self.protocol in PROTOCOLS_WITHOUT_REFERENCE and self.reference:
-            raise ValueError(f"protocol '{self.protocol}' shows no reference; remove 'reference'")
+            raise FieldError(("reference",), f"protocol '{self.protocol}' shows no reference; remove 'reference'")
         return self
 
 
@@ -204,25 +215,30 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _names_resolve(self) -> Recipe:
         known_models = sorted(self.models)
-        uses = [("samples.policy", self.samples.policy), ("judgments.judge", self.judgments.judge)]
-        uses += [(f"references.{r.name}.model", r.model) for r in self.references if r.kind == "model"]
-        for where, name in uses:
+        uses: list[tuple[tuple[str | int, ...], str | None]] = [
+            (("samples", "policy"), self.samples.policy),
+            (("judgments", "judge"), self.judgments.judge),
+        ]
+        uses += [(("references", i, "model"), r.model) for i, r in enumerate(self.references) if r.kind == "model"]
+        for loc, name in uses:
             if name not in self.models:
-                raise ValueError(f"{where}: unknown model '{name}'; known models: {known_models}")
+                raise FieldError(loc, f"unknown model '{name}'; known models: {known_models}")
         names = [r.name for r in self.references]
         if len(set(names)) != len(names):
-            raise ValueError(f"references: names must be unique, got {names}")
+            raise FieldError(("references",), f"names must be unique, got {names}")
         if self.judgments.reference and self.judgments.reference not in names:
-            raise ValueError(f"judgments.reference: unknown reference '{self.judgments.reference}'; known: {names}")
-        for ref in self.references:
+            raise FieldError(
+                ("judgments", "reference"), f"unknown reference '{self.judgments.reference}'; known: {names}"
+            )
+        for i, ref in enumerate(self.references):
             if ref.kind != "column":
                 continue
             fields = self.prompts.reference_fields
             if ref.field is None and len(fields) != 1:
-                raise ValueError(f"references.{ref.name}.field: name one of prompts.reference_fields {fields}")
+                raise FieldError(("references", i, "field"), f"name one of prompts.reference_fields {fields}")
             if ref.field is not None and ref.field not in fields:
-                raise ValueError(
-                    f"references.{ref.name}.field: '{ref.field}' is not in prompts.reference_fields {fields}"
+                raise FieldError(
+                    ("references", i, "field"), f"'{ref.field}' is not in prompts.reference_fields {fields}"
                 )
         return self
 
@@ -244,6 +260,11 @@ class LoadedRecipe(BaseModel):
     def base_dir(self) -> Path:
         """Folder that relative paths in the recipe are resolved against."""
         return self.path.parent
+
+    def where(self, *loc: str | int) -> str:
+        """`FILE:LINE: field 'a.b'`: how an error about a recipe field names it (line of its nearest parent)."""
+        line = _yaml_line(yaml.compose(self.text), loc)
+        return f"{self.path}:{line or '?'}: field '{'.'.join(str(p) for p in loc)}'"
 
     def resolve(self, relative: str) -> Path:
         """A recipe-relative path made absolute."""
@@ -289,8 +310,8 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserInputError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        where = f"{mark.line + 1}:" if mark else ""
+        raise UserInputError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise UserInputError(f"{path}: expected a mapping of recipe fields at the top level")
     try:
@@ -299,6 +320,9 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         errors = exc.errors()
         first = errors[0]
         loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError):
+            loc += cause.loc
         field = ".".join(str(p) for p in loc) or "(top level)"
         line = _yaml_line(node, loc)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

@@ -69,7 +69,7 @@ def read_rows(loaded: LoadedRecipe) -> tuple[str, list[dict[str, Any]]]:
     assert source.path is not None
     path = loaded.resolve(source.path)
     if not path.exists():
-        raise UserInputError(f"{loaded.path}: field 'prompts.path': file not found: {path}")
+        raise UserInputError(f"{loaded.where('prompts', 'path')}: file not found: {path}")
     if path.is_dir():
         return str(source.path), _read_hf(source, path)
     suffix = path.suffix.lower()
@@ -88,7 +88,7 @@ def read_rows(loaded: LoadedRecipe) -> tuple[str, list[dict[str, Any]]]:
         rows = table.to_pylist()
     else:
         raise UserInputError(
-            f"{loaded.path}: field 'prompts.path': unsupported file type '{suffix}' "
+            f"{loaded.where('prompts', 'path')}: unsupported file type '{suffix}' "
             "(expected .jsonl, .json, .parquet, .csv or a saved dataset folder)"
         )
     return str(source.path), rows

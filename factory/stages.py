@@ -66,20 +66,26 @@ def _text(row: dict[str, Any], column: str, where: str, required: bool) -> str |
     return value
 
 
-def prompt_rows(source_name: str, raw: list[dict[str, Any]], spec: PromptSource) -> StageOutput:
-    """Instructions as chat messages with a content-hash id; duplicates dropped, then shuffle and limit."""
+def prompt_rows(
+    source_name: str, raw: list[dict[str, Any]], spec: PromptSource, where: str | None = None
+) -> StageOutput:
+    """Instructions as chat messages with a content-hash id; duplicates dropped, then shuffle and limit.
+
+    `where` starts error messages (the build passes the recipe file, line and field of the source).
+    """
+    where = where or f"prompts ({source_name})"
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     duplicates = empty = 0
     for i, row in enumerate(raw):
-        where = f"prompts ({source_name}, row {i})"
-        instruction = _text(row, spec.instruction_field, where, required=True)
+        row_where = f"{where} (row {i})"
+        instruction = _text(row, spec.instruction_field, row_where, required=True)
         assert instruction is not None
         if not instruction.strip():
             empty += 1
             continue
         messages = []
-        system = _text(row, spec.system_field, where, required=False) if spec.system_field else None
+        system = _text(row, spec.system_field, row_where, required=False) if spec.system_field else None
         if system:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": instruction})
@@ -88,7 +94,7 @@ def prompt_rows(source_name: str, raw: list[dict[str, Any]], spec: PromptSource)
             duplicates += 1
             continue
         seen.add(prompt_id)
-        refs = {c: _text(row, c, where, required=False) for c in spec.reference_fields}
+        refs = {c: _text(row, c, row_where, required=False) for c in spec.reference_fields}
         rows.append(
             {
                 "prompt_id": prompt_id,
@@ -105,7 +111,9 @@ def prompt_rows(source_name: str, raw: list[dict[str, Any]], spec: PromptSource)
     if spec.limit is not None:
         rows = rows[: spec.limit]
     if not rows:
-        raise UserInputError(f"prompts: the source {source_name} gave no usable prompts ({len(raw)} rows read)")
+        raise UserInputError(
+            f"{where}: the source {source_name} gave no usable prompts ({len(raw)} rows read, {empty} empty)"
+        )
     return StageOutput(rows, {"read": len(raw), "duplicates": duplicates, "empty": empty, "kept": len(rows)})
 
 

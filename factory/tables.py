@@ -93,6 +93,33 @@ STAGE_TABLES: dict[str, pa.Schema] = {
     ),
 }
 
+# `factory judge-eval`: one judge call on an ordered pair of a human-labelled meta-evaluation case. Kept
+# apart from `judgments` (which orders a policy's samples) so neither table's queries need a filter.
+STAGE_TABLES["eval_judgments"] = _schema(
+    *PROVENANCE,
+    ("purpose", pa.string()),  # meta-eval
+    ("dataset", pa.string()),
+    ("case_id", pa.string()),
+    ("case_index", pa.int64()),  # position in the dataset file
+    ("label", pa.int64()),  # the human label: 1 (output_1 is better) or 2
+    ("judge", pa.string()),
+    ("protocol", pa.string()),
+    ("reference_name", pa.string()),  # null for protocols that show no reference
+    ("order", pa.string()),  # forward (output_1 shown as (a)) | swapped (output_2 shown as (a))
+    ("prompt_hash", pa.string()),
+    ("raw_output", pa.string()),
+    ("verdict", pa.string()),  # a | b | null (never guessed)
+    ("p_a", pa.float64()),
+    ("p_source", pa.string()),
+    ("marker_tokens", pa.string()),
+    ("parse_status", pa.string()),  # ok | no_match | invalid_marker | error
+    ("error", pa.string()),
+    ("len_a", pa.int64()),  # characters of the output shown as (a)
+    ("len_b", pa.int64()),
+    ("request_key", pa.string()),
+    *ACCOUNTING,
+)
+
 CALL_TABLES: dict[str, pa.Schema] = {
     "generation_calls": _schema(
         ("request_key", pa.string()),

@@ -261,3 +261,22 @@ class Warehouse:
             return {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in ALL_TABLES}
         finally:
             con.close()
+
+    # ------------------------------------------------------------------------- judge-eval (new helpers)
+    def current_rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of the current versions of a stage table (all recipes or units), as dicts."""
+        if table not in STAGE_TABLES:
+            raise ValueError(f"not a stage table: {table}")
+        files = self._current_files(table)
+        if not files:
+            return []
+        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pylist()
+
+    def write_report(self, folder: str | Path, files: dict[str, str]) -> list[Path]:
+        """Write report files (CSV, Markdown) atomically into `folder`, which may lie outside the root."""
+        out = []
+        for name, text in files.items():
+            path = Path(folder) / name
+            atomic_write_bytes(path, text.encode("utf-8"))
+            out.append(path)
+        return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -63,6 +64,40 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     return target
 
 
+MIN_SHARED_PREFIX = 32
+"""Requests share a KV cache only when their common token prefix is at least this long."""
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(ids: Sequence[list[int]], min_shared: int) -> list[tuple[list[int], int]]:
+    """Consecutive requests with a common token prefix of at least `min_shared`, and that prefix's length.
+
+    The shared length leaves every request at least one token of its own, so each row has a suffix to run.
+    A request that shares too little with its neighbours forms a group alone (shared length 0).
+    """
+    groups: list[tuple[list[int], int]] = []
+    for i, x in enumerate(ids):
+        if groups:
+            members, shared = groups[-1]
+            first = ids[members[0]]
+            # A one-member group may share all of its first request but the last token.
+            limit = shared if len(members) > 1 else len(first) - 1
+            common = min(limit, _common_prefix(first, x), len(x) - 1)
+            if common >= min_shared:
+                groups[-1] = ([*members, i], common)
+                continue
+        groups.append(([i], 0))
+    return groups
+
+
 class TransformersBackend:
     """A causal LM run by transformers: batched chat generation and greedy judging with top-k logprobs."""
 
@@ -79,6 +114,8 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[spec.dtype], **kwargs)
         self.model.to(spec.device).eval()
         self._stop_ids = self._eos_ids()
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
@@ -138,45 +175,87 @@ class TransformersBackend:
                 out[req_i] = gens
         return [out[i] for i in range(len(requests))]
 
+    def _judge_ids(self, r: JudgeRequest) -> list[int]:
+        text = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) + r.prefill
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     @torch.inference_mode()
     def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]:
-        """Greedy continuation of each prefilled judge prompt, with the top-k log-probabilities per token."""
-        out: list[JudgeOutput] = []
+        """Greedy continuation of each prefilled judge prompt, with the top-k log-probabilities per token.
+
+        All judgments of one instruction share its protocol text, instruction and reference: requests with
+        a common token prefix are run as one group whose prefix is computed once and its KV cache shared.
+        """
+        ids = [self._judge_ids(r) for r in requests]
+        out: list[JudgeOutput | None] = [None] * len(requests)
+        for group, shared in prefix_groups(ids, MIN_SHARED_PREFIX):
+            results = self._judge_group([requests[i] for i in group], [ids[i] for i in group], shared)
+            for i, result in zip(group, results, strict=True):
+                out[i] = result
+        return [o for o in out if o is not None]
+
+    def _forward(self, cache: Any, **kwargs: Any) -> Any:
+        # transformers 5 renamed `past_key_values` to `cache`; accept both so 4.x installs keep working.
+        kwargs[self._cache_arg] = cache
+        return self.model(use_cache=True, **kwargs)
+
+    def _judge_group(self, requests: list[JudgeRequest], ids: list[list[int]], shared: int) -> list[JudgeOutput]:
+        """Prefix once, then the left-padded suffixes as a batch, then greedy steps (at most max_tokens)."""
+        device, batch = self.spec.device, len(requests)
+        cache = None
+        if shared:
+            prefix = self._forward(None, input_ids=torch.tensor([ids[0][:shared]], device=device))
+            cache = getattr(prefix, self._cache_arg)
+            cache.batch_repeat_interleave(batch)
+        suffixes = [x[shared:] for x in ids]
+        width = max(len(x) for x in suffixes)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in suffixes], device=device)
+        suffix_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in suffixes], device=device)
+        mask = torch.cat([torch.ones(batch, shared, dtype=torch.long, device=device), suffix_mask], dim=1)
+        positions = (shared + suffix_mask.cumsum(-1) - 1).clamp(min=shared)
+        stop = torch.tensor(sorted(self._stop_ids), device=device)
         max_tokens = max(r.max_tokens for r in requests)
-        enc = self._encode([r.messages for r in requests], [r.prefill for r in requests])
-        gen = self.model.generate(
-            **enc,
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
+        step_logprobs: list[torch.Tensor] = []
+        chosen: list[torch.Tensor] = []
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        result = self._forward(
+            cache, input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
         )
-        width = enc["input_ids"].shape[1]
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        logprobs = [torch.log_softmax(step.float(), dim=-1) for step in gen.logits]
-        for j, r in enumerate(requests):
-            ids, _ = self._new_tokens(gen.sequences[j, width:])
-            steps = min(len(ids) + 1, len(logprobs), r.max_tokens)  # +1: keep the stop position too
-            tops: list[list[tuple[str, float]]] = []
-            for s in range(steps):
-                values, indices = logprobs[s][j].topk(r.top_logprobs)
-                tokens = [self.tokenizer.decode([t]) for t in indices.tolist()]
-                tops.append(list(zip(tokens, [float(v) for v in values.tolist()], strict=True)))
-            ids = ids[: r.max_tokens]
-            out.append(
-                JudgeOutput(
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    tokens=[self.tokenizer.decode([t]) for t in ids],
-                    top_logprobs=tops,
-                    tokens_in=int(lengths[j]),
-                    tokens_out=len(ids),
-                )
+        for step in range(max_tokens):
+            logprobs = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1)
+            step_logprobs.append(logprobs)
+            token = logprobs.argmax(-1)
+            chosen.append(token)
+            finished |= torch.isin(token, stop)
+            if bool(finished.all()) or step == max_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+            result = self._forward(
+                getattr(result, self._cache_arg), input_ids=token[:, None], attention_mask=mask, position_ids=positions
             )
-        return out
+        generated = torch.stack(chosen, dim=1)
+        return [self._judge_output(r, generated[j], step_logprobs, j, len(ids[j])) for j, r in enumerate(requests)]
+
+    def _judge_output(
+        self, r: JudgeRequest, row: torch.Tensor, step_logprobs: list[torch.Tensor], j: int, n_in: int
+    ) -> JudgeOutput:
+        ids, _ = self._new_tokens(row)
+        ids = ids[: r.max_tokens]
+        steps = min(len(ids) + 1, len(step_logprobs), r.max_tokens)  # +1: keep the stop position too
+        tops: list[list[tuple[str, float]]] = []
+        for s in range(steps):
+            values, indices = step_logprobs[s][j].topk(r.top_logprobs)
+            tokens = [self.tokenizer.decode([t]) for t in indices.tolist()]
+            tops.append(list(zip(tokens, [float(v) for v in values.tolist()], strict=True)))
+        return JudgeOutput(
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            tokens=[self.tokenizer.decode([t]) for t in ids],
+            top_logprobs=tops,
+            tokens_in=n_in,
+            tokens_out=len(ids),
+        )
 
     def close(self) -> None:
         """Free the model's memory."""
