@@ -59,7 +59,7 @@ def run_direct(recipe_path: Path, factory_build: Build) -> tuple[float, int]:
     r = loaded.recipe
     wh = factory_build.wh
     prompts = wh.query("SELECT * FROM prompts").to_pylist()
-    references = wh.query("SELECT * FROM references").to_pylist()
+    references = wh.query('SELECT * FROM "references"').to_pylist()
     # Judge the factory run's samples, so both sides judge identical prompts.
     samples = wh.query("SELECT * FROM samples ORDER BY prompt_id, sample_index").to_pylist()
     t0 = time.perf_counter()

@@ -19,8 +19,9 @@ import factory
 from factory import stages
 from factory.backends import _package_version, model_identity
 from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now
+from factory.errors import UserInputError
 from factory.keys import stable_hash
-from factory.protocols import get_protocol
+from factory.protocols import Protocol, custom_protocol, get_protocol
 from factory.recipe import LoadedRecipe
 from factory.sources import read_rows
 from factory.stages import StageOutput
@@ -39,6 +40,30 @@ def versions() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         out["git_revision"] = None
     return out
+
+
+def read_prompts(loaded: LoadedRecipe) -> StageOutput:
+    """The recipe's prompt rows, read and checked (raises UserInputError naming file, field and row)."""
+    source_name, raw = read_rows(loaded)
+    spec = loaded.recipe.prompts
+    source_field = "inline" if spec.inline is not None else "path" if spec.path is not None else "dataset"
+    return stages.prompt_rows(source_name, raw, spec, where=loaded.where("prompts", source_field))
+
+
+def judge_protocol(loaded: LoadedRecipe) -> Protocol:
+    """The recipe's judge protocol; a `custom` one is read from its template file."""
+    j = loaded.recipe.judgments
+    if j.protocol != "custom":
+        return get_protocol(j.protocol)
+    assert j.template is not None
+    path = loaded.resolve(j.template)
+    if not path.is_file():
+        raise UserInputError(f"{loaded.where('judgments', 'template')} template file not found: {path}")
+    protocol = custom_protocol(path.read_text(encoding="utf-8"))
+    if protocol.uses_reference != bool(j.reference):
+        need = "uses {reference}, so set" if protocol.uses_reference else "has no {reference}, so remove"
+        raise UserInputError(f"{loaded.where('judgments', 'reference')} the template {need} 'judgments.reference'")
+    return protocol
 
 
 class Build:
@@ -61,6 +86,7 @@ class Build:
         self.stats: list[StageStats] = []
         self.incomplete: list[str] = []
         self.export_path: Path | None = None
+        self.prompt_output: StageOutput | None = None
 
     # ---------------------------------------------------------------------------------------- helpers
     def _key(self, stage: str, spec: Any, parents: list[str], model: dict[str, Any] | None = None) -> str:
@@ -101,6 +127,8 @@ class Build:
     # ----------------------------------------------------------------------------------------- stages
     def run(self) -> dict[str, Any]:
         """Build every stage; returns the runs-table row. The warehouse is locked for the duration."""
+        # Bad prompt data is the user's to fix: find it before anything is written to the warehouse.
+        self.prompt_output = read_prompts(self.loaded)
         with self.wh.lock():
             started = now()
             run = {
@@ -163,10 +191,7 @@ class Build:
             st.rows, st.notes, self.export_path = result.rows, result.notes, path
 
     def _prompts(self) -> tuple[list[dict[str, Any]], str]:
-        source_name, raw = read_rows(self.loaded)
-        spec = self.recipe.prompts
-        source_field = "inline" if spec.inline is not None else "path" if spec.path is not None else "dataset"
-        out = stages.prompt_rows(source_name, raw, spec, where=self.loaded.where("prompts", source_field))
+        out = self.prompt_output or read_prompts(self.loaded)
         # Content-addressed: the key is a hash of the prompts themselves, so downstream keys follow the data.
         key = self._key("prompts", stable_hash([p["messages"] for p in out.rows]), [])
         with self._stage("prompts", key) as st:
@@ -223,8 +248,9 @@ class Build:
     ) -> tuple[list[dict[str, Any]], str]:
         j = self.recipe.judgments
         identity = model_identity(self.recipe.models[j.judge])
-        protocol = get_protocol(j.protocol)
-        key = self._key("judgments", j.model_dump(), parents, identity)
+        protocol = judge_protocol(self.loaded)
+        # The template text is in the key, so editing a protocol's wording (or a custom file) re-judges.
+        key = self._key("judgments", [j.model_dump(), protocol.template], parents, identity)
         with self._stage("judgments", key) as st:
             reused = self._reuse("judgments", key, st)
             if reused is not None:

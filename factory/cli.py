@@ -54,13 +54,17 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @friendly
 def validate(recipe: Path) -> None:
-    """Check a recipe without building anything."""
+    """Check a recipe, and its prompt data when it is local, without building anything."""
+    from factory.build import read_prompts
     from factory.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     r = loaded.recipe
+    prompts = "prompts from a Hub dataset (not read)"
+    if r.prompts.dataset is None:
+        prompts = f"{read_prompts(loaded).notes['kept']} prompts"
     click.echo(
-        f"ok: recipe '{r.name}': {len(r.models)} model(s), {len(r.references)} reference source(s), "
+        f"ok: recipe '{r.name}': {prompts}, {len(r.models)} model(s), {len(r.references)} reference source(s), "
         f"{r.samples.n} samples per prompt, judge protocol {r.judgments.protocol}"
     )
 

@@ -196,6 +196,8 @@ def export_dataset(
         return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
     import datasets  # heavy; only when something is written
 
+    datasets.disable_progress_bars()  # the build shows its own progress
+
     records = preference_records(loaded, pairs, ctx)
     check_special_tokens(records)
     r = loaded.recipe

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from factory.errors import UserInputError
 
 PROTOCOLS_WITH_REFERENCE = ("refeval", "refmatch", "llmbar-ref")
-PROTOCOLS_WITHOUT_REFERENCE = ("reffree", "llmbar-base")
+PROTOCOLS_WITHOUT_REFERENCE = ("reffree", "llmbar-base", "cot")
 
 
 class FieldError(ValueError):
@@ -146,16 +146,19 @@ class JudgmentsSpec(Strict):
 
     judge: str
     """The name of an entry in `models`."""
-    protocol: Literal["refeval", "refmatch", "reffree", "llmbar-base", "llmbar-ref"] = "refeval"
-    """Judge prompt protocol (DESIGN.md §4)."""
+    protocol: Literal["refeval", "refmatch", "reffree", "llmbar-base", "llmbar-ref", "cot", "custom"] = "refeval"
+    """Judge prompt protocol (DESIGN.md §4); `custom` reads `template`."""
+    template: str | None = None
+    """For `custom`: a template file (relative to the recipe) with {instruction}, {output_a}, {output_b} and
+    optionally {reference}; the judge's answer is prefilled with `Output (`."""
     reference: str | None = None
     """The reference name to show the judge; required by refeval, refmatch and llmbar-ref."""
     orders: Literal["both", "forward"] = "both"
     """`both`: judge (a, b) and (b, a) to cancel position bias; `forward`: only a < b by sample index."""
     scoring: Literal["logprob", "verdict"] = "logprob"
     """`logprob`: soft win probability from the marker tokens; `verdict`: 1/0 from the parsed verdict."""
-    max_tokens: int = Field(8, ge=1)
-    """Tokens the judge may generate after the prefilled `Output (`."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens the judge may generate: default 8 after the prefilled `Output (`, 256 for `cot` (it reasons first)."""
     top_logprobs: int = Field(20, ge=2)
     """How many top log-probabilities to keep per generated token."""
 
@@ -165,7 +168,14 @@ class JudgmentsSpec(Strict):
             raise FieldError(("reference",), f"protocol '{self.protocol}' needs 'reference' (a name from 'references')")
         if self.protocol in PROTOCOLS_WITHOUT_REFERENCE and self.reference:
             raise FieldError(("reference",), f"protocol '{self.protocol}' shows no reference; remove 'reference'")
+        if (self.protocol == "custom") != (self.template is not None):
+            raise FieldError(("template",), "give 'template' (a file) exactly when protocol is 'custom'")
         return self
+
+    @property
+    def generation_tokens(self) -> int:
+        """The judge's token budget, with the protocol's default when `max_tokens` is unset."""
+        return self.max_tokens or (256 if self.protocol == "cot" else 8)
 
 
 class PairsSpec(Strict):

@@ -241,11 +241,11 @@ def judge_calls(
                 payload = {
                     "messages": messages,
                     "prefill": protocol.prefill,
-                    "max_tokens": spec.max_tokens,
+                    "max_tokens": spec.generation_tokens,
                     "top_logprobs": spec.top_logprobs,
                 }
                 key = request_key("judge", identity, payload)
-                request = JudgeRequest(messages, protocol.prefill, spec.max_tokens, spec.top_logprobs)
+                request = JudgeRequest(messages, protocol.prefill, spec.generation_tokens, spec.top_logprobs)
                 meta = {
                     "prompt_id": p["prompt_id"],
                     "sample_a": a["sample_id"],

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -250,7 +251,10 @@ class Warehouse:
             relation = con.sql(sql)
             return pa.table({}) if relation is None else _arrow(relation)
         except duckdb.Error as exc:
-            raise UserInputError(f"SQL error: {str(exc).splitlines()[0]}") from None
+            hint = ""
+            if isinstance(exc, duckdb.ParserException) and re.search(r'(?<!")\breferences\b(?!")', sql, re.I):
+                hint = ' (REFERENCES is an SQL keyword: quote the table name, FROM "references")'
+            raise UserInputError(f"SQL error: {str(exc).splitlines()[0]}{hint}") from None
         finally:
             con.close()
 

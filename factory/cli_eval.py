@@ -1,0 +1,309 @@
+"""`factory judge-eval` and `factory judge-compare`: judge meta-evaluation against human labels.
+
+`factory.cli` registers `COMMANDS`. This module imports only click at load time (`import factory.cli`
+stays light); it does not import `factory.cli` either, so either module may be imported first.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from factory.errors import FactoryError, UserInputError
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A FactoryError becomes one `error:` line on stderr and its exit code; no traceback (as in factory.cli)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FactoryError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished calls are saved; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+_warehouse_option = click.option(
+    "--warehouse",
+    "-w",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("warehouse"),
+    show_default=True,
+    help="Warehouse root folder (Parquet tables + factory.duckdb).",
+)
+
+
+def _console() -> Any:
+    """A rich console on stdout; when output goes to a file or pipe, wide enough that no number is cut."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    return console
+
+
+SHORT = {
+    "acc_forward": "fwd",
+    "acc_swapped": "swapped",
+    "acc_soft": "soft",
+    "consistency": "consistent",
+    "first_position_rate": "first pos.",
+    "parse_failure_rate": "unparsed",
+    "call_errors": "errors",
+    "len_preferred": "len pref.",
+    "len_other": "len other",
+    "len_human_preferred": "len human pref.",
+    "len_human_other": "len human other",
+    "ci_low": "CI low",
+    "ci_high": "CI high",
+}
+TEXT_COLUMNS = ("dataset", "judge", "protocol", "judge_1", "judge_2")
+
+
+def _print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], percent: bool) -> None:
+    """Rows as a rich table; with `percent`, rate columns are shown in percent."""
+    from rich.table import Table
+
+    from factory.evalstats import shown
+
+    table = Table(title=title, header_style="bold")
+    for c in columns:
+        table.add_column(
+            SHORT.get(c, c), justify="left" if c in TEXT_COLUMNS else "right", no_wrap=c not in TEXT_COLUMNS
+        )
+    for r in rows:
+        cells = [shown(c, r.get(c)) if percent else ("" if r.get(c) is None else str(r.get(c))) for c in columns]
+        table.add_row(*cells)
+    _console().print(table)
+
+
+@click.command(name="judge-eval")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    help="[NAME=]PATH of a labelled pairwise set (LLMBar format): JSONL, JSON, Parquet, a saved dataset "
+    "folder or a Hub name. Repeat for several sets.",
+)
+@click.option(
+    "--references",
+    "reference_files",
+    multiple=True,
+    help="[NAME=]FILE of references (JSONL/JSON), aligned by id or by position; repeat for several "
+    "(the judge then also votes over them). Only with one --data.",
+)
+@click.option(
+    "--reference-column",
+    "reference_columns",
+    multiple=True,
+    help="Column(s) of the set holding references [default: `reference` when present].",
+)
+@click.option(
+    "--judge",
+    "judges",
+    multiple=True,
+    default=("embedded:smollm2-135m-instruct",),
+    show_default=True,
+    help="BACKEND[:MODEL] or a YAML/JSON model spec file (one spec, or a mapping name → spec). Repeatable.",
+)
+@click.option(
+    "--protocol",
+    "protocols",
+    multiple=True,
+    help="Protocol(s): refeval, refmatch, reffree, llmbar-base, llmbar-ref, cot [default: all six].",
+)
+@click.option(
+    "--custom-template",
+    "custom_templates",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A custom judge template (text with {instruction} {output_a} {output_b} [{reference}], or YAML).",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Judge only the first N cases of each set.")
+@click.option("--split", default=None, help="Split of a dataset folder or Hub dataset.")
+@click.option("--hf-config", default=None, help="Configuration name of a Hub dataset.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Judge batch size (string judges).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (string judges).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--cot-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--top-logprobs", type=click.IntRange(min=2), default=20, show_default=True)
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="CI resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report folder [default: WAREHOUSE/judge-eval].",
+)
+@_warehouse_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@_friendly
+def judge_eval(
+    data: tuple[str, ...],
+    reference_files: tuple[str, ...],
+    reference_columns: tuple[str, ...],
+    judges: tuple[str, ...],
+    protocols: tuple[str, ...],
+    custom_templates: tuple[Path, ...],
+    limit: int | None,
+    split: str | None,
+    hf_config: str | None,
+    batch_size: int | None,
+    threads: int | None,
+    max_tokens: int,
+    cot_max_tokens: int,
+    top_logprobs: int,
+    bootstrap: int,
+    seed: int,
+    out: Path | None,
+    warehouse: Path,
+    quiet: bool,
+) -> None:
+    """Measure judges × protocols against human labels (both orders), like the paper's Table 1.
+
+    Judgments are stored in the `eval_judgments` table and every call is cached: a rerun makes no model
+    call. Prints Table 1 and the full metrics, and writes them as CSV and Markdown.
+    """
+    from factory.evalsets import read_eval_set, split_named
+    from factory.evalstats import METRIC_COLUMNS, build_report
+    from factory.metaeval import (
+        DEFAULT_PROTOCOLS,
+        EvalSettings,
+        builtin_protocol,
+        load_custom_template,
+        parse_judges,
+        run_judge_eval,
+    )
+    from factory.progress import RichReporter
+    from factory.warehouse import Warehouse
+
+    settings = EvalSettings(
+        max_tokens=max_tokens,
+        cot_max_tokens=cot_max_tokens,
+        top_logprobs=top_logprobs,
+        limit=limit,
+        bootstrap=bootstrap,
+        seed=seed,
+    )
+    if reference_files and len(data) > 1:
+        raise UserInputError("--references goes with one --data; for several sets, keep references in a column")
+    sets = []
+    for value in data:
+        named = split_named(value)
+        sets.append(
+            read_eval_set(
+                named.path,
+                name=named.name,
+                reference_columns=list(reference_columns) or None,
+                reference_files=[split_named(f) for f in reference_files],
+                split=split,
+                config=hf_config,
+                limit=limit,
+            )
+        )
+    judge_specs = parse_judges(list(judges), batch_size=batch_size, threads=threads)
+    names = list(protocols) if (protocols or custom_templates) else list(DEFAULT_PROTOCOLS)
+    chosen = [builtin_protocol(n, settings) for n in dict.fromkeys(names)]
+    chosen += [load_custom_template(p, settings) for p in custom_templates]
+    wh = Warehouse(warehouse)
+    with RichReporter(quiet=quiet) as reporter:
+        run = run_judge_eval(
+            sets, judge_specs, chosen, settings, wh, explicit_protocols=bool(protocols), reporter=reporter
+        )
+    report = build_report(run.rows, settings.bootstrap, settings.seed)
+    _print_rows("judge accuracy (%), both orders averaged", report.table1_columns, report.table1, percent=False)
+    accuracy = ["dataset", "judge", "protocol", "cases", "accuracy", "ci_low", "ci_high", "acc_forward"]
+    accuracy += ["acc_swapped", "acc_soft"]
+    _print_rows("accuracy (%) with bootstrap 95% CI", accuracy, report.metrics, percent=True)
+    rest = [c for c in METRIC_COLUMNS if c not in accuracy]
+    _print_rows("bias, parsing, lengths (chars) and cost", ["protocol", *rest], report.metrics, percent=True)
+    if report.agreement:
+        _print_rows("agreement between judges (%)", list(report.agreement[0]), report.agreement, percent=True)
+    for note in run.notes:
+        click.echo(f"note: {note}")
+    folder = out or wh.root / "judge-eval"
+    paths = wh.write_report(folder, report.files())
+    tokens_out = sum(s.tokens_out for s in run.stats)
+    click.echo(
+        f"run {run.run_id}: {run.status}; model calls {run.model_calls}, cached {run.cached_calls}, "
+        f"new tokens out {tokens_out}; {len(run.rows)} judgments in table eval_judgments"
+    )
+    click.echo(f"report: {', '.join(str(p) for p in paths)}")
+    if run.status != "ok":
+        click.echo("some calls failed (counted as wrong); run the same command again to retry them", err=True)
+        sys.exit(1)
+
+
+@click.command(name="judge-compare")
+@click.option("--protocol-a", required=True, help="A protocol variant as the report names it (e.g. refeval).")
+@click.option("--protocol-b", required=True, help="The other protocol variant (e.g. reffree).")
+@click.option("--judge", default=None, help="The judge (needed when the table holds several).")
+@click.option("--dataset", "datasets", multiple=True, help="Data set(s) to compare on [default: all].")
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True, help="CI resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@_warehouse_option
+@_friendly
+def judge_compare(
+    protocol_a: str,
+    protocol_b: str,
+    judge: str | None,
+    datasets: tuple[str, ...],
+    bootstrap: int,
+    seed: int,
+    warehouse: Path,
+) -> None:
+    """Compare two protocols on the same judge and cases, from the stored eval judgments.
+
+    Exact McNemar test on per-judgment correctness (each case in each order) and a paired bootstrap 95% CI
+    of the accuracy difference (cases resampled with both orders together).
+    """
+    from factory.evalstats import compare_stored
+
+    if protocol_a == protocol_b:
+        raise UserInputError("--protocol-a and --protocol-b are the same")
+    from factory.warehouse import Warehouse
+
+    wh = Warehouse(warehouse)
+    if not wh.root.is_dir():
+        raise UserInputError(f"{wh.root}: no warehouse here (run `factory judge-eval` first)")
+    rows = wh.current_rows("eval_judgments")
+    results, notes = compare_stored(rows, protocol_a, protocol_b, judge, list(datasets), bootstrap, seed)
+    columns = [
+        "dataset",
+        "cases",
+        "acc_a",
+        "acc_b",
+        "diff",
+        "diff_ci_low",
+        "diff_ci_high",
+        "only_a_right",
+        "only_b_right",
+        "p_value",
+    ]
+    shown_rows = []
+    for c in results:
+        r = dict(c.__dict__)
+        for k in ("acc_a", "acc_b", "diff", "diff_ci_low", "diff_ci_high"):
+            r[k] = None if r[k] is None else f"{100 * r[k]:.1f}"
+        r["p_value"] = f"{c.p_value:.4g}"
+        shown_rows.append(r)
+    title = f"{results[0].judge}: {protocol_a} (A) vs {protocol_b} (B); accuracies in %"
+    _print_rows(title, columns, shown_rows, percent=False)
+    for note in notes:
+        click.echo(f"note: {note}")
+
+
+COMMANDS = [judge_eval, judge_compare]

@@ -1,0 +1,300 @@
+"""Reading human-labelled pairwise sets for judge meta-evaluation (LLMBar format), with their references.
+
+A case is an instruction, two outputs and a human label saying which output is better:
+
+    {"input" | "instruction": ..., "output_1": ..., "output_2": ..., "label" | "winner": 1 | 2, "id": optional}
+
+References come from columns of the set (default: `reference`, when present) or from separate JSONL/JSON
+files aligned with the set by `id` (when both sides carry ids) or else by position. Sets are read from a
+JSONL, JSON or Parquet file, a folder written by `datasets.save_to_disk`, or a Hugging Face Hub name.
+
+Reading data is input, not warehouse storage, so it lives here rather than in the warehouse module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factory.errors import UserInputError
+from factory.keys import stable_hash
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+INSTRUCTION_COLUMNS = ("input", "instruction")
+LABEL_COLUMNS = ("label", "winner")
+REFERENCE_TEXT_KEYS = ("reference", "output", "text", "response", "generation", "answer")
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One human-labelled comparison."""
+
+    case_id: str
+    """The set's own `id`, or the row position when it has none."""
+    index: int
+    """Position in the set (0-based)."""
+    instruction: str
+    output_1: str
+    output_2: str
+    label: int
+    """1 when output_1 is the better output, 2 when output_2 is."""
+    references: dict[str, str | None] = field(default_factory=dict)
+    """Reference name → text (None when this case has none)."""
+
+
+@dataclass
+class EvalSet:
+    """A named list of cases and the reference names every case may carry."""
+
+    name: str
+    source: str
+    cases: list[EvalCase]
+    reference_names: list[str]
+
+    def fingerprint(self) -> str:
+        """Hash of the cases' content (not of the references, which reach request keys anyway)."""
+        return stable_hash([(c.case_id, c.instruction, c.output_1, c.output_2, c.label) for c in self.cases], 16)
+
+
+@dataclass(frozen=True)
+class NamedPath:
+    """`NAME=PATH` or a bare `PATH` from the command line (the name then comes from the path)."""
+
+    name: str | None
+    path: str
+
+
+def split_named(value: str) -> NamedPath:
+    """Split `NAME=PATH`; a bare path (or one that exists as written, '=' and all) has no name."""
+    if "=" in value and not Path(value).exists():
+        name, _, path = value.partition("=")
+        if NAME_RE.match(name) and path:
+            return NamedPath(name, path)
+    return NamedPath(None, value)
+
+
+def _default_name(path: str) -> str:
+    stem = Path(path.rstrip("/")).name
+    for suffix in (".jsonl", ".json", ".parquet"):
+        stem = stem.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) or "data"
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserInputError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} style files
+    if not isinstance(data, list):
+        raise UserInputError(f"{path}: expected a JSON list")
+    return data
+
+
+def _read_hf(where: str, *, folder: Path | None, split: str | None, config: str | None) -> list[dict[str, Any]]:
+    import datasets  # heavy: only for dataset sources
+
+    try:
+        if folder is not None:
+            loaded = datasets.load_from_disk(str(folder))
+        else:
+            loaded = datasets.load_dataset(where, config, split=split)
+    except Exception as exc:  # datasets raises many types; the user needs the message, not the trace
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"{where}: could not load the dataset: {first}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in loaded:
+            raise UserInputError(f"{where}: choose a split with --split (available: {splits})")
+        loaded = loaded[split]
+    return loaded.to_list()
+
+
+def read_records(source: str, *, split: str | None = None, config: str | None = None) -> list[Any]:
+    """The raw records of a JSONL/JSON/Parquet file, a saved dataset folder, or a Hub dataset name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_hf(source, folder=path, split=split, config=config)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.read_table(path).to_pylist()
+            except Exception as exc:
+                raise UserInputError(f"{path}: could not read the Parquet file: {exc}") from None
+        raise UserInputError(f"{path}: unsupported file type '{suffix}' (expected .jsonl, .json, .parquet)")
+    if re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", source) and not source.endswith((".json", ".jsonl")):
+        return _read_hf(source, folder=None, split=split, config=config)
+    raise UserInputError(f"{source}: no such file or folder (nor a Hub dataset name like owner/name)")
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+def _pick(row: dict[str, Any], columns: tuple[str, ...], where: str, what: str) -> Any:
+    for c in columns:
+        if c in row and row[c] is not None:
+            return row[c]
+    raise UserInputError(f"{where}: no {what} column (looked for {list(columns)}; found {sorted(row)})")
+
+
+def _label(value: Any, where: str) -> int:
+    """1 or 2 from an int, a float like 1.0, or a string like "2"; anything else is an error."""
+    label: int | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) in (1.0, 2.0):
+        label = int(value)
+    elif isinstance(value, str) and value.strip() in ("1", "2"):
+        label = int(value.strip())
+    if label is None:
+        raise UserInputError(f"{where}: the label must be 1 or 2 (the better output), got {value!r}")
+    return label
+
+
+def _text(row: dict[str, Any], column: str, where: str) -> str:
+    value = row.get(column)
+    if not isinstance(value, str):
+        raise UserInputError(f"{where}: column '{column}' must be text, got {type(value).__name__}")
+    return value
+
+
+def _reference_text(item: Any, where: str) -> str | None:
+    if item is None or isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for key in REFERENCE_TEXT_KEYS:
+            if key in item:
+                value = item[key]
+                if value is not None and not isinstance(value, str):
+                    raise UserInputError(f"{where}: '{key}' must be text, got {type(value).__name__}")
+                return value
+        keys = list(REFERENCE_TEXT_KEYS)
+        raise UserInputError(f"{where}: no reference text (looked for {keys}; found {sorted(item)})")
+    raise UserInputError(f"{where}: a reference must be a string or an object, got {type(item).__name__}")
+
+
+def align_references(
+    rows: list[dict[str, Any]], ids: list[str | None], items: list[Any], where: str
+) -> list[str | None]:
+    """Reference texts in the order of `rows`: by `id` when both sides carry ids, else by position.
+
+    Position alignment needs the same number of items as rows; when an item names its instruction
+    (`instruction` / `input`) it must match the row's, so a shifted file is an error rather than noise.
+    """
+    item_ids = [it.get("id") if isinstance(it, dict) else None for it in items]
+    if items and all(i is not None for i in item_ids) and all(i is not None for i in ids):
+        by_id: dict[str, Any] = {}
+        for n, (i, it) in enumerate(zip(item_ids, items, strict=True)):
+            if str(i) in by_id:
+                raise UserInputError(f"{where}: item {n}: id {i!r} appears twice")
+            by_id[str(i)] = it
+        matched = [by_id.get(str(i)) for i in ids]
+        if not any(m is not None for m in matched):
+            raise UserInputError(f"{where}: no reference id matches an id of the data set")
+        return [_reference_text(m, f"{where} (id {i})") for i, m in zip(ids, matched, strict=True)]
+    if len(items) != len(rows):
+        raise UserInputError(
+            f"{where}: {len(items)} references for {len(rows)} cases; aligning by position needs equal counts "
+            "(or give both files an `id` field)"
+        )
+    texts = []
+    for n, (row, item) in enumerate(zip(rows, items, strict=True)):
+        if isinstance(item, dict):
+            named = next((item[k] for k in INSTRUCTION_COLUMNS if isinstance(item.get(k), str)), None)
+            mine = next((row[k] for k in INSTRUCTION_COLUMNS if isinstance(row.get(k), str)), None)
+            if named is not None and mine is not None and named.strip() != mine.strip():
+                raise UserInputError(f"{where}: item {n} is for a different instruction than case {n} (misaligned?)")
+        texts.append(_reference_text(item, f"{where} (item {n})"))
+    return texts
+
+
+def read_eval_set(
+    source: str,
+    *,
+    name: str | None = None,
+    reference_columns: list[str] | None = None,
+    reference_files: list[NamedPath] | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    limit: int | None = None,
+) -> EvalSet:
+    """Read one labelled set and its references; `limit` keeps the first N cases (after alignment)."""
+    name = name or _default_name(source)
+    if not NAME_RE.match(name):
+        raise UserInputError(f"{source}: data set name '{name}' may hold only letters, digits, '_', '.', '-'")
+    records = read_records(source, split=split, config=config)
+    if not records:
+        raise UserInputError(f"{source}: no rows")
+    for n, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise UserInputError(f"{source}: row {n}: expected an object, got {type(r).__name__}")
+    rows: list[dict[str, Any]] = records
+    ids = [None if r.get("id") is None else str(r["id"]) for r in rows]
+    refs: dict[str, list[str | None]] = {}
+    if reference_columns is None:
+        reference_columns = ["reference"] if any("reference" in r for r in rows) else []
+    for column in reference_columns:
+        if not any(column in r for r in rows):
+            raise UserInputError(f"{source}: no reference column '{column}' (columns: {sorted(rows[0])})")
+        refs[column] = [_reference_text(r.get(column), f"{source}: row {n}: '{column}'") for n, r in enumerate(rows)]
+    for ref in reference_files or []:
+        ref_name = ref.name or _default_name(ref.path)
+        if ref_name in refs:
+            raise UserInputError(f"{ref.path}: reference name '{ref_name}' is already used; name it with NAME=FILE")
+        path = Path(ref.path).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"{ref.path}: reference file not found")
+        items = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json(path)
+        refs[ref_name] = align_references(rows, ids, items, str(path))
+    cases = []
+    seen: set[str] = set()
+    for n, r in enumerate(rows):
+        where = f"{source}: row {n}"
+        case_id = ids[n] if ids[n] is not None else str(n)
+        if case_id in seen:
+            raise UserInputError(f"{where}: id {case_id!r} appears twice")
+        seen.add(case_id)
+        instruction = _pick(r, INSTRUCTION_COLUMNS, where, "instruction")
+        if not isinstance(instruction, str):
+            raise UserInputError(f"{where}: the instruction must be text, got {type(instruction).__name__}")
+        cases.append(
+            EvalCase(
+                case_id=case_id,
+                index=n,
+                instruction=instruction,
+                output_1=_text(r, "output_1", where),
+                output_2=_text(r, "output_2", where),
+                label=_label(_pick(r, LABEL_COLUMNS, where, "label"), where),
+                references={k: (v[n] if v[n] and v[n].strip() else None) for k, v in refs.items()},
+            )
+        )
+    if limit is not None:
+        cases = cases[:limit]
+    return EvalSet(name, source, cases, list(refs))

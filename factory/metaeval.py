@@ -1,0 +1,475 @@
+"""`factory judge-eval`: run judges × protocols over human-labelled pairwise sets, in both orders.
+
+The same machinery as a build: request keys as in the `judgments` stage, the `judge_calls` cache (a rerun
+makes no model call), batches flushed as they finish, and one stage-style table, `eval_judgments`, with a
+row per (case, order) judgment. A unit of work is one (data set, judge, protocol, reference); each unit is a
+versioned table file, so runs over other protocols or judges add to the table instead of replacing it.
+
+Like the build's stages, the pure halves (`unit_calls`, `unit_rows`) touch no file and no model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from factory.backends import BACKENDS, Backend, JudgeRequest, load_backend, model_identity
+from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now
+from factory.errors import UserInputError
+from factory.evalsets import EvalCase, EvalSet
+from factory.keys import stable_hash
+from factory.protocols import PROTOCOLS, Protocol, custom_protocol, parse_verdict
+from factory.recipe import ModelSpec
+from factory.stages import Call, request_key
+from factory.warehouse import Warehouse
+
+TABLE = "eval_judgments"
+PURPOSE = "meta-eval"
+RECIPE = "judge-eval"
+EVAL_VERSION = 1
+"""Bump when this module changes what it writes: it is part of every unit's stage key."""
+DEFAULT_PROTOCOLS = ("llmbar-base", "reffree", "cot", "llmbar-ref", "refmatch", "refeval")
+
+
+class EvalSettings(BaseModel):
+    """How judges are asked and how the report is computed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_tokens: int = Field(8, ge=1)
+    """Tokens a judge may generate after the prefilled `Output (` (protocols that answer directly)."""
+    cot_max_tokens: int = Field(256, ge=1)
+    """Tokens for protocols that reason before answering (cot; custom templates with an empty prefill)."""
+    top_logprobs: int = Field(20, ge=2)
+    """Top log-probabilities kept per generated token (the soft score reads the marker tokens among them)."""
+    limit: int | None = Field(None, ge=1)
+    """Judge only the first N cases of each data set."""
+    bootstrap: int = Field(1000, ge=0)
+    """Bootstrap resamples for confidence intervals (0: none)."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+
+class CustomTemplate(BaseModel):
+    """A custom judge protocol read from a YAML/JSON file (a plain text file is just the template)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Shown as `custom:<name>` in the table and the report."""
+    template: str
+    """The prompt, with the placeholders {instruction}, {output_a}, {output_b} and optionally {reference}."""
+    prefill: str = "Output ("
+    """Text the judge's answer starts with; empty when the template asks for reasoning first."""
+    last_match: bool = False
+    """Read the last `Output (x)` in the answer instead of the first (for reasoning templates)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens the judge may generate; default from the settings (by whether the prefill is empty)."""
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """A protocol as judge-eval runs it: the template and how many tokens the judge may write."""
+
+    protocol: Protocol
+    max_tokens: int
+
+    @property
+    def name(self) -> str:
+        """The protocol's name in rows and reports."""
+        return self.protocol.name
+
+
+def builtin_protocol(name: str, settings: EvalSettings) -> EvalProtocol:
+    """A registered protocol, with the token budget its answer style needs."""
+    if name not in PROTOCOLS:
+        raise UserInputError(f"unknown judge protocol '{name}'; known: {sorted(PROTOCOLS)} (or --custom-template)")
+    p = PROTOCOLS[name]
+    return EvalProtocol(p, settings.max_tokens if p.prefill else settings.cot_max_tokens)
+
+
+def load_custom_template(path: str | Path, settings: EvalSettings) -> EvalProtocol:
+    """A custom protocol from a text file (the template) or a YAML/JSON file (a `CustomTemplate`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: custom template file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"{path}: not valid YAML/JSON: {getattr(exc, 'problem', exc)}") from None
+        try:
+            spec = CustomTemplate.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            raise UserInputError(f"{path}: field '{where}': {err['msg']}") from None
+    else:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem) or "template"
+        spec = CustomTemplate(name=name, template=text)
+    protocol = custom_protocol(spec.template, prefill=spec.prefill, last_match=spec.last_match)
+    protocol = dataclasses.replace(protocol, name=f"custom:{spec.name}")
+    default = settings.max_tokens if spec.prefill else settings.cot_max_tokens
+    return EvalProtocol(protocol, spec.max_tokens or default)
+
+
+def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
+    """Judges from `BACKEND[:MODEL]` strings or YAML/JSON model files, by name.
+
+    A file holds one model spec (named after the file) or a mapping of names to specs, as a recipe's
+    `models`. `overrides` (batch_size, threads, ...; None = unset) apply to judges given as strings.
+    """
+    judges: dict[str, ModelSpec] = {}
+    extra = {k: v for k, v in overrides.items() if v is not None}
+    for value in values:
+        path = Path(value).expanduser()
+        if path.suffix.lower() in (".yaml", ".yml", ".json"):
+            if not path.is_file():
+                raise UserInputError(f"{value}: judge spec file not found")
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise UserInputError(f"{path}: not valid YAML/JSON: {getattr(exc, 'problem', exc)}") from None
+            if not isinstance(data, dict) or not data:
+                raise UserInputError(f"{path}: expected a model spec or a mapping of names to model specs")
+            single = set(data) <= set(ModelSpec.model_fields)
+            entries = {path.stem: data} if single else data
+            for name, spec in entries.items():
+                try:
+                    judges[str(name)] = ModelSpec.model_validate(spec)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+                    raise UserInputError(f"{path}: judge '{name}': field '{where}': {err['msg']}") from None
+            continue
+        backend, _, model = value.partition(":")
+        if backend not in BACKENDS:
+            raise UserInputError(
+                f"--judge {value!r}: expected BACKEND[:MODEL] with a backend in {sorted(BACKENDS)}, "
+                "or a YAML/JSON model spec file"
+            )
+        fields: dict[str, Any] = {"backend": backend, **extra}
+        if model:
+            fields["model"] = model
+        try:
+            judges[value] = ModelSpec.model_validate(fields)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UserInputError(f"--judge {value!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    if not judges:
+        raise UserInputError("give at least one --judge")
+    return judges
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (data set, judge, protocol, reference) combination: every case judged in both orders."""
+
+    dataset: EvalSet
+    judge: str
+    protocol: EvalProtocol
+    reference: str | None
+
+    @property
+    def title(self) -> str:
+        """Short name for progress output."""
+        ref = f"@{self.reference}" if self.reference else ""
+        return f"{self.dataset.name}/{self.protocol.name}{ref}"
+
+    @property
+    def folder(self) -> str:
+        """The unit's folder under tables/eval_judgments/: readable, and unique by a hash suffix."""
+        parts = [self.dataset.name, self.judge, self.protocol.name, self.reference or "-"]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", "__".join(parts))[:80]
+        return f"{slug}-{stable_hash(parts, 8)}"
+
+
+def plan_units(
+    datasets: list[EvalSet], judges: dict[str, ModelSpec], protocols: list[EvalProtocol], explicit: bool
+) -> tuple[list[Unit], list[str]]:
+    """Every unit to run, judge-major (one model loaded at a time); notes say what was skipped and why.
+
+    A protocol that shows a reference runs once per reference name. When the protocols were not chosen
+    explicitly, reference protocols are skipped (with a note) for a set that has no references.
+    """
+    units: list[Unit] = []
+    notes: list[str] = []
+    for judge in judges:
+        for ds in datasets:
+            for p in protocols:
+                if not p.protocol.uses_reference:
+                    units.append(Unit(ds, judge, p, None))
+                    continue
+                if not ds.reference_names:
+                    msg = (
+                        f"{ds.name}: protocol {p.name} needs references; give --references FILE "
+                        "or --reference-column COLUMN"
+                    )
+                    if explicit:
+                        raise UserInputError(msg)
+                    if judge == next(iter(judges)):
+                        notes.append(msg + " (skipped)")
+                    continue
+                units.extend(Unit(ds, judge, p, ref) for ref in ds.reference_names)
+    return units, notes
+
+
+def _ordered(case: EvalCase, order: str) -> tuple[str, str]:
+    return (case.output_1, case.output_2) if order == "forward" else (case.output_2, case.output_1)
+
+
+def unit_calls(unit: Unit, identity: dict[str, Any], top_logprobs: int) -> tuple[list[Call], int]:
+    """Two calls per case (forward: output_1 shown as (a); swapped), keyed exactly as build judgments are.
+
+    Cases without the unit's reference are left out; their count is returned.
+    """
+    p = unit.protocol
+    calls: list[Call] = []
+    missing = 0
+    for case in unit.dataset.cases:
+        reference = case.references.get(unit.reference) if unit.reference else None
+        if unit.reference and reference is None:
+            missing += 1
+            continue
+        for order in ("forward", "swapped"):
+            a, b = _ordered(case, order)
+            messages = p.protocol.render(case.instruction, a, b, reference)
+            payload = {
+                "messages": messages,
+                "prefill": p.protocol.prefill,
+                "max_tokens": p.max_tokens,
+                "top_logprobs": top_logprobs,
+            }
+            meta = {
+                "case_id": case.case_id,
+                "case_index": case.index,
+                "label": case.label,
+                "order": order,
+                "len_a": len(a),
+                "len_b": len(b),
+                "prompt_hash": stable_hash(messages, 16),
+            }
+            request = JudgeRequest(messages, p.protocol.prefill, p.max_tokens, top_logprobs)
+            calls.append(Call(request_key("judge", identity, payload), request, meta))
+    return calls, missing
+
+
+def unit_rows(unit: Unit, calls: list[Call], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per call: the parsed verdict and soft score; a failed call is a row with parse_status error."""
+    protocol = unit.protocol.protocol
+    rows = []
+    for c in calls:
+        r = results.get(c.key, {})
+        row: dict[str, Any] = {
+            **c.meta,
+            "purpose": PURPOSE,
+            "dataset": unit.dataset.name,
+            "judge": unit.judge,
+            "protocol": protocol.name,
+            "reference_name": unit.reference,
+            "request_key": c.key,
+            "tokens_in": r.get("tokens_in"),
+            "tokens_out": r.get("tokens_out"),
+            "latency_s": r.get("latency_s"),
+        }
+        if r.get("status") != "ok":
+            row.update(parse_status="error", error=r.get("error") or "no result", p_source="none")
+        else:
+            tops = [[(t["token"], t["logprob"]) for t in step] for step in r["top_logprobs"]]
+            v = parse_verdict(protocol.prefill, r["text"], r["tokens"], tops, last_match=protocol.last_match)
+            if not protocol.prefill and v.p_source == "first_token":
+                # A reasoning answer with no verdict: its first token starts the explanation, not a choice,
+                # so there is no soft score to read (prefilled protocols answer at the first token).
+                v = dataclasses.replace(v, p_a=None, p_source="none")
+            row.update(
+                raw_output=protocol.prefill + r["text"],
+                verdict=v.verdict,
+                p_a=v.p_a,
+                p_source=v.p_source,
+                marker_tokens=v.marker_tokens,
+                parse_status=v.parse_status,
+            )
+        rows.append(row)
+    return rows
+
+
+def unit_key(unit: Unit, calls: list[Call]) -> str:
+    """The unit's stage key: the code version, the names in its rows, and every call's key and fields."""
+    return stable_hash(
+        {
+            "stage": TABLE,
+            "version": EVAL_VERSION,
+            "dataset": unit.dataset.name,
+            "judge": unit.judge,
+            "protocol": unit.protocol.name,
+            "reference": unit.reference,
+            "calls": [(c.key, c.meta) for c in calls],
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class EvalRun:
+    """What one judge-eval run did: its rows (exactly as stored), per-unit stats, and notes."""
+
+    run_id: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    stats: list[StageStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    status: str = "running"
+
+    @property
+    def model_calls(self) -> int:
+        """Model calls this run made (cached results not counted)."""
+        return sum(s.model_calls for s in self.stats)
+
+    @property
+    def cached_calls(self) -> int:
+        """Calls answered from the cache."""
+        return sum(s.cached_calls for s in self.stats)
+
+
+class JudgeEval:
+    """One judge-eval run into one warehouse (locked while it runs, like a build)."""
+
+    def __init__(
+        self,
+        wh: Warehouse,
+        settings: EvalSettings,
+        judges: dict[str, ModelSpec],
+        reporter: Reporter | None = None,
+        loader: Callable[[ModelSpec], Backend] | None = None,
+    ) -> None:
+        self.wh = wh
+        self.settings = settings
+        self.judges = judges
+        self.reporter = reporter or Reporter()
+        # Looked up at call time (not bound as a default) so tests can substitute the loader.
+        self.pool = ModelPool(judges, loader=loader or load_backend)
+        self.run = EvalRun(now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+        self.calls = CallRunner(wh, self.run.run_id, RECIPE, self.pool, self.reporter)
+
+    @contextmanager
+    def _unit_stage(self, unit: Unit, key: str) -> Iterator[StageStats]:
+        st = StageStats(unit.title, key)
+        t0 = time.perf_counter()
+        try:
+            yield st
+        finally:
+            st.seconds = round(time.perf_counter() - t0, 3)
+            self.run.stats.append(st)
+            self.reporter.stage_finished(st)
+
+    def _one(self, unit: Unit) -> None:
+        identity = model_identity(self.judges[unit.judge])
+        calls, missing = unit_calls(unit, identity, self.settings.top_logprobs)
+        if missing:
+            self.run.notes.append(f"{unit.title}: {missing} case(s) without reference '{unit.reference}' left out")
+        key = unit_key(unit, calls)
+        with self._unit_stage(unit, key) as st:
+            if self.wh.has_version(TABLE, unit.folder, key):
+                rows = self.wh.read_stage(TABLE, unit.folder, key)
+                current = self.wh.current(TABLE, unit.folder)
+                if current is None or current.stage_key != key:
+                    self.wh.set_current(TABLE, unit.folder, key, self.run.run_id, True)
+                st.skipped, st.rows, st.cached_calls = True, len(rows), len(calls)
+            else:
+                # Similar lengths in one batch waste less padding; results are keyed, so order is free.
+                ordered = sorted(calls, key=lambda c: len(json.dumps(c.request.messages)))
+                results = self.calls.run("judge_calls", unit.title, unit.judge, ordered, st)
+                rows = unit_rows(unit, calls, results)
+                for row in rows:
+                    row.update(recipe=RECIPE, run_id=self.run.run_id, stage_key=key)
+                errors = sum(r["parse_status"] == "error" for r in rows)
+                self.wh.write_stage(TABLE, unit.folder, key, self.run.run_id, rows, complete=not errors)
+                rows = self.wh.read_stage(TABLE, unit.folder, key)  # the report reads exactly what is stored
+                st.rows, st.notes = len(rows), {"errors": errors, "cases_without_reference": missing}
+            self.run.rows.extend(rows)
+
+    def execute(self, units: list[Unit]) -> EvalRun:
+        """Run every unit; the run is recorded in the runs table and the DuckDB views are refreshed."""
+        from factory.build import versions
+
+        with self.wh.lock():
+            started = now()
+            record: dict[str, Any] = {
+                "run_id": self.run.run_id,
+                "recipe": RECIPE,
+                "recipe_hash": stable_hash(
+                    {"settings": self.settings.model_dump(), "units": [(u.folder) for u in units]}, 16
+                ),
+                "status": "running",
+                "started_at": started,
+                "versions": json.dumps(versions()),
+            }
+            self.wh.write_run(record)
+            try:
+                previous: str | None = None
+                for unit in units:
+                    if previous is not None and unit.judge != previous and previous in self.pool.backends:
+                        self.pool.backends.pop(previous).close()  # one judge in memory at a time
+                    previous = unit.judge
+                    self._one(unit)
+                failed = sum(int(s.notes.get("errors", 0)) for s in self.run.stats)
+                self.run.status = "incomplete" if failed else "ok"
+            except KeyboardInterrupt:
+                self.run.status, record["error"] = "interrupted", "KeyboardInterrupt"
+                raise
+            except Exception as exc:
+                self.run.status, record["error"] = "failed", f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                self.pool.close()
+                record["status"] = self.run.status
+                record["finished_at"] = now()
+                record["seconds"] = (record["finished_at"] - started).total_seconds()
+                for name in ("model_calls", "cached_calls", "failed_calls", "tokens_in", "tokens_out"):
+                    record[name] = sum(getattr(s, name) for s in self.run.stats)
+                record["stages"] = [{**dataclasses.asdict(s), "notes": json.dumps(s.notes)} for s in self.run.stats]
+                self.wh.write_run(record)
+                self.wh.refresh_database()
+        return self.run
+
+
+def run_judge_eval(
+    datasets: list[EvalSet],
+    judges: dict[str, ModelSpec],
+    protocols: list[EvalProtocol],
+    settings: EvalSettings,
+    wh: Warehouse,
+    *,
+    explicit_protocols: bool = True,
+    reporter: Reporter | None = None,
+    loader: Callable[[ModelSpec], Backend] | None = None,
+) -> EvalRun:
+    """Judge every case of every set with every judge × protocol (× reference), in both orders."""
+    names = [p.name for p in protocols]
+    if len(set(names)) != len(names):
+        raise UserInputError(f"protocols must be unique, got {names}")
+    data_names = [d.name for d in datasets]
+    if len(set(data_names)) != len(data_names):
+        raise UserInputError(f"data set names must be unique, got {data_names}; name them with NAME=PATH")
+    units, notes = plan_units(datasets, judges, protocols, explicit_protocols)
+    if not units:
+        raise UserInputError("nothing to judge: " + "; ".join(notes) if notes else "nothing to judge")
+    runner = JudgeEval(wh, settings, judges, reporter, loader)
+    runner.run.notes.extend(notes)
+    return runner.execute(units)
