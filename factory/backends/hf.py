@@ -108,6 +108,8 @@ class TransformersBackend:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
+        if path is None and spec.model.startswith("embedded:"):
+            path = embedded_model_dir(spec.model.removeprefix("embedded:"))
         source: Any = path or spec.model
         kwargs: dict[str, Any] = {"revision": spec.revision} if spec.revision and path is None else {}
         self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
