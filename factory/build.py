@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ def read_prompts(loaded: LoadedRecipe) -> StageOutput:
 def judge_protocol(loaded: LoadedRecipe) -> Protocol:
     """The recipe's judge protocol; a `custom` one is read from its template file."""
     j = loaded.recipe.judgments
+    assert j is not None
     if j.protocol != "custom":
         return get_protocol(j.protocol)
     assert j.template is not None
@@ -64,6 +65,87 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         need = "uses {reference}, so set" if protocol.uses_reference else "has no {reference}, so remove"
         raise UserInputError(f"{loaded.where('judgments', 'reference')} the template {need} 'judgments.reference'")
     return protocol
+
+
+@dataclass
+class PlannedStage:
+    """What one stage would ask of a model on an empty warehouse (cached calls are not subtracted)."""
+
+    stage: str
+    model: str | None
+    calls: int | None
+    max_output_tokens: int | None
+    approx_input_tokens: int | None
+    note: str = ""
+
+
+def plan(loaded: LoadedRecipe) -> tuple[int | None, list[PlannedStage]]:
+    """The prompt count and the model calls each stage plans, without loading any model.
+
+    A Hub dataset is not downloaded: its size is taken from `prompts.limit` (unknown without one). Input
+    tokens are estimated at 4 characters a token from the instructions and references that are at hand.
+    """
+    r = loaded.recipe
+    if r.prompts.dataset is not None:
+        n_prompts, chars = r.prompts.limit, None
+    else:
+        rows = read_prompts(loaded).rows
+        n_prompts = len(rows)
+        chars = sum(len(p["instruction"]) for p in rows) / max(n_prompts, 1)
+        columns = [json.loads(p["reference_fields"]) for p in rows]
+    per_prompt = lambda k: None if n_prompts is None else n_prompts * k  # noqa: E731
+    stages_out: list[PlannedStage] = []
+    for ref in r.references:
+        if ref.kind == "model":
+            stages_out.append(
+                PlannedStage(
+                    f"references:{ref.name}",
+                    ref.model,
+                    per_prompt(1),
+                    per_prompt(ref.params.max_tokens),
+                    None if chars is None else per_prompt(int(chars / 4)),
+                )
+            )
+    if r.samples is not None:
+        s = r.samples
+        stages_out.append(
+            PlannedStage(
+                "samples",
+                s.policy,
+                per_prompt(s.n),
+                per_prompt(s.n * s.params.max_tokens),
+                None if chars is None else per_prompt(int(s.n * chars / 4)),
+                f"{s.n} per prompt",
+            )
+        )
+        if r.judgments is not None:
+            j = r.judgments
+            pairs = s.n * (s.n - 1) // (1 if j.orders == "both" else 2)
+            protocol = judge_protocol(loaded)
+            ref = next((x for x in r.references if x.name == j.reference), None)
+            ref_tokens = 0.0
+            if ref is not None and ref.kind == "model":
+                ref_tokens = ref.params.max_tokens
+            elif ref is not None and chars is not None:
+                field = r.column_field(ref)
+                ref_tokens = sum(len(c.get(field) or "") for c in columns) / max(len(columns), 1) / 4
+            each = len(protocol.template) / 4 + 2 * s.params.max_tokens + (ref_tokens if protocol.uses_reference else 0)
+            approx = None if chars is None else per_prompt(int(pairs * (each + chars / 4)))
+            stages_out.append(
+                PlannedStage(
+                    "judgments",
+                    j.judge,
+                    per_prompt(pairs),
+                    per_prompt(pairs * j.generation_tokens),
+                    approx,
+                    f"{pairs} ordered pairs per prompt, protocol {j.protocol}",
+                )
+            )
+        elif r.rewards is not None:
+            stages_out.append(PlannedStage("scores", r.rewards.model, per_prompt(s.n), 0, None, "reward model"))
+        else:
+            stages_out.append(PlannedStage("scores", None, 0, 0, 0, "ROUGE-L, no model"))
+    return n_prompts, stages_out
 
 
 class Build:
@@ -87,6 +169,7 @@ class Build:
         self.incomplete: list[str] = []
         self.export_path: Path | None = None
         self.prompt_output: StageOutput | None = None
+        self.sft_path: Path | None = None
 
     # ---------------------------------------------------------------------------------------- helpers
     def _key(self, stage: str, spec: Any, parents: list[str], model: dict[str, Any] | None = None) -> str:
@@ -165,30 +248,78 @@ class Build:
         r = self.recipe
         prompts, k_prompts = self._prompts()
         references, k_refs = self._references(prompts, k_prompts)
-        samples, k_samples = self._samples(prompts, k_prompts)
-        judgments, k_judg = self._judgments(prompts, samples, references, [k_samples, k_refs])
-        k_scores = self._key("scores", {"scoring": r.judgments.scoring}, [k_judg])
+        ctx: dict[str, list[dict[str, Any]]] = {"prompts": prompts, "references": references, "judgments": []}
+        parents = [k_prompts, k_refs]
+        if r.samples is not None:
+            samples, k_samples = self._samples(prompts, k_prompts)
+            scores, k_scores = self._scores(prompts, samples, references, [k_samples, k_refs], ctx)
+            k_pairs = self._key("pairs", r.pairs.model_dump(), [k_scores, k_samples])
+            with self._stage("pairs", k_pairs) as st:
+                pairs = self._reuse("pairs", k_pairs, st)
+                if pairs is None:
+                    out = stages.pair_rows(samples, scores, r.pairs)
+                    self._save("pairs", k_pairs, out, st, complete=not self.incomplete)
+                    pairs = out.rows
+            ctx["samples"] = samples
+            parents += [k_samples, k_scores, k_pairs]
+        k_export = self._key("export", r.export.model_dump(), parents)
+        with self._stage("export", k_export) as st:
+            from factory.export import export_dataset, export_sft
+
+            path = self.loaded.resolve(r.export.path) if r.export.path else self.wh.root / "exports" / r.name
+            if r.samples is not None:
+                result = export_dataset(path, self.loaded, pairs, ctx, self.run_id, k_export)
+                st.rows, st.notes, self.export_path = result.rows, result.notes, path
+            if r.export.sft_reference is not None:
+                sft_path = path.with_name(path.name + "-sft")
+                result = export_sft(sft_path, self.loaded, ctx, self.run_id, k_export)
+                st.notes["sft"] = result.notes
+                self.sft_path = sft_path
+
+    def _scores(
+        self,
+        prompts: list[dict[str, Any]],
+        samples: list[dict[str, Any]],
+        references: list[dict[str, Any]],
+        parents: list[str],
+        ctx: dict[str, list[dict[str, Any]]],
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Run the recipe's labeler; returns the scores and their stage key."""
+        r = self.recipe
+        if r.judgments is not None:
+            judgments, k_judg = self._judgments(prompts, samples, references, parents)
+            ctx["judgments"] = judgments
+            k_scores = self._key("scores", {"scoring": r.judgments.scoring}, [k_judg])
+            with self._stage("scores", k_scores) as st:
+                scores = self._reuse("scores", k_scores, st)
+                if scores is None:
+                    out = stages.score_rows(samples, judgments, r.judgments.scoring)
+                    self._save("scores", k_scores, out, st, complete="judgments" not in self.incomplete)
+                    scores = out.rows
+            return scores, k_scores
+        if r.rewards is not None:
+            identity = model_identity(r.models[r.rewards.model])
+            k_scores = self._key("scores", r.rewards.model_dump(), parents, identity)
+            with self._stage("scores", k_scores) as st:
+                scores = self._reuse("scores", k_scores, st)
+                if scores is None:
+                    calls = stages.reward_calls(prompts, samples, identity)
+                    results = self.calls.run("reward_calls", "scores", r.rewards.model, calls, st)
+                    out = stages.reward_score_rows(calls, results)
+                    complete = not out.notes["unscored_samples"] and "samples" not in self.incomplete
+                    self._save("scores", k_scores, out, st, complete=complete)
+                    scores = out.rows
+            return scores, k_scores
+        assert r.similarity is not None
+        k_scores = self._key("scores", r.similarity.model_dump(), parents)
         with self._stage("scores", k_scores) as st:
             scores = self._reuse("scores", k_scores, st)
             if scores is None:
-                out = stages.score_rows(samples, judgments, r.judgments.scoring)
-                self._save("scores", k_scores, out, st, complete="judgments" not in self.incomplete)
+                out = stages.similarity_score_rows(samples, references, r.similarity.reference)
+                upstream_ok = not ({"samples", "references"} & set(self.incomplete))
+                self._save("scores", k_scores, out, st, complete=upstream_ok)
                 scores = out.rows
-        k_pairs = self._key("pairs", r.pairs.model_dump(), [k_scores, k_samples])
-        with self._stage("pairs", k_pairs) as st:
-            pairs = self._reuse("pairs", k_pairs, st)
-            if pairs is None:
-                out = stages.pair_rows(samples, scores, r.pairs)
-                self._save("pairs", k_pairs, out, st, complete=not self.incomplete)
-                pairs = out.rows
-        k_export = self._key("export", r.export.model_dump(), [k_pairs, k_prompts, k_samples, k_refs, k_judg])
-        with self._stage("export", k_export) as st:
-            from factory.export import export_dataset
-
-            path = self.loaded.resolve(r.export.path) if r.export.path else self.wh.root / "exports" / r.name
-            ctx = {"prompts": prompts, "samples": samples, "references": references, "judgments": judgments}
-            result = export_dataset(path, self.loaded, pairs, ctx, self.run_id, k_export)
-            st.rows, st.notes, self.export_path = result.rows, result.notes, path
+        return scores, k_scores
 
     def _prompts(self) -> tuple[list[dict[str, Any]], str]:
         out = self.prompt_output or read_prompts(self.loaded)
@@ -227,6 +358,7 @@ class Build:
 
     def _samples(self, prompts: list[dict[str, Any]], k_prompts: str) -> tuple[list[dict[str, Any]], str]:
         s = self.recipe.samples
+        assert s is not None
         identity = model_identity(self.recipe.models[s.policy])
         key = self._key("samples", s.model_dump(), [k_prompts], identity)
         with self._stage("samples", key) as st:
@@ -247,6 +379,7 @@ class Build:
         parents: list[str],
     ) -> tuple[list[dict[str, Any]], str]:
         j = self.recipe.judgments
+        assert j is not None
         identity = model_identity(self.recipe.models[j.judge])
         protocol = judge_protocol(self.loaded)
         # The template text is in the key, so editing a protocol's wording (or a custom file) re-judges.

@@ -110,7 +110,7 @@ class CallRunner:
 
     @staticmethod
     def _batches(table: str, calls: list[Call], size: int) -> Iterator[list[Call]]:
-        if table == "judge_calls":
+        if table != "generation_calls":
             yield from (list(b) for b in _chunks(calls, size))
             return
         # Generation: group a prompt's missing sample indices into one n-sample request; batch by prompt.
@@ -138,6 +138,9 @@ class CallRunner:
                     }
                     for o in outputs
                 ]
+            elif table == "reward_calls":
+                rewards = backend.reward([c.request for c in batch])
+                flat = [{"reward": o.reward, "tokens_in": o.tokens_in, "tokens_out": 0} for o in rewards]
             else:
                 flat = self._generate(backend, batch)
             error = None

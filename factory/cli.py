@@ -63,9 +63,10 @@ def validate(recipe: Path) -> None:
     prompts = "prompts from a Hub dataset (not read)"
     if r.prompts.dataset is None:
         prompts = f"{read_prompts(loaded).notes['kept']} prompts"
+    samples = f"{r.samples.n} samples per prompt, labeler {r.labeler}" if r.samples else "no samples (SFT export)"
     click.echo(
         f"ok: recipe '{r.name}': {prompts}, {len(r.models)} model(s), {len(r.references)} reference source(s), "
-        f"{r.samples.n} samples per prompt, judge protocol {r.judgments.protocol}"
+        f"{samples}"
     )
 
 
@@ -73,8 +74,9 @@ def validate(recipe: Path) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @WAREHOUSE_OPTION
 @click.option("--quiet", "-q", is_flag=True, help="No progress display; print only the summary.")
+@click.option("--dry-run", is_flag=True, help="Print the model calls each stage plans, then stop (loads no model).")
 @friendly
-def build(recipe: Path, warehouse: Path, quiet: bool) -> None:
+def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
     """Build RECIPE: prompts → references → samples → judgments → scores → pairs → export.
 
     Finished work is reused: an unchanged rebuild makes no model calls, and an interrupted build resumes
@@ -86,6 +88,12 @@ def build(recipe: Path, warehouse: Path, quiet: bool) -> None:
     from factory.warehouse import Warehouse
 
     loaded = load_recipe(recipe)
+    if dry_run:
+        from factory.build import plan
+        from factory.progress import print_plan
+
+        print_plan(loaded.recipe.name, *plan(loaded))
+        return
     wh = Warehouse(warehouse)
     with RichReporter(quiet=quiet) as reporter:
         b = Build(loaded, wh, reporter)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.keys import stable_hash
-from factory.recipe import LoadedRecipe
+from factory.recipe import LoadedRecipe, Recipe
 
 MARKER = ".factory-export.json"
 # Special tokens that must never survive into exported text: a chat template adds its own, and a doubled
@@ -72,14 +72,42 @@ def preference_features(datasets: Any) -> Any:
     )
 
 
-def check_special_tokens(records: list[dict[str, Any]]) -> None:
+def check_special_tokens(
+    records: list[dict[str, Any]], columns: tuple[str, ...] = ("prompt", "chosen", "rejected")
+) -> None:
     """Fail if any exported message carries a chat special token (it would be doubled after templating)."""
     for rec in records:
-        for column in ("prompt", "chosen", "rejected"):
+        for column in columns:
             for message in rec[column]:
                 for tok in SPECIAL_TOKENS:
                     if tok in message["content"]:
                         raise ValueError(f"pair {rec['prompt_id']}: {column} contains the special token {tok}")
+
+
+def labeler_provenance(recipe: Recipe) -> dict[str, str | None]:
+    """Who labelled the pairs: the judge and protocol, or the reward model, or the similarity metric."""
+    if recipe.judgments is not None:
+        j = recipe.judgments
+        return {"judge": j.judge, "protocol": j.protocol, "reference_name": j.reference}
+    if recipe.rewards is not None:
+        return {"judge": recipe.rewards.model, "protocol": "reward-model", "reference_name": None}
+    assert recipe.similarity is not None
+    return {"judge": None, "protocol": recipe.similarity.metric, "reference_name": recipe.similarity.reference}
+
+
+def describe_labeler(recipe: Recipe) -> str:
+    """One card line about the labeler."""
+    if recipe.judgments is not None:
+        j = recipe.judgments
+        return (
+            f"- Judge: `{j.judge}` ({recipe.models[j.judge].model}), protocol `{j.protocol}`, reference "
+            f"`{j.reference}`, orders `{j.orders}`, scoring `{j.scoring}`"
+        )
+    if recipe.rewards is not None:
+        m = recipe.rewards.model
+        return f"- Labeler: reward model `{m}` ({recipe.models[m].model}); score = reward"
+    assert recipe.similarity is not None
+    return f"- Labeler: {recipe.similarity.metric} against reference `{recipe.similarity.reference}`"
 
 
 def preference_records(
@@ -87,6 +115,8 @@ def preference_records(
 ) -> list[dict[str, Any]]:
     """One TRL conversational preference row per pair, with provenance columns."""
     recipe = loaded.recipe
+    assert recipe.samples is not None
+    labeler = labeler_provenance(recipe)
     prompts = {p["prompt_id"]: p for p in ctx["prompts"]}
     samples = {s["sample_id"]: s for s in ctx["samples"]}
     recipe_hash = stable_hash(recipe.model_dump(mode="json"), 16)
@@ -104,9 +134,7 @@ def preference_records(
                 "rejected_score": pair["rejected_score"],
                 "margin": pair["margin"],
                 "policy": recipe.samples.policy,
-                "judge": recipe.judgments.judge,
-                "protocol": recipe.judgments.protocol,
-                "reference_name": recipe.judgments.reference,
+                **labeler,
                 "recipe": recipe.name,
                 "recipe_hash": recipe_hash,
             }
@@ -153,8 +181,7 @@ def card(
         f"- Policy: `{r.samples.policy}` ({r.models[r.samples.policy].backend}: "
         f"{r.models[r.samples.policy].model}), {r.samples.n} samples per prompt, "
         f"temperature {r.samples.params.temperature}, top_p {r.samples.params.top_p}",
-        f"- Judge: `{r.judgments.judge}` ({r.models[r.judgments.judge].model}), protocol `{r.judgments.protocol}`, "
-        f"reference `{r.judgments.reference}`, orders `{r.judgments.orders}`, scoring `{r.judgments.scoring}`",
+        describe_labeler(r),
         f"- Pairs: {r.pairs.method}, min margin {r.pairs.min_margin}, max tokens {r.pairs.max_tokens}",
         f"- Run `{notes['run_id']}`, export stage key `{notes['stage_key']}`, recipe hash "
         f"`{splits['train'][0]['recipe_hash'] if splits['train'] else ''}`",
@@ -182,38 +209,20 @@ def card(
     return "\n".join(lines)
 
 
-def export_dataset(
-    path: Path,
-    loaded: LoadedRecipe,
-    pairs: list[dict[str, Any]],
-    ctx: dict[str, list[dict[str, Any]]],
-    run_id: str,
-    stage_key: str,
-) -> ExportResult:
-    """Write the dataset folder at `path` (skipped when it already holds this export stage key)."""
+def _is_current(path: Path, stage_key: str) -> bool:
     marker = path / MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("stage_key") == stage_key:
-        return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
-    import datasets  # heavy; only when something is written
+    return marker.is_file() and json.loads(marker.read_text()).get("stage_key") == stage_key
 
-    datasets.disable_progress_bars()  # the build shows its own progress
 
-    records = preference_records(loaded, pairs, ctx)
-    check_special_tokens(records)
-    r = loaded.recipe
-    splits = split_records(records, r.export.test_fraction, r.export.seed)
-    consistency, n_both = position_consistency(ctx["judgments"])
-    notes: dict[str, Any] = {
-        "run_id": run_id,
-        "stage_key": stage_key,
-        "position_consistency": consistency,
-        "pairs_judged_both_orders": n_both,
-        **{f"{s}_rows": len(v) for s, v in splits.items()},
-    }
+def write_dataset_folder(
+    path: Path, splits: dict[str, list[dict[str, Any]]], features: Any, readme: str, stage_key: str, run_id: str
+) -> None:
+    """save_to_disk layout + data/<split>.parquet + README.md, built beside `path` and renamed into place."""
+    import datasets
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        features = preference_features(datasets)
         dd = datasets.DatasetDict(
             {
                 # from_list drops the columns of an empty list; from_dict keeps them.
@@ -227,7 +236,7 @@ def export_dataset(
         (tmp / "data").mkdir()
         for split, ds in dd.items():
             ds.to_parquet(str(tmp / "data" / f"{split}.parquet"))
-        (tmp / "README.md").write_text(card(loaded, splits, ctx, notes), encoding="utf-8")
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
         (tmp / MARKER).write_text(json.dumps({"stage_key": stage_key, "run_id": run_id}))
         if path.exists():
             old = path.with_name(f".{path.name}.old-{run_id}")
@@ -238,5 +247,105 @@ def export_dataset(
             tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_dataset(
+    path: Path,
+    loaded: LoadedRecipe,
+    pairs: list[dict[str, Any]],
+    ctx: dict[str, list[dict[str, Any]]],
+    run_id: str,
+    stage_key: str,
+) -> ExportResult:
+    """Write the preference dataset folder at `path` (skipped when it already holds this export stage key)."""
+    if _is_current(path, stage_key):
+        return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
+    import datasets  # heavy; only when something is written
+
+    datasets.disable_progress_bars()  # the build shows its own progress
+    records = preference_records(loaded, pairs, ctx)
+    check_special_tokens(records)
+    r = loaded.recipe
+    splits = split_records(records, r.export.test_fraction, r.export.seed)
+    consistency, n_both = position_consistency(ctx["judgments"])
+    notes: dict[str, Any] = {
+        "run_id": run_id,
+        "stage_key": stage_key,
+        "position_consistency": consistency,
+        "pairs_judged_both_orders": n_both,
+        **{f"{s}_rows": len(v) for s, v in splits.items()},
+    }
+    readme = card(loaded, splits, ctx, notes)
+    write_dataset_folder(path, splits, preference_features(datasets), readme, stage_key, run_id)
     notes["path"] = str(path)
+    return ExportResult(len(records), notes)
+
+
+def sft_records(loaded: LoadedRecipe, ctx: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One TRL prompt/completion row per prompt that has the chosen reference (the distillation baseline)."""
+    r = loaded.recipe
+    name = r.export.sft_reference
+    refs = {x["prompt_id"]: x for x in ctx["references"] if x["reference_name"] == name and x["status"] == "ok"}
+    records = []
+    for p in ctx["prompts"]:
+        ref = refs.get(p["prompt_id"])
+        if ref is None:
+            continue
+        records.append(
+            {
+                "prompt": json.loads(p["messages"]),
+                "completion": [{"role": "assistant", "content": ref["text"]}],
+                "prompt_id": p["prompt_id"],
+                "reference_name": name,
+                "source_kind": ref["source_kind"],
+                "reference_model": ref.get("model"),
+                "recipe": r.name,
+                "recipe_hash": stable_hash(r.model_dump(mode="json"), 16),
+            }
+        )
+    return records
+
+
+def export_sft(
+    path: Path, loaded: LoadedRecipe, ctx: dict[str, list[dict[str, Any]]], run_id: str, stage_key: str
+) -> ExportResult:
+    """Write the SFT dataset of one reference source (prompt/completion, TRL's conversational format)."""
+    if _is_current(path, stage_key):
+        return ExportResult(0, {"skipped": True, "path": str(path)})
+    import datasets
+
+    datasets.disable_progress_bars()
+    r = loaded.recipe
+    records = sft_records(loaded, ctx)
+    check_special_tokens(records, columns=("prompt", "completion"))
+    splits = split_records(records, r.export.test_fraction, r.export.seed)
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {
+            "prompt": datasets.List(message),
+            "completion": datasets.List(message),
+            **{k: text for k in ("prompt_id", "reference_name", "source_kind", "reference_model", "recipe")},
+            "recipe_hash": text,
+        }
+    )
+    readme = "\n".join(
+        [
+            f"# {r.name} (SFT on references)",
+            "",
+            f"Supervised fine-tuning data: each prompt with the `{r.export.sft_reference}` reference as the",
+            "completion (the paper's distillation baseline), in TRL's conversational prompt/completion format.",
+            "",
+            *[f"- {s}: {len(v)} rows" for s, v in splits.items()],
+            "",
+            "## Recipe",
+            "",
+            "```yaml",
+            loaded.text.rstrip(),
+            "```",
+            "",
+        ]
+    )
+    write_dataset_folder(path, splits, features, readme, stage_key, run_id)
+    notes = {"path": str(path), **{f"{s}_rows": len(v) for s, v in splits.items()}}
     return ExportResult(len(records), notes)

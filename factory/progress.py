@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from factory.build import PlannedStage
 from factory.calls import Reporter, StageStats
 from factory.warehouse import Warehouse
 
@@ -78,6 +79,22 @@ def print_table(table: pa.Table, limit: int) -> None:
     out.print(t)
     if table.num_rows > limit:
         out.print(f"({table.num_rows - limit} more rows; use --limit or --format csv)")
+
+
+def print_plan(name: str, n_prompts: int | None, planned: list[PlannedStage]) -> None:
+    """`factory build --dry-run`: calls and tokens per stage, before any cache is consulted."""
+
+    def fmt(x: int | None) -> str:
+        return "unknown" if x is None else f"{x:,}"
+
+    t = Table(title=f"plan for {name}: {fmt(n_prompts)} prompts", header_style="bold")
+    for col in ("stage", "model", "calls", "max output tokens", "input tokens (est. ≤)", "note"):
+        t.add_column(col)
+    for p in planned:
+        t.add_row(p.stage, p.model or "", fmt(p.calls), fmt(p.max_output_tokens), fmt(p.approx_input_tokens), p.note)
+    out.print(t)
+    total = None if any(p.calls is None for p in planned) else sum(p.calls or 0 for p in planned)
+    out.print(f"model calls in all: {fmt(total)} (an existing warehouse serves cached ones for free)")
 
 
 def print_summary(run: dict[str, Any], stats: list[StageStats], export_path: Path | None, wh: Warehouse) -> None:

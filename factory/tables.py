@@ -78,7 +78,8 @@ STAGE_TABLES: dict[str, pa.Schema] = {
         *PROVENANCE,
         ("sample_id", pa.string()),
         ("prompt_id", pa.string()),
-        ("score", pa.float64()),  # mean soft win probability over its comparisons
+        ("labeler", pa.string()),  # judgments | rewards | similarity
+        ("score", pa.float64()),  # judgments: mean soft win probability; rewards: reward; similarity: ROUGE-L F1
         ("n_comparisons", pa.int64()),
         ("wins", pa.int64()),  # comparisons whose parsed verdict named this sample
     ),
@@ -147,6 +148,19 @@ CALL_TABLES: dict[str, pa.Schema] = {
         ("created_at", pa.timestamp("us", tz="UTC")),
     ),
 }
+
+# The reward-model labeler's calls: one scalar per (prompt, sample) conversation.
+CALL_TABLES["reward_calls"] = _schema(
+    ("request_key", pa.string()),
+    ("recipe", pa.string()),
+    ("run_id", pa.string()),
+    ("model", pa.string()),
+    ("reward", pa.float64()),
+    *ACCOUNTING,
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+)
 
 STAGE_STATS = pa.struct(
     [

@@ -92,7 +92,7 @@ RECIPE_CASES = [
         "protocol-needs-reference",
         (("  reference: human\n", ""),),
         "judgments.reference",
-        "judge: smol",  # the field is absent: the line of the judgments block
+        "judgments:",  # the field is absent: the line of the judgments key
         "needs 'reference'",
     ),
     Case(
@@ -110,13 +110,8 @@ RECIPE_CASES = [
         "not in prompts.reference_fields",
     ),
     Case("n-too-small", (("  n: 2", "  n: 1"),), "samples.n", "n: 1", "greater than or equal to 2"),
-    Case(
-        "missing-section",
-        (("judgments:", "judgmints:"),),
-        "judgments",
-        "name: errors",  # absent at top level: the line of the top-level mapping
-        "required field is missing (and 1 more problem(s))",
-    ),
+    Case("misspelled-section", (("judgments:", "judgmints:"),), "judgmints", "judgmints:", "unknown key"),
+
     Case("invalid-yaml", (("  n: 2", "  n: 2: 3"),), None, "n: 2: 3", "not valid YAML"),
     Case("not-a-mapping", ((BASE, "- a list\n- of things\n"),), None, None, "mapping"),
 ]
@@ -133,14 +128,14 @@ DATA_CASES = [
         "empty-prompt-set",
         (("    - instruction: Say hi", '    - instruction: ""'),),
         "prompts.inline",
-        'instruction: ""',
+        "inline:",
         "no usable prompts",
     ),
     Case(
         "missing-instruction-column",
         (("    - instruction: Say hi", "    - question: Say hi"),),
         "prompts.inline",
-        "question: Say hi",
+        "inline:",
         "missing column 'instruction'",
     ),
 ]

@@ -24,7 +24,8 @@ def test_no_stray_schema_files() -> None:
 def test_schemas_describe_the_recipe_and_every_table() -> None:
     files = rendered()
     recipe = json.loads(files["recipe.schema.json"])
-    assert {"name", "models", "prompts", "samples", "judgments"} <= set(recipe["required"])
+    assert {"name", "models", "prompts"} <= set(recipe["required"])
+    assert {"samples", "judgments", "rewards", "similarity"} <= set(recipe["properties"])
     # Field docstrings become descriptions: the schema documents the recipe.
     assert recipe["$defs"]["JudgmentsSpec"]["properties"]["protocol"]["description"]
     tables = json.loads(files["tables.json"])

@@ -60,12 +60,29 @@ class JudgeOutput:
     tokens_out: int = field(default=0)
 
 
+@dataclass(frozen=True)
+class RewardRequest:
+    """A whole conversation (ending with the assistant's answer) for a reward model to score."""
+
+    messages: list[dict[str, str]]
+
+
+@dataclass
+class RewardOutput:
+    """The reward model's scalar score for one conversation."""
+
+    reward: float
+    tokens_in: int
+
+
 class Backend(Protocol):
     """What every backend does. Both methods take one batch and return one result per request."""
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]: ...
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]: ...
+
+    def reward(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]: ...
 
     def close(self) -> None: ...
 
@@ -112,6 +129,9 @@ def _embedded_identity(spec: ModelSpec) -> dict[str, Any]:
 BACKENDS: dict[str, BackendEntry] = {
     "transformers": BackendEntry(
         "factory.backends.hf", "TransformersBackend", "cpu", ("torch", "transformers"), _transformers_identity
+    ),
+    "reward-model": BackendEntry(
+        "factory.backends.hf", "RewardModelBackend", "cpu", ("torch", "transformers"), _transformers_identity
     ),
     "embedded": BackendEntry(
         "factory.backends.hf", "EmbeddedBackend", "cpu", ("torch", "transformers", "gguf"), _embedded_identity

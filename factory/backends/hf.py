@@ -19,7 +19,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from factory.backends import Generation, GenerationRequest, JudgeOutput, JudgeRequest, _package_version
+from factory.backends import (
+    Generation,
+    GenerationRequest,
+    JudgeOutput,
+    JudgeRequest,
+    RewardOutput,
+    RewardRequest,
+    _package_version,
+)
 from factory.errors import FactoryError
 from factory.keys import stable_hash
 from factory.recipe import ModelSpec
@@ -261,6 +269,54 @@ class TransformersBackend:
             tokens_in=n_in,
             tokens_out=len(ids),
         )
+
+    def close(self) -> None:
+        """Free the model's memory."""
+        del self.model
+
+
+class RewardModelBackend:
+    """A Hugging Face sequence classifier used as a reward model (ArmoRM-class): one scalar per conversation."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        source: Any = spec.model
+        if spec.model.startswith("embedded:"):
+            source = embedded_model_dir(spec.model.removeprefix("embedded:"))
+        kwargs: dict[str, Any] = {"revision": spec.revision} if spec.revision else {}
+        # ArmoRM and similar ship their own head code; loading it is the user's explicit choice of model.
+        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, **kwargs)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            source, dtype=_DTYPES[spec.dtype], trust_remote_code=True, **kwargs
+        )
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(spec.device).eval()
+
+    @torch.inference_mode()
+    def reward(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]:
+        """The classifier's score for each whole conversation (first logit, or `score` where the model has one)."""
+        texts = [self.tokenizer.apply_chat_template(r.messages, tokenize=False) for r in requests]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.spec.device)
+        out = self.model(**enc)
+        scores = getattr(out, "score", None)
+        values = (scores if scores is not None else out.logits[:, 0]).float().reshape(len(requests), -1)[:, 0]
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        return [RewardOutput(float(v), int(n)) for v, n in zip(values.tolist(), lengths, strict=True)]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
+        """A reward model does not generate."""
+        raise FactoryError("a reward-model backend cannot generate text")
+
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]:
+        """A reward model does not judge pairs."""
+        raise FactoryError("a reward-model backend cannot judge pairs")
 
     def close(self) -> None:
         """Free the model's memory."""
