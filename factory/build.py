@@ -130,7 +130,8 @@ def plan(loaded: LoadedRecipe) -> tuple[int | None, list[PlannedStage]]:
                 field = r.column_field(ref)
                 ref_tokens = sum(len(c.get(field) or "") for c in columns) / max(len(columns), 1) / 4
             each = len(protocol.template) / 4 + 2 * s.params.max_tokens + (ref_tokens if protocol.uses_reference else 0)
-            approx = None if chars is None else per_prompt(int(pairs * (each + chars / 4)))
+            # Without the instructions at hand (a Hub dataset) the estimate counts everything but them.
+            approx = per_prompt(int(pairs * (each + (chars or 0) / 4)))
             stages_out.append(
                 PlannedStage(
                     "judgments",
@@ -138,7 +139,8 @@ def plan(loaded: LoadedRecipe) -> tuple[int | None, list[PlannedStage]]:
                     per_prompt(pairs),
                     per_prompt(pairs * j.generation_tokens),
                     approx,
-                    f"{pairs} ordered pairs per prompt, protocol {j.protocol}",
+                    f"{pairs} ordered pairs per prompt, protocol {j.protocol}"
+                    + ("" if chars is not None else "; input tokens exclude the instructions"),
                 )
             )
         elif r.rewards is not None:
