@@ -9,7 +9,7 @@ import platform
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -246,22 +246,36 @@ class Build:
                 self.wh.refresh_database()
             return run
 
+    def _materialize(
+        self, table: str, key: str, compute: Callable[[StageStats], tuple[StageOutput, bool]]
+    ) -> list[dict[str, Any]]:
+        """A stage's rows: a complete earlier version with this key, else `compute` (which says if complete)."""
+        with self._stage(table, key) as st:
+            rows = self._reuse(table, key, st)
+            if rows is None:
+                out, complete = compute(st)
+                self._save(table, key, out, st, complete)
+                rows = out.rows
+        return rows
+
+    def _upstream_ok(self, *tables: str) -> bool:
+        """Whether every named parent stage finished without failed calls in this build."""
+        return not set(tables) & set(self.incomplete)
+
     def _stages(self) -> None:
         r = self.recipe
         prompts, k_prompts = self._prompts()
         references, k_refs = self._references(prompts, k_prompts)
         ctx: dict[str, list[dict[str, Any]]] = {"prompts": prompts, "references": references, "judgments": []}
         parents = [k_prompts, k_refs]
+        pairs: list[dict[str, Any]] = []
         if r.samples is not None:
             samples, k_samples = self._samples(prompts, k_prompts)
             scores, k_scores = self._scores(prompts, samples, references, [k_samples, k_refs], ctx)
             k_pairs = self._key("pairs", r.pairs.model_dump(), [k_scores, k_samples])
-            with self._stage("pairs", k_pairs) as st:
-                pairs = self._reuse("pairs", k_pairs, st)
-                if pairs is None:
-                    out = stages.pair_rows(samples, scores, r.pairs)
-                    self._save("pairs", k_pairs, out, st, complete=not self.incomplete)
-                    pairs = out.rows
+            pairs = self._materialize(
+                "pairs", k_pairs, lambda st: (stages.pair_rows(samples, scores, r.pairs), not self.incomplete)
+            )
             ctx["samples"] = samples
             parents += [k_samples, k_scores, k_pairs]
         k_export = self._key("export", r.export.model_dump(), parents)
@@ -289,61 +303,44 @@ class Build:
         """Run the recipe's labeler; returns the scores and their stage key."""
         r = self.recipe
         if r.judgments is not None:
+            j = r.judgments
             judgments, k_judg = self._judgments(prompts, samples, references, parents)
             ctx["judgments"] = judgments
-            k_scores = self._key("scores", {"scoring": r.judgments.scoring}, [k_judg])
-            with self._stage("scores", k_scores) as st:
-                scores = self._reuse("scores", k_scores, st)
-                if scores is None:
-                    out = stages.score_rows(samples, judgments, r.judgments.scoring)
-                    self._save("scores", k_scores, out, st, complete="judgments" not in self.incomplete)
-                    scores = out.rows
-            return scores, k_scores
-        if r.rewards is not None:
-            identity = model_identity(r.models[r.rewards.model])
-            k_scores = self._key("scores", r.rewards.model_dump(), parents, identity)
-            with self._stage("scores", k_scores) as st:
-                scores = self._reuse("scores", k_scores, st)
-                if scores is None:
-                    calls = stages.reward_calls(prompts, samples, identity)
-                    results = self.calls.run("reward_calls", "scores", r.rewards.model, calls, st)
-                    out = stages.reward_score_rows(calls, results)
-                    complete = not out.notes["unscored_samples"] and "samples" not in self.incomplete
-                    self._save("scores", k_scores, out, st, complete=complete)
-                    scores = out.rows
-            return scores, k_scores
-        assert r.similarity is not None
-        k_scores = self._key("scores", r.similarity.model_dump(), parents)
-        with self._stage("scores", k_scores) as st:
-            scores = self._reuse("scores", k_scores, st)
-            if scores is None:
-                out = stages.similarity_score_rows(samples, references, r.similarity.reference)
-                upstream_ok = not ({"samples", "references"} & set(self.incomplete))
-                self._save("scores", k_scores, out, st, complete=upstream_ok)
-                scores = out.rows
-        return scores, k_scores
+            key = self._key("scores", {"scoring": j.scoring}, [k_judg])
+            compute = lambda st: (stages.score_rows(samples, judgments, j.scoring), self._upstream_ok("judgments"))  # noqa: E731
+        elif r.rewards is not None:
+            model = r.rewards.model
+            identity = model_identity(r.models[model])
+            key = self._key("scores", r.rewards.model_dump(), parents, identity)
+
+            def compute(st: StageStats) -> tuple[StageOutput, bool]:
+                calls = stages.reward_calls(prompts, samples, identity)
+                out = stages.reward_score_rows(calls, self.calls.run("reward_calls", "scores", model, calls, st))
+                return out, not out.notes["unscored_samples"] and self._upstream_ok("samples")
+        else:
+            sim = r.similarity
+            assert sim is not None
+            key = self._key("scores", sim.model_dump(), parents)
+            compute = lambda st: (  # noqa: E731
+                stages.similarity_score_rows(samples, references, sim.reference),
+                self._upstream_ok("samples", "references"),
+            )
+        return self._materialize("scores", key, compute), key
 
     def _prompts(self) -> tuple[list[dict[str, Any]], str]:
         out = self.prompt_output or read_prompts(self.loaded)
         # Content-addressed: the key is a hash of the prompts themselves, so downstream keys follow the data.
         key = self._key("prompts", stable_hash([p["messages"] for p in out.rows]), [])
-        with self._stage("prompts", key) as st:
-            if self._reuse("prompts", key, st) is None:
-                self._save("prompts", key, out, st)
-        return out.rows, key
+        return self._materialize("prompts", key, lambda st: (out, True)), key
 
     def _references(self, prompts: list[dict[str, Any]], k_prompts: str) -> tuple[list[dict[str, Any]], str]:
         r = self.recipe
         identities = {ref.name: model_identity(r.models[ref.model]) for ref in r.references if ref.model}
-        spec = [ref.model_dump() for ref in r.references]
-        key = self._key("references", spec, [k_prompts], identities)
-        rows: list[dict[str, Any]] = []
-        with self._stage("references", key) as st:
-            reused = self._reuse("references", key, st)
-            if reused is not None:
-                return reused, key
+        key = self._key("references", [ref.model_dump() for ref in r.references], [k_prompts], identities)
+
+        def compute(st: StageStats) -> tuple[StageOutput, bool]:
+            rows: list[dict[str, Any]] = []
             notes: dict[str, Any] = {}
-            complete = True
             for ref in r.references:
                 if ref.kind == "column":
                     out = stages.column_reference_rows(prompts, ref, r.column_field(ref))
@@ -352,26 +349,24 @@ class Build:
                     calls = stages.generation_calls(prompts, identities[ref.name], ref.params, ref.seed, 1)
                     results = self.calls.run("generation_calls", "references", ref.model, calls, st)
                     out = stages.model_reference_rows(calls, results, ref)
-                    complete = complete and not out.notes["failed"]
                 rows += out.rows
                 notes[ref.name] = out.notes
-            self._save("references", key, StageOutput(rows, notes), st, complete)
-        return rows, key
+            return StageOutput(rows, notes), all(not n.get("failed") for n in notes.values())
+
+        return self._materialize("references", key, compute), key
 
     def _samples(self, prompts: list[dict[str, Any]], k_prompts: str) -> tuple[list[dict[str, Any]], str]:
         s = self.recipe.samples
         assert s is not None
         identity = model_identity(self.recipe.models[s.policy])
         key = self._key("samples", s.model_dump(), [k_prompts], identity)
-        with self._stage("samples", key) as st:
-            reused = self._reuse("samples", key, st)
-            if reused is not None:
-                return reused, key
+
+        def compute(st: StageStats) -> tuple[StageOutput, bool]:
             calls = stages.generation_calls(prompts, identity, s.params, s.seed, s.n)
-            results = self.calls.run("generation_calls", "samples", s.policy, calls, st)
-            out = stages.sample_rows(calls, results, s)
-            self._save("samples", key, out, st, complete=not out.notes["failed"])
-        return out.rows, key
+            out = stages.sample_rows(calls, self.calls.run("generation_calls", "samples", s.policy, calls, st), s)
+            return out, not out.notes["failed"]
+
+        return self._materialize("samples", key, compute), key
 
     def _judgments(
         self,
@@ -386,15 +381,13 @@ class Build:
         protocol = judge_protocol(self.loaded)
         # The template text is in the key, so editing a protocol's wording (or a custom file) re-judges.
         key = self._key("judgments", [j.model_dump(), protocol.template], parents, identity)
-        with self._stage("judgments", key) as st:
-            reused = self._reuse("judgments", key, st)
-            if reused is not None:
-                return reused, key
+
+        def compute(st: StageStats) -> tuple[StageOutput, bool]:
             calls, notes = stages.judge_calls(prompts, samples, references, j, protocol, identity)
             results = self.calls.run("judge_calls", "judgments", j.judge, calls, st)
             out = stages.judgment_rows(calls, results, j, protocol)
             out.notes.update(notes)
             failed = out.notes["parse_status"].get("error", 0)
-            upstream_ok = not ({"samples", "references"} & set(self.incomplete))
-            self._save("judgments", key, out, st, complete=not failed and upstream_ok)
-        return out.rows, key
+            return out, not failed and self._upstream_ok("samples", "references")
+
+        return self._materialize("judgments", key, compute), key

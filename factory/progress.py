@@ -115,8 +115,10 @@ def print_summary(run: dict[str, Any], stats: list[StageStats], export_path: Pat
             notes[:80],
         )
     out.print(t)
+    reused = sum(s.skipped for s in stats)
     out.print(
         f"model calls: {run['model_calls']}  cached: {run['cached_calls']}  failed: {run['failed_calls']}  "
+        f"stages reused: {reused}/{len(stats)}  "
         f"tokens in/out: {run['tokens_in']}/{run['tokens_out']}  time: {run['seconds']:.1f}s"
     )
     out.print(f'warehouse: {wh.root}  (factory sql "SELECT * FROM judgments LIMIT 5")')
