@@ -30,8 +30,23 @@ class StageStats:
     failed_calls: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    retries: int = 0
+    """Requests repeated after a transient failure (HTTP backends), over every call of the stage."""
+    cost_usd: float | None = None
+    """Summed price of the stage's priced calls; None when no call had a known price."""
     seconds: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def run_totals(stats: Sequence[StageStats]) -> dict[str, Any]:
+    """A runs-table row's totals over its stages; cost stays null unless some call had a known price."""
+    totals: dict[str, Any] = {
+        name: sum(getattr(s, name) for s in stats)
+        for name in ("model_calls", "cached_calls", "failed_calls", "tokens_in", "tokens_out", "retries")
+    }
+    costs = [s.cost_usd for s in stats if s.cost_usd is not None]
+    totals["cost_usd"] = sum(costs) if costs else None
+    return totals
 
 
 class Reporter:
@@ -87,7 +102,8 @@ class CallRunner:
     def run(self, table: str, stage: str, model: str, calls: list[Call], st: StageStats) -> dict[str, Any]:
         """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""
         results = self.wh.cached_calls(table, (c.key for c in calls))
-        missing = [c for c in calls if c.key not in results]
+        # Two calls can share a key (two samples with the same text render the same judge prompt): call once.
+        missing = list({c.key: c for c in calls if c.key not in results}.values())
         st.cached_calls = len(calls) - len(missing)
         self.reporter.stage_started(stage, len(missing))
         if not missing:
@@ -99,6 +115,9 @@ class CallRunner:
             self.wh.append_calls(table, self.run_id, rows)
             for row in rows:
                 st.model_calls += 1
+                st.retries += row.get("retries") or 0
+                if row.get("cost_usd") is not None:
+                    st.cost_usd = (st.cost_usd or 0.0) + row["cost_usd"]
                 if row["status"] == "ok":
                     results[row["request_key"]] = row
                     st.tokens_in += row["tokens_in"] or 0
@@ -128,13 +147,17 @@ class CallRunner:
         try:
             if table == "judge_calls":
                 outputs = backend.judge([c.request for c in batch])
-                flat: list[dict[str, Any]] = [
-                    {
+                flat: list[dict[str, Any] | Exception] = [
+                    o
+                    if isinstance(o, Exception)
+                    else {
                         "text": o.text,
                         "tokens": o.tokens,
                         "top_logprobs": [[{"token": t, "logprob": lp} for t, lp in step] for step in o.top_logprobs],
                         "tokens_in": o.tokens_in,
                         "tokens_out": o.tokens_out,
+                        "retries": o.retries,
+                        "cost_usd": o.cost_usd,
                     }
                     for o in outputs
                 ]
@@ -153,12 +176,14 @@ class CallRunner:
                 {**base, "request_key": c.key, "status": "error", "error": error, "created_at": created} for c in batch
             ]
         return [
-            {**base, **out, "request_key": c.key, "status": "ok", "latency_s": latency, "created_at": created}
+            _failed_row(base, c.key, out, latency, created)
+            if isinstance(out, Exception)
+            else {**base, **out, "request_key": c.key, "status": "ok", "latency_s": latency, "created_at": created}
             for c, out in zip(batch, flat, strict=True)
         ]
 
     @staticmethod
-    def _generate(backend: Backend, batch: list[Call]) -> list[dict[str, Any]]:
+    def _generate(backend: Backend, batch: list[Call]) -> list[dict[str, Any] | Exception]:
         """Merge a prompt's calls into one request with several sample indices, then split the outputs."""
         merged: dict[str, tuple[Any, list[Call]]] = {}
         for c in batch:
@@ -173,8 +198,24 @@ class CallRunner:
             for req, cs in merged.values()
         ]
         outputs = backend.generate(requests)
-        by_key: dict[str, dict[str, Any]] = {}
+        by_key: dict[str, dict[str, Any] | Exception] = {}
         for (_, cs), gens in zip(merged.values(), outputs, strict=True):
+            if isinstance(gens, Exception):  # the request failed on its own: each of its samples is an error
+                by_key.update((c.key, gens) for c in cs)
+                continue
             for c, g in zip(cs, gens, strict=True):
                 by_key[c.key] = asdict(g)
         return [by_key[c.key] for c in batch]
+
+
+def _failed_row(base: dict[str, Any], key: str, exc: Exception, latency: float, created: datetime) -> dict[str, Any]:
+    """The error row of one request that failed on its own; its retries stay on record."""
+    return {
+        **base,
+        "request_key": key,
+        "status": "error",
+        "error": f"{type(exc).__name__}: {exc}",
+        "retries": getattr(exc, "retries", None),
+        "latency_s": latency,
+        "created_at": created,
+    }
