@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.backends import BACKENDS, Backend, JudgeRequest, load_backend, model_identity
-from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now
+from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now, run_totals
 from factory.errors import UserInputError
 from factory.evalsets import EvalCase, EvalSet
 from factory.keys import stable_hash
@@ -167,7 +167,12 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
             judges[value] = ModelSpec.model_validate(fields)
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise UserInputError(f"--judge {value!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            field_name = ".".join(map(str, err["loc"]))
+            message = str(err["msg"]).removeprefix("Value error, ")
+            where = f"field '{field_name}': " if field_name else ""
+            raise UserInputError(
+                f"--judge {value!r}: {where}{message} (give such a judge as a YAML/JSON model spec file)"
+            ) from None
     if not judges:
         raise UserInputError("give at least one --judge")
     return judges
@@ -414,7 +419,7 @@ class JudgeEval:
                 "run_id": self.run.run_id,
                 "recipe": RECIPE,
                 "recipe_hash": stable_hash(
-                    {"settings": self.settings.model_dump(), "units": [(u.folder) for u in units]}, 16
+                    {"settings": self.settings.model_dump(), "units": [u.folder for u in units]}, 16
                 ),
                 "status": "running",
                 "started_at": started,
@@ -441,8 +446,7 @@ class JudgeEval:
                 record["status"] = self.run.status
                 record["finished_at"] = now()
                 record["seconds"] = (record["finished_at"] - started).total_seconds()
-                for name in ("model_calls", "cached_calls", "failed_calls", "tokens_in", "tokens_out"):
-                    record[name] = sum(getattr(s, name) for s in self.run.stats)
+                record.update(run_totals(self.run.stats))
                 record["stages"] = [{**dataclasses.asdict(s), "notes": json.dumps(s.notes)} for s in self.run.stats]
                 self.wh.write_run(record)
                 self.wh.refresh_database()
