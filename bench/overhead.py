@@ -79,6 +79,12 @@ def run_direct(recipe_path: Path, factory_build: Build) -> tuple[float, int]:
     return time.perf_counter() - t0, calls
 
 
+def backend_seconds(build: Build) -> float:
+    """Time this build spent inside backend calls (each call row carries its share of its batch's time)."""
+    q = "SELECT coalesce(sum(latency_s), 0) AS s FROM {} WHERE run_id = '" + build.run_id + "'"
+    return sum(build.wh.query(q.format(t)).to_pylist()[0]["s"] for t in ("generation_calls", "judge_calls"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -92,9 +98,14 @@ def main() -> None:
         recipe = make_recipe(folder, args.prompts, args.n, args.max_tokens, args.threads)
         # Warm the converted-model cache and the OS file cache so neither side pays a one-time cost.
         ModelPool(load_recipe(recipe).recipe.models).get("smol").close()
-        t_factory, build = run_factory(recipe, folder / "wh")
-        t_direct, n_calls = run_direct(recipe, build)
-        t_rebuild, _ = run_factory(recipe, folder / "wh")
+        # Order A B B A (factory, direct, direct, factory) so a steady drift in machine load cancels out.
+        t_factory_1, build = run_factory(recipe, folder / "wh1")
+        t_direct_1, n_calls = run_direct(recipe, build)
+        t_direct_2, _ = run_direct(recipe, build)
+        t_factory_2, build_2 = run_factory(recipe, folder / "wh2")
+        t_rebuild, _ = run_factory(recipe, folder / "wh2")
+        in_calls = (backend_seconds(build) + backend_seconds(build_2)) / 2
+    t_factory, t_direct = (t_factory_1 + t_factory_2) / 2, (t_direct_1 + t_direct_2) / 2
     result = {
         "prompts": args.prompts,
         "samples_per_prompt": args.n,
@@ -103,7 +114,15 @@ def main() -> None:
         "factory_build_s": round(t_factory, 2),
         "direct_backend_s": round(t_direct, 2),
         "ratio": round(t_factory / t_direct, 3),
+        # The same comparison inside each build, immune to load changing between runs: all of the build's
+        # wall time over the time its backend calls took (what factory adds is the difference).
+        "factory_backend_call_s": round(in_calls, 2),
+        "factory_own_s": round(t_factory - in_calls, 2),
         "unchanged_rebuild_s": round(t_rebuild, 2),
+        "runs_s": {
+            "factory": [round(t_factory_1, 2), round(t_factory_2, 2)],
+            "direct": [round(t_direct_1, 2), round(t_direct_2, 2)],
+        },
     }
     print(json.dumps(result, indent=2))
     if args.json:

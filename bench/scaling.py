@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "llmbar" / "natural.jsonl"
 
 
-def measure(data: Path, prompts: int, max_tokens: int, folder: Path) -> dict[str, float | int]:
+def measure(data: Path, prompts: int, max_tokens: int, threads: int | None, folder: Path) -> dict[str, float | int]:
     recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    recipe["models"]["smol"]["threads"] = threads
     recipe["prompts"]["path"] = str(data)
     recipe["prompts"]["limit"] = prompts
     recipe["samples"]["params"]["max_tokens"] = max_tokens
@@ -53,10 +54,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (quickstart: 2)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [measure(args.data, n, args.max_tokens, Path(tmp)) for n in args.sizes]
+        rows = [measure(args.data, n, args.max_tokens, args.threads, Path(tmp)) for n in args.sizes]
     base = rows[0]
     for row in rows:
         row["time_vs_first"] = round(row["wall_s"] / base["wall_s"], 2)

@@ -6,42 +6,14 @@ stays light); it does not import `factory.cli` either, so either module may be i
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from factory.errors import FactoryError, UserInputError
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A FactoryError becomes one `error:` line on stderr and its exit code; no traceback (as in factory.cli)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FactoryError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished calls are saved; run the same command again to resume", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-_warehouse_option = click.option(
-    "--warehouse",
-    "-w",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("warehouse"),
-    show_default=True,
-    help="Warehouse root folder (Parquet tables + factory.duckdb).",
-)
+from factory.cli_options import WAREHOUSE_OPTION, friendly
+from factory.errors import UserInputError
 
 
 def _console() -> Any:
@@ -148,9 +120,9 @@ def _print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], perc
     default=None,
     help="Report folder [default: WAREHOUSE/judge-eval].",
 )
-@_warehouse_option
+@WAREHOUSE_OPTION
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-@_friendly
+@friendly
 def judge_eval(
     data: tuple[str, ...],
     reference_files: tuple[str, ...],
@@ -254,8 +226,8 @@ def judge_eval(
 @click.option("--dataset", "datasets", multiple=True, help="Data set(s) to compare on [default: all].")
 @click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True, help="CI resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-@_warehouse_option
-@_friendly
+@WAREHOUSE_OPTION
+@friendly
 def judge_compare(
     protocol_a: str,
     protocol_b: str,

@@ -13,7 +13,6 @@ Reading data is input, not warehouse storage, so it lives here rather than in th
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from factory.errors import UserInputError
 from factory.keys import stable_hash
+from factory.sources import read_dataset, read_json, read_jsonl
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 INSTRUCTION_COLUMNS = ("input", "instruction")
@@ -86,63 +86,17 @@ def _default_name(path: str) -> str:
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _read_jsonl(path: Path) -> list[Any]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserInputError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-    return rows
-
-
-def _read_json(path: Path) -> list[Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]} style files
-    if not isinstance(data, list):
-        raise UserInputError(f"{path}: expected a JSON list")
-    return data
-
-
-def _read_hf(where: str, *, folder: Path | None, split: str | None, config: str | None) -> list[dict[str, Any]]:
-    import datasets  # heavy: only for dataset sources
-
-    try:
-        if folder is not None:
-            loaded = datasets.load_from_disk(str(folder))
-        else:
-            loaded = datasets.load_dataset(where, config, split=split)
-    except Exception as exc:  # datasets raises many types; the user needs the message, not the trace
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserInputError(f"{where}: could not load the dataset: {first}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded)
-        if split is None and len(splits) == 1:
-            split = splits[0]
-        if split not in loaded:
-            raise UserInputError(f"{where}: choose a split with --split (available: {splits})")
-        loaded = loaded[split]
-    return loaded.to_list()
-
-
 def read_records(source: str, *, split: str | None = None, config: str | None = None) -> list[Any]:
     """The raw records of a JSONL/JSON/Parquet file, a saved dataset folder, or a Hub dataset name."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return _read_hf(source, folder=path, split=split, config=config)
+        return read_dataset(source, folder=path, split=split, config=config)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return _read_jsonl(path)
+            return read_jsonl(path, objects=False)
         if suffix == ".json":
-            return _read_json(path)
+            return read_json(path, objects=False)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -152,7 +106,7 @@ def read_records(source: str, *, split: str | None = None, config: str | None = 
                 raise UserInputError(f"{path}: could not read the Parquet file: {exc}") from None
         raise UserInputError(f"{path}: unsupported file type '{suffix}' (expected .jsonl, .json, .parquet)")
     if re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", source) and not source.endswith((".json", ".jsonl")):
-        return _read_hf(source, folder=None, split=split, config=config)
+        return read_dataset(source, folder=None, split=split, config=config)
     raise UserInputError(f"{source}: no such file or folder (nor a Hub dataset name like owner/name)")
 
 
@@ -271,7 +225,7 @@ def read_eval_set(
         path = Path(ref.path).expanduser()
         if not path.is_file():
             raise UserInputError(f"{ref.path}: reference file not found")
-        items = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json(path)
+        items = read_jsonl(path, objects=False) if path.suffix.lower() == ".jsonl" else read_json(path, objects=False)
         refs[ref_name] = align_references(rows, ids, items, str(path))
     cases = []
     seen: set[str] = set()

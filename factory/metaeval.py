@@ -29,9 +29,9 @@ from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now, run_
 from factory.errors import UserInputError
 from factory.evalsets import EvalCase, EvalSet
 from factory.keys import stable_hash
-from factory.protocols import PROTOCOLS, Protocol, custom_protocol, parse_verdict
+from factory.protocols import PROTOCOLS, Protocol, custom_protocol
 from factory.recipe import ModelSpec
-from factory.stages import Call, request_key
+from factory.stages import Call, request_key, verdict_fields
 from factory.warehouse import Warehouse
 
 TABLE = "eval_judgments"
@@ -292,23 +292,7 @@ def unit_rows(unit: Unit, calls: list[Call], results: dict[str, dict[str, Any]])
             "tokens_out": r.get("tokens_out"),
             "latency_s": r.get("latency_s"),
         }
-        if r.get("status") != "ok":
-            row.update(parse_status="error", error=r.get("error") or "no result", p_source="none")
-        else:
-            tops = [[(t["token"], t["logprob"]) for t in step] for step in r["top_logprobs"]]
-            v = parse_verdict(protocol.prefill, r["text"], r["tokens"], tops, last_match=protocol.last_match)
-            if not protocol.prefill and v.p_source == "first_token":
-                # A reasoning answer with no verdict: its first token starts the explanation, not a choice,
-                # so there is no soft score to read (prefilled protocols answer at the first token).
-                v = dataclasses.replace(v, p_a=None, p_source="none")
-            row.update(
-                raw_output=protocol.prefill + r["text"],
-                verdict=v.verdict,
-                p_a=v.p_a,
-                p_source=v.p_source,
-                marker_tokens=v.marker_tokens,
-                parse_status=v.parse_status,
-            )
+        row.update(verdict_fields(r, protocol))
         rows.append(row)
     return rows
 

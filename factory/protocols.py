@@ -280,6 +280,9 @@ def parse_verdict(
     else:
         verdict, status, p_source = None, "no_match", "first_token"
     if step is None:
+        if not prefill:
+            # A reasoning answer with no verdict: its first token starts the explanation, not a choice.
+            return Verdict(verdict, None, status, "none", json.dumps({"a": [], "b": []}))
         step, p_source = 0, "first_token"
     if step >= len(top_logprobs):
         return Verdict(verdict, None, status, "none", json.dumps({"a": [], "b": []}))

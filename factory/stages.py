@@ -257,6 +257,22 @@ def judge_calls(
     return calls, {"prompts_without_reference": no_reference}
 
 
+def verdict_fields(result: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
+    """A judge call read into row fields: raw output, verdict, soft score, parse status (or the error)."""
+    if result.get("status") != "ok":
+        return {"parse_status": "error", "error": result.get("error") or "no result", "p_source": "none"}
+    tops = [[(t["token"], t["logprob"]) for t in step] for step in result["top_logprobs"]]
+    v = parse_verdict(protocol.prefill, result["text"], result["tokens"], tops, last_match=protocol.last_match)
+    return {
+        "raw_output": protocol.prefill + result["text"],
+        "verdict": v.verdict,
+        "p_a": v.p_a,
+        "p_source": v.p_source,
+        "marker_tokens": v.marker_tokens,
+        "parse_status": v.parse_status,
+    }
+
+
 def judgment_rows(
     calls: list[Call], results: dict[str, dict[str, Any]], spec: JudgmentsSpec, protocol: Protocol
 ) -> StageOutput:
@@ -274,19 +290,7 @@ def judgment_rows(
             "tokens_out": r.get("tokens_out"),
             "latency_s": r.get("latency_s"),
         }
-        if r.get("status") != "ok":
-            row.update(parse_status="error", error=r.get("error") or "no result", p_source="none")
-        else:
-            tops = [[(t["token"], t["logprob"]) for t in step] for step in r["top_logprobs"]]
-            v = parse_verdict(protocol.prefill, r["text"], r["tokens"], tops, last_match=protocol.last_match)
-            row.update(
-                raw_output=protocol.prefill + r["text"],
-                verdict=v.verdict,
-                p_a=v.p_a,
-                p_source=v.p_source,
-                marker_tokens=v.marker_tokens,
-                parse_status=v.parse_status,
-            )
+        row.update(verdict_fields(r, protocol))
         rows.append(row)
     counts: dict[str, int] = defaultdict(int)
     for row in rows:

@@ -299,3 +299,11 @@ def test_cot_reads_the_last_match() -> None:
     assert v.p_a == pytest.approx(0.2)
     first = parse_verdict("", text, COT_TOKENS, cot_tops(), last_match=False)
     assert first.verdict == "a" and first.p_a == pytest.approx(0.9)
+
+
+def test_reasoning_answer_without_a_verdict_has_no_soft_score() -> None:
+    # Without a prefill the first token starts an explanation, not a choice: it is not read as a verdict.
+    tokens = ["The", " first"]
+    tops = [[("The", -0.1), ("a", -3.0), ("b", -4.0)], [(" first", -0.2)]]
+    v = parse_verdict("", "The first output", tokens, tops, last_match=True)
+    assert (v.verdict, v.p_a, v.parse_status, v.p_source) == (None, None, "no_match", "none")
