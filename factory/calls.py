@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from factory.backends import Backend, load_backend
+from factory.backends import Backend, RequestFailed, load_backend
 from factory.keys import stable_hash
 from factory.recipe import ModelSpec
 from factory.stages import Call
@@ -201,7 +201,9 @@ class CallRunner:
         by_key: dict[str, dict[str, Any] | Exception] = {}
         for (_, cs), gens in zip(merged.values(), outputs, strict=True):
             if isinstance(gens, Exception):  # the request failed on its own: each of its samples is an error
-                by_key.update((c.key, gens) for c in cs)
+                # Its retries are counted once, on the first sample's row, so the rows add up to the requests.
+                rest = RequestFailed(str(gens), 0)
+                by_key.update((c.key, gens if i == 0 else rest) for i, c in enumerate(cs))
                 continue
             for c, g in zip(cs, gens, strict=True):
                 by_key[c.key] = asdict(g)

@@ -120,6 +120,8 @@ def print_summary(run: dict[str, Any], stats: list[StageStats], export_path: Pat
         f"model calls: {run['model_calls']}  cached: {run['cached_calls']}  failed: {run['failed_calls']}  "
         f"stages reused: {reused}/{len(stats)}  "
         f"tokens in/out: {run['tokens_in']}/{run['tokens_out']}  time: {run['seconds']:.1f}s"
+        + (f"  retries: {run['retries']}" if run.get("retries") else "")
+        + (f"  cost: ${run['cost_usd']:.4f}" if run.get("cost_usd") is not None else "")
     )
     out.print(f'warehouse: {wh.root}  (factory sql "SELECT * FROM judgments LIMIT 5")')
     if export_path is not None:

@@ -11,6 +11,12 @@ ACCOUNTING = [
     ("tokens_out", pa.int64()),
     ("latency_s", pa.float64()),
 ]
+# Model-call rows also keep what an HTTP backend spent on them; null for local engines (never retried or priced).
+CALL_ACCOUNTING = [
+    *ACCOUNTING,
+    ("retries", pa.int64()),  # requests repeated after a 429, 5xx, timeout, dropped connection or bad JSON
+    ("cost_usd", pa.float64()),  # tokens × the model's price; null when the price is unknown
+]
 
 
 def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
@@ -129,7 +135,7 @@ CALL_TABLES: dict[str, pa.Schema] = {
         ("model", pa.string()),
         ("text", pa.string()),
         ("finish_reason", pa.string()),
-        *ACCOUNTING,
+        *CALL_ACCOUNTING,
         ("status", pa.string()),  # ok | error; an error row is never a cache hit
         ("error", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
@@ -142,7 +148,7 @@ CALL_TABLES: dict[str, pa.Schema] = {
         ("text", pa.string()),
         ("tokens", pa.list_(pa.string())),
         ("top_logprobs", TOP_LOGPROBS),
-        *ACCOUNTING,
+        *CALL_ACCOUNTING,
         ("status", pa.string()),
         ("error", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
@@ -156,7 +162,7 @@ CALL_TABLES["reward_calls"] = _schema(
     ("run_id", pa.string()),
     ("model", pa.string()),
     ("reward", pa.float64()),
-    *ACCOUNTING,
+    *CALL_ACCOUNTING,
     ("status", pa.string()),
     ("error", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
@@ -173,6 +179,8 @@ STAGE_STATS = pa.struct(
         ("failed_calls", pa.int64()),
         ("tokens_in", pa.int64()),
         ("tokens_out", pa.int64()),
+        ("retries", pa.int64()),
+        ("cost_usd", pa.float64()),
         ("seconds", pa.float64()),
         ("notes", pa.string()),  # JSON: stage-specific counts (dropped ties, over-length samples, ...)
     ]
@@ -193,6 +201,8 @@ RUNS = _schema(
     ("failed_calls", pa.int64()),
     ("tokens_in", pa.int64()),
     ("tokens_out", pa.int64()),
+    ("retries", pa.int64()),  # requests repeated after transient failures (HTTP backends)
+    ("cost_usd", pa.float64()),  # summed price of priced calls; null when none had a known price
     ("versions", pa.string()),  # JSON: python, factory, torch, transformers, ... and the git revision
     ("stages", pa.list_(STAGE_STATS)),
 )

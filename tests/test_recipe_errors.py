@@ -111,7 +111,6 @@ RECIPE_CASES = [
     ),
     Case("n-too-small", (("  n: 2", "  n: 1"),), "samples.n", "n: 1", "greater than or equal to 2"),
     Case("misspelled-section", (("judgments:", "judgmints:"),), "judgmints", "judgmints:", "unknown key"),
-
     Case("invalid-yaml", (("  n: 2", "  n: 2: 3"),), None, "n: 2: 3", "not valid YAML"),
     Case("not-a-mapping", ((BASE, "- a list\n- of things\n"),), None, None, "mapping"),
 ]

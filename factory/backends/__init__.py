@@ -36,6 +36,10 @@ class Generation:
     """stop (the model ended its turn) or length (hit max_tokens)."""
     tokens_in: int
     tokens_out: int
+    retries: int = 0
+    """Attempts repeated before this result came back (HTTP backends; 0 for local engines)."""
+    cost_usd: float | None = None
+    """Price of this output for priced APIs; None when unknown or free (local engines)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class JudgeOutput:
     top_logprobs: list[list[tuple[str, float]]]
     tokens_in: int
     tokens_out: int = field(default=0)
+    retries: int = 0
+    """Attempts repeated before this result came back (HTTP backends; 0 for local engines)."""
+    cost_usd: float | None = None
+    """Price of this call for priced APIs; None when unknown or free (local engines)."""
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,28 @@ class RewardOutput:
     tokens_in: int
 
 
+class RequestFailed(Exception):
+    """One request of a batch failed for good (after `retries` retries); the rest of the batch stands.
+
+    A backend returns it *in place of* that request's result instead of raising, so one bad request costs
+    one error row rather than the whole batch. Raising from `generate`/`judge` still fails the whole batch.
+    """
+
+    def __init__(self, message: str, retries: int = 0) -> None:
+        super().__init__(message)
+        self.retries = retries
+
+
 class Backend(Protocol):
-    """What every backend does. Both methods take one batch and return one result per request."""
+    """What every backend does. Each method takes one batch and returns one result per request, in order.
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]: ...
+    A result of `generate` or `judge` may be an Exception instance (normally `RequestFailed`) for a request
+    that failed on its own: the caller records that one request as an error row and keeps the others.
+    """
 
-    def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]: ...
+    def generate(self, requests: Sequence[GenerationRequest]) -> Sequence[list[Generation] | Exception]: ...
+
+    def judge(self, requests: Sequence[JudgeRequest]) -> Sequence[JudgeOutput | Exception]: ...
 
     def reward(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]: ...
 
@@ -112,6 +136,12 @@ def _transformers_identity(spec: ModelSpec) -> dict[str, Any]:
     return {"backend": spec.backend, "model": model, "revision": spec.revision, "dtype": spec.dtype}
 
 
+def _vllm_identity(spec: ModelSpec) -> dict[str, Any]:
+    # Same model naming as transformers, but its own backend kind: another engine's kernels and sampler
+    # give other outputs for the same request, so the two never share cached results.
+    return {**_transformers_identity(spec), "backend": "vllm"}
+
+
 def _openai_identity(spec: ModelSpec) -> dict[str, Any]:
     return {"backend": "openai", "model": spec.model, "base_url": spec.base_url}
 
@@ -136,6 +166,8 @@ BACKENDS: dict[str, BackendEntry] = {
     "embedded": BackendEntry(
         "factory.backends.hf", "EmbeddedBackend", "cpu", ("torch", "transformers", "gguf"), _embedded_identity
     ),
+    "vllm": BackendEntry("factory.backends.vllm_backend", "VLLMBackend", "vllm", ("vllm",), _vllm_identity),
+    "openai": BackendEntry("factory.backends.openai_backend", "OpenAIBackend", "openai", ("httpx",), _openai_identity),
 }
 
 
