@@ -93,6 +93,8 @@ def prefix_groups(ids: Sequence[list[int]], min_shared: int) -> list[tuple[list[
 
     The shared length leaves every request at least one token of its own, so each row has a suffix to run.
     A request that shares too little with its neighbours forms a group alone (shared length 0).
+    Joining is cost-based: one group per instruction (its protocol text, instruction and reference), not
+    one group per batch that shares only the protocol's opening rules.
     """
     groups: list[tuple[list[int], int]] = []
     for i, x in enumerate(ids):
@@ -102,7 +104,9 @@ def prefix_groups(ids: Sequence[list[int]], min_shared: int) -> list[tuple[list[
             # A one-member group may share all of its first request but the last token.
             limit = shared if len(members) > 1 else len(first) - 1
             common = min(limit, _common_prefix(first, x), len(x) - 1)
-            if common >= min_shared:
+            # Join while the tokens the group stops sharing (members × shrink) cost less than x would save:
+            # the next instruction only shares the protocol header, so it starts a group of its own.
+            if common >= min_shared and len(members) * (limit - common) <= common:
                 groups[-1] = ([*members, i], common)
                 continue
         groups.append(([i], 0))
