@@ -61,7 +61,7 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
     if not path.is_file():
         raise UserInputError(f"{loaded.where('judgments', 'template')} template file not found: {path}")
     protocol = custom_protocol(path.read_text(encoding="utf-8"))
-    if protocol.uses_reference != bool(j.reference):
+    if protocol.uses_reference != bool(j.reference_names):
         need = "uses {reference}, so set" if protocol.uses_reference else "has no {reference}, so remove"
         raise UserInputError(f"{loaded.where('judgments', 'reference')} the template {need} 'judgments.reference'")
     return protocol
@@ -121,8 +121,9 @@ def plan(loaded: LoadedRecipe) -> tuple[int | None, list[PlannedStage]]:
         if r.judgments is not None:
             j = r.judgments
             pairs = s.n * (s.n - 1) // (1 if j.orders == "both" else 2)
+            votes = max(1, len(j.reference_names))  # each reference that votes is one more judgment per pair
             protocol = judge_protocol(loaded)
-            ref = next((x for x in r.references if x.name == j.reference), None)
+            ref = next((x for x in r.references if x.name in j.reference_names), None)
             ref_tokens = 0.0
             if ref is not None and ref.kind == "model":
                 ref_tokens = ref.params.max_tokens
@@ -131,13 +132,13 @@ def plan(loaded: LoadedRecipe) -> tuple[int | None, list[PlannedStage]]:
                 ref_tokens = sum(len(c.get(field) or "") for c in columns) / max(len(columns), 1) / 4
             each = len(protocol.template) / 4 + 2 * s.params.max_tokens + (ref_tokens if protocol.uses_reference else 0)
             # Without the instructions at hand (a Hub dataset) the estimate counts everything but them.
-            approx = per_prompt(int(pairs * (each + (chars or 0) / 4)))
+            approx = per_prompt(int(pairs * votes * (each + (chars or 0) / 4)))
             stages_out.append(
                 PlannedStage(
                     "judgments",
                     j.judge,
-                    per_prompt(pairs),
-                    per_prompt(pairs * j.generation_tokens),
+                    per_prompt(pairs * votes),
+                    per_prompt(pairs * votes * j.generation_tokens),
                     approx,
                     f"{pairs} ordered pairs per prompt, protocol {j.protocol}"
                     + ("" if chars is not None else "; input tokens exclude the instructions"),

@@ -35,12 +35,12 @@ class ExportResult:
 
 def position_consistency(judgments: list[dict[str, Any]]) -> tuple[float | None, int]:
     """Share of sample pairs judged in both orders whose two parsed verdicts name the same winner."""
-    winners: dict[tuple[str, str], list[str]] = defaultdict(list)
+    winners: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for j in judgments:
         if j["verdict"] not in ("a", "b"):
             continue
-        pair = tuple(sorted((j["sample_a"], j["sample_b"])))
-        winners[pair].append(j["sample_a"] if j["verdict"] == "a" else j["sample_b"])  # type: ignore[index]
+        pair = (*sorted((j["sample_a"], j["sample_b"])), j.get("reference_name") or "")
+        winners[pair].append(j["sample_a"] if j["verdict"] == "a" else j["sample_b"])
     both = [w for w in winners.values() if len(w) == 2]
     if not both:
         return None, 0
@@ -88,7 +88,7 @@ def labeler_provenance(recipe: Recipe) -> dict[str, str | None]:
     """Who labelled the pairs: the judge and protocol, or the reward model, or the similarity metric."""
     if recipe.judgments is not None:
         j = recipe.judgments
-        return {"judge": j.judge, "protocol": j.protocol, "reference_name": j.reference}
+        return {"judge": j.judge, "protocol": j.protocol, "reference_name": "+".join(j.reference_names) or None}
     if recipe.rewards is not None:
         return {"judge": recipe.rewards.model, "protocol": "reward-model", "reference_name": None}
     assert recipe.similarity is not None

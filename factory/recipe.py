@@ -181,8 +181,10 @@ class JudgmentsSpec(Strict):
     template: str | None = None
     """For `custom`: a template file (relative to the recipe) with {instruction}, {output_a}, {output_b} and
     optionally {reference}; the judge's answer is prefilled with `Output (`."""
-    reference: str | None = None
-    """The reference name to show the judge; required by refeval, refmatch and llmbar-ref."""
+    reference: str | list[str] | None = None
+    """The reference name to show the judge (required by refeval, refmatch and llmbar-ref), or a list of
+    names: each ordered pair is judged once per reference and the verdicts vote (the paper's
+    multi-reference study): the mean soft score, or the majority verdict with `scoring: verdict`."""
     orders: Literal["both", "forward"] = "both"
     """`both`: judge (a, b) and (b, a) to cancel position bias; `forward`: only a < b by sample index."""
     scoring: Literal["logprob", "verdict"] = "logprob"
@@ -194,6 +196,8 @@ class JudgmentsSpec(Strict):
 
     @model_validator(mode="after")
     def _reference_fits_protocol(self) -> JudgmentsSpec:
+        if isinstance(self.reference, list) and len(set(self.reference)) != len(self.reference or [1]):
+            raise FieldError(("reference",), "give a reference name or a non-empty list of distinct names")
         if self.protocol in PROTOCOLS_WITH_REFERENCE and not self.reference:
             raise FieldError(("reference",), f"protocol '{self.protocol}' needs 'reference' (a name from 'references')")
         if self.protocol in PROTOCOLS_WITHOUT_REFERENCE and self.reference:
@@ -201,6 +205,13 @@ class JudgmentsSpec(Strict):
         if (self.protocol == "custom") != (self.template is not None):
             raise FieldError(("template",), "give 'template' (a file) exactly when protocol is 'custom'")
         return self
+
+    @property
+    def reference_names(self) -> list[str]:
+        """The references shown to the judge: none, one, or several that vote."""
+        if self.reference is None:
+            return []
+        return [self.reference] if isinstance(self.reference, str) else list(self.reference)
 
     @property
     def generation_tokens(self) -> int:
@@ -315,7 +326,10 @@ class Recipe(Strict):
         if len(set(names)) != len(names):
             raise FieldError(("references",), f"names must be unique, got {names}")
         wanted = [
-            (("judgments", "reference"), self.judgments.reference if self.judgments else None),
+            *[
+                (("judgments", "reference"), name)
+                for name in (self.judgments.reference_names if self.judgments else [])
+            ],
             (("similarity", "reference"), self.similarity.reference if self.similarity else None),
             (("export", "sft_reference"), self.export.sft_reference),
         ]

@@ -222,15 +222,14 @@ def judge_calls(
     for s in samples:
         if s["error"] is None:
             by_prompt[s["prompt_id"]].append(s)
-    refs = {
-        r["prompt_id"]: r["text"] for r in references if r["reference_name"] == spec.reference and r["status"] == "ok"
-    }
+    names: list[str | None] = list(spec.reference_names) if protocol.uses_reference else [None]
+    refs = {(r["reference_name"], r["prompt_id"]): r["text"] for r in references if r["status"] == "ok"}
     calls: list[Call] = []
     no_reference = 0
-    for p in prompts:
+    for p, name in ((p, name) for p in prompts for name in names):
         group = sorted(by_prompt.get(p["prompt_id"], []), key=lambda s: s["sample_index"])
-        reference = refs.get(p["prompt_id"]) if protocol.uses_reference else None
-        if protocol.uses_reference and reference is None:
+        reference = refs.get((name, p["prompt_id"]))
+        if name is not None and reference is None:
             no_reference += 1
             continue
         for a in group:
@@ -251,10 +250,11 @@ def judge_calls(
                     "sample_a": a["sample_id"],
                     "sample_b": b["sample_id"],
                     "order": "forward" if a["sample_index"] < b["sample_index"] else "swapped",
+                    "reference_name": name,
                     "prompt_hash": stable_hash(messages, 16),
                 }
                 calls.append(Call(key, request, meta))
-    return calls, {"prompts_without_reference": no_reference}
+    return calls, {"prompts_without_reference": no_reference}  # counted once per missing reference
 
 
 def verdict_fields(result: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
@@ -284,7 +284,6 @@ def judgment_rows(
             **c.meta,
             "protocol": protocol.name,
             "judge": spec.judge,
-            "reference_name": spec.reference,
             "request_key": c.key,
             "tokens_in": r.get("tokens_in"),
             "tokens_out": r.get("tokens_out"),
@@ -310,18 +309,36 @@ def win_probability(row: dict[str, Any], scoring: str) -> float | None:
 # --------------------------------------------------------------------------------------- scores and pairs
 
 
+def pair_probability(votes: list[dict[str, Any]], scoring: str) -> tuple[float | None, str | None]:
+    """One ordered pair's P(a wins) and winner over its per-reference judgments.
+
+    With one reference this is that judgment's own reading. With several they vote: the mean soft score,
+    or the majority of parsed verdicts (a tie is no verdict: nothing is guessed).
+    """
+    probs = [p for p in (win_probability(j, scoring) for j in votes) if p is not None]
+    a_votes = sum(j["verdict"] == "a" for j in votes)
+    b_votes = sum(j["verdict"] == "b" for j in votes)
+    winner = "a" if a_votes > b_votes else "b" if b_votes > a_votes else None
+    if scoring == "verdict":
+        return ({"a": 1.0, "b": 0.0}.get(winner or ""), winner)
+    return (sum(probs) / len(probs) if probs else None, winner)
+
+
 def score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], scoring: str) -> StageOutput:
     """A sample's score: the mean of its win probabilities over every comparison it appears in."""
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for j in judgments:
+        by_pair[(j["sample_a"], j["sample_b"])].append(j)
     probs: dict[str, list[float]] = defaultdict(list)
     wins: dict[str, int] = defaultdict(int)
-    for j in judgments:
-        p = win_probability(j, scoring)
+    for (sample_a, sample_b), votes in by_pair.items():
+        p, winner = pair_probability(votes, scoring)
         if p is None:
             continue
-        probs[j["sample_a"]].append(p)
-        probs[j["sample_b"]].append(1.0 - p)
-        if j["verdict"] in ("a", "b"):
-            wins[j["sample_a"] if j["verdict"] == "a" else j["sample_b"]] += 1
+        probs[sample_a].append(p)
+        probs[sample_b].append(1.0 - p)
+        if winner is not None:
+            wins[sample_a if winner == "a" else sample_b] += 1
     rows = []
     for s in samples:
         ps = probs.get(s["sample_id"])

@@ -268,12 +268,12 @@ def test_unjudged_samples_get_no_score() -> None:
 
 
 def test_verdict_scoring_counts_parsed_verdicts_only() -> None:
-    samples = [sample("p1", 0), sample("p1", 1)]
+    samples = [sample("p1", 0), sample("p1", 1), sample("p1", 2)]
     judgments = [
         judgment("p1-s0", "p1-s1", 0.4, "a"),  # verdict scoring ignores p_a
         judgment("p1-s1", "p1-s0", 0.9, "a"),
-        judgment("p1-s0", "p1-s1", 0.9, None, "no_match"),
-        judgment("p1-s0", "p1-s1", 0.9, None, "invalid_marker"),
+        judgment("p1-s0", "p1-s2", 0.9, None, "no_match"),
+        judgment("p1-s2", "p1-s0", 0.9, None, "invalid_marker"),
     ]
     scores = {r["sample_id"]: r for r in score_rows(samples, judgments, "verdict").rows}
     assert scores["p1-s0"]["score"] == pytest.approx(0.5)
@@ -350,3 +350,36 @@ def test_equal_scores_break_ties_by_sample_index_whatever_the_input_order() -> N
         results.add((row["chosen_sample_id"], row["rejected_sample_id"]))
     # Highest score with the lowest index wins; lowest score with the highest index loses.
     assert results == {("p1-s1", "p1-s4")}
+
+
+# ----------------------------------------------------------------------------------- multi-reference voting
+
+
+def test_each_voting_reference_is_one_more_judgment_per_pair() -> None:
+    prompts = [prompt("p1"), prompt("p2")]
+    samples = [sample(p, i) for p in ("p1", "p2") for i in range(2)]
+    # p2 has only the human reference: it is judged once per pair, and the missing one is counted.
+    references = [reference("p1"), reference("p1", "G.", name="gpt4"), reference("p2")]
+    spec = JudgmentsSpec(judge="smol", protocol="refeval", reference=["human", "gpt4"])
+    calls, notes = judge_calls(prompts, samples, references, spec, PROTOCOLS["refeval"], IDENTITY)
+    by_ref = {(c.meta["prompt_id"], c.meta["reference_name"]) for c in calls}
+    assert by_ref == {("p1", "human"), ("p1", "gpt4"), ("p2", "human")}
+    assert len(calls) == 3 * 2 and notes["prompts_without_reference"] == 1
+    assert len({c.key for c in calls}) == len(calls)  # the reference is in the prompt, hence in the key
+
+
+def test_references_vote_by_mean_soft_score_or_majority_verdict() -> None:
+    samples = [sample("p1", i) for i in range(2)]
+    s0, s1 = (s["sample_id"] for s in samples)
+    votes = [
+        judgment(s0, s1, 0.9, "a"),
+        judgment(s0, s1, 0.6, "a"),
+        judgment(s0, s1, 0.3, "b"),
+        judgment(s1, s0, 0.5, "a"),
+        judgment(s1, s0, 0.5, "b"),  # a tied vote is no verdict: never guessed
+    ]
+    soft = {r["sample_id"]: r for r in score_rows(samples, votes, "logprob").rows}
+    assert soft[s0]["score"] == pytest.approx(((0.9 + 0.6 + 0.3) / 3 + (1 - 0.5)) / 2)
+    assert soft[s0]["n_comparisons"] == 2 and soft[s0]["wins"] == 1 and soft[s1]["wins"] == 0
+    hard = {r["sample_id"]: r for r in score_rows(samples, votes, "verdict").rows}
+    assert hard[s0]["score"] == 1.0 and hard[s0]["n_comparisons"] == 1  # the tied pair carries nothing
