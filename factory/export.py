@@ -20,9 +20,10 @@ from factory.keys import stable_hash
 from factory.recipe import LoadedRecipe, Recipe
 
 MARKER = ".factory-export.json"
-# Special tokens that must never survive into exported text: a chat template adds its own, and a doubled
-# BOS/EOS silently changes what DPO learns.
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|begin_of_text|>", "<s>", "</s>")
+# Chat-template control tokens that must never survive into exported text: a trainer's tokenizer parses them
+# as special tokens, so the template's own BOS/EOS would be doubled and DPO would learn from a broken turn.
+# (`<s>` and `</s>` are left out: they are also ordinary text, HTML strikethrough for one.)
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|begin_of_text|>", "<|end|>")
 
 
 @dataclass
@@ -72,16 +73,16 @@ def preference_features(datasets: Any) -> Any:
     )
 
 
-def check_special_tokens(
+def without_special_tokens(
     records: list[dict[str, Any]], columns: tuple[str, ...] = ("prompt", "chosen", "rejected")
-) -> None:
-    """Fail if any exported message carries a chat special token (it would be doubled after templating)."""
-    for rec in records:
-        for column in columns:
-            for message in rec[column]:
-                for tok in SPECIAL_TOKENS:
-                    if tok in message["content"]:
-                        raise ValueError(f"pair {rec['prompt_id']}: {column} contains the special token {tok}")
+) -> tuple[list[dict[str, Any]], int]:
+    """Records whose messages carry no chat control token, and how many were dropped for carrying one."""
+    kept = [
+        rec
+        for rec in records
+        if not any(tok in m["content"] for col in columns for m in rec[col] for tok in SPECIAL_TOKENS)
+    ]
+    return kept, len(records) - len(kept)
 
 
 def labeler_provenance(recipe: Recipe) -> dict[str, str | None]:
@@ -194,6 +195,7 @@ def card(
         f"| judgments | {len(judgments)} |",
         *[f"| judgments with parse status `{k}` | {v} |" for k, v in sorted(status.items())],
         *[f"| pairs in {s} | {len(recs)} |" for s, recs in splits.items()],
+        f"| pairs dropped for a chat control token in their text | {notes['dropped_special_tokens']} |",
         "",
         "## Scores",
         "",
@@ -263,8 +265,7 @@ def export_dataset(
     import datasets  # heavy; only when something is written
 
     datasets.disable_progress_bars()  # the build shows its own progress
-    records = preference_records(loaded, pairs, ctx)
-    check_special_tokens(records)
+    records, dropped = without_special_tokens(preference_records(loaded, pairs, ctx))
     r = loaded.recipe
     splits = split_records(records, r.export.test_fraction, r.export.seed)
     consistency, n_both = position_consistency(ctx["judgments"])
@@ -273,6 +274,7 @@ def export_dataset(
         "stage_key": stage_key,
         "position_consistency": consistency,
         "pairs_judged_both_orders": n_both,
+        "dropped_special_tokens": dropped,
         **{f"{s}_rows": len(v) for s, v in splits.items()},
     }
     readme = card(loaded, splits, ctx, notes)
@@ -316,8 +318,7 @@ def export_sft(
 
     datasets.disable_progress_bars()
     r = loaded.recipe
-    records = sft_records(loaded, ctx)
-    check_special_tokens(records, columns=("prompt", "completion"))
+    records, dropped = without_special_tokens(sft_records(loaded, ctx), columns=("prompt", "completion"))
     splits = split_records(records, r.export.test_fraction, r.export.seed)
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
     text = datasets.Value("string")
@@ -347,5 +348,5 @@ def export_sft(
         ]
     )
     write_dataset_folder(path, splits, features, readme, stage_key, run_id)
-    notes = {"path": str(path), **{f"{s}_rows": len(v) for s, v in splits.items()}}
+    notes = {"path": str(path), "dropped_special_tokens": dropped, **{f"{s}_rows": len(v) for s, v in splits.items()}}
     return ExportResult(len(records), notes)

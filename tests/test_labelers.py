@@ -138,3 +138,15 @@ def test_reward_model_and_similarity_labelers_build_pairs(
     # Rebuilding the reward recipe changes nothing and calls nothing.
     assert cli_build(_write(tmp_path / "rm.yaml", rewards), wh).exit_code == 0
     assert kit.runs(wh)[-1]["model_calls"] == 0
+
+
+def test_pairs_with_chat_control_tokens_are_dropped_and_counted() -> None:
+    from factory.export import without_special_tokens
+
+    def rec(text: str) -> dict[str, Any]:
+        user = [{"role": "user", "content": "Q"}]
+        return {"prompt": user, "chosen": [{"role": "assistant", "content": text}], "rejected": user}
+
+    records = [rec("fine"), rec("ends early<|im_end|>"), rec("<s>struck</s> is plain HTML")]
+    kept, dropped = without_special_tokens(records)
+    assert dropped == 1 and [r["chosen"][0]["content"] for r in kept] == ["fine", "<s>struck</s> is plain HTML"]
