@@ -1,52 +1,44 @@
 """Running model calls: cached results first, then the missing calls in batches, each batch flushed to
-the warehouse as it finishes. Shared by `factory build` and `factory judge-eval`.
+the warehouse as it finishes. Used by every run (factory.runs).
+
+Only transient failures become error rows (docs/DESIGN.md, "No silent failure"): a `TransientError` raised
+for a batch, or a `RequestFailed` returned in place of one request's result. Any other exception stops the
+run: recording it as a failed call would make the build "incomplete, run again" forever.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from factory.backends import Backend, RequestFailed, load_backend
+from factory.backends import BACKENDS, Backend, load_backend
+from factory.errors import FactoryError
 from factory.keys import stable_hash
-from factory.recipe import ModelSpec
-from factory.stages import Call
+from factory.pipeline import StageStats
+from factory.redact import redact
+from factory.requests import Call, GenerationRequest, JudgeRequest, RequestFailed, RewardRequest, Role, TransientError
 from factory.warehouse import Warehouse
 
-
-@dataclass
-class StageStats:
-    """What one stage did in one build (a row of the runs table's `stages` list)."""
-
-    stage: str
-    stage_key: str = ""
-    skipped: bool = False
-    rows: int = 0
-    model_calls: int = 0
-    cached_calls: int = 0
-    failed_calls: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    retries: int = 0
-    """Requests repeated after a transient failure (HTTP backends), over every call of the stage."""
-    cost_usd: float | None = None
-    """Summed price of the stage's priced calls; None when no call had a known price."""
-    seconds: float = 0.0
-    notes: dict[str, Any] = field(default_factory=dict)
+if TYPE_CHECKING:
+    from factory.recipe import ModelSpec
 
 
-def run_totals(stats: Sequence[StageStats]) -> dict[str, Any]:
-    """A runs-table row's totals over its stages; cost stays null unless some call had a known price."""
-    totals: dict[str, Any] = {
-        name: sum(getattr(s, name) for s in stats)
-        for name in ("model_calls", "cached_calls", "failed_calls", "tokens_in", "tokens_out", "retries")
-    }
-    costs = [s.cost_usd for s in stats if s.cost_usd is not None]
-    totals["cost_usd"] = sum(costs) if costs else None
-    return totals
+@dataclass(frozen=True)
+class CallKind:
+    """How one kind of request is run: the role it needs, the backend method, and the calls table it fills."""
+
+    role: Role
+    table: str
+
+
+KINDS: dict[type, CallKind] = {
+    GenerationRequest: CallKind("generate", "generation_calls"),
+    JudgeRequest: CallKind("judge", "judge_calls"),
+    RewardRequest: CallKind("reward", "reward_calls"),
+}
 
 
 class Reporter:
@@ -61,30 +53,41 @@ class Reporter:
     def stage_finished(self, stats: StageStats) -> None:
         """A stage is done (or skipped)."""
 
+    def warn(self, message: str) -> None:
+        """Something the user should know that does not stop the run (e.g. corrupt call files set aside)."""
+
 
 class ModelPool:
-    """Backends loaded lazily, once per model per build: an unchanged rebuild never loads a model."""
+    """Backends loaded lazily, once per model per run: an unchanged rebuild never loads a model."""
 
     def __init__(self, specs: dict[str, ModelSpec], loader: Callable[[ModelSpec], Backend] = load_backend) -> None:
         self.specs = specs
         self.loader = loader
         self.backends: dict[str, Backend] = {}
 
-    def get(self, name: str) -> Backend:
-        """The backend for a named model, loading it on first use."""
+    def get(self, name: str, role: Role | None = None) -> Backend:
+        """The backend for a named model, loading it on first use; `role` is checked against the registry."""
+        spec = self.specs[name]
+        if role is not None and spec.backend in BACKENDS and role not in BACKENDS[spec.backend].roles:
+            raise FactoryError(f"model '{name}' (backend '{spec.backend}') cannot {role}")
         if name not in self.backends:
             self.backends[name] = self.loader(self.specs[name])
         return self.backends[name]
 
+    def release(self, name: str) -> None:
+        """Release one model (judge-eval keeps one judge in memory at a time)."""
+        backend = self.backends.pop(name, None)
+        if backend is not None:
+            backend.close()
+
     def close(self) -> None:
         """Release every loaded model."""
-        for backend in self.backends.values():
-            backend.close()
-        self.backends.clear()
+        for name in list(self.backends):
+            self.release(name)
 
 
 def now() -> datetime:
-    """The current UTC time (rows carry timezone-aware timestamps)."""
+    """The current UTC time (call rows carry timezone-aware timestamps)."""
     return datetime.now(timezone.utc)
 
 
@@ -99,20 +102,24 @@ class CallRunner:
     def __init__(self, wh: Warehouse, run_id: str, recipe: str, pool: ModelPool, reporter: Reporter) -> None:
         self.wh, self.run_id, self.recipe, self.pool, self.reporter = wh, run_id, recipe, pool, reporter
 
-    def run(self, table: str, stage: str, model: str, calls: list[Call], st: StageStats) -> dict[str, Any]:
+    def run(self, stage: str, model: str, calls: list[Call], st: StageStats) -> dict[str, dict[str, Any]]:
         """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""
-        results = self.wh.cached_calls(table, (c.key for c in calls))
+        if not calls:
+            self.reporter.stage_started(stage, 0)
+            return {}
+        kind = KINDS[type(calls[0].request)]
+        results = self.wh.cached_calls(kind.table, (c.key for c in calls))
         # Two calls can share a key (two samples with the same text render the same judge prompt): call once.
         missing = list({c.key: c for c in calls if c.key not in results}.values())
-        st.cached_calls = len(calls) - len(missing)
+        st.cached_calls += len(calls) - len(missing)
         self.reporter.stage_started(stage, len(missing))
         if not missing:
             return results
-        backend = self.pool.get(model)
+        backend = self.pool.get(model, kind.role)
         size = self.pool.specs[model].batch_size
-        for batch in self._batches(table, missing, size):
-            rows = self._call_batch(table, backend, model, batch)
-            self.wh.append_calls(table, self.run_id, rows)
+        for batch in self._batches(kind, missing, size):
+            rows = self._call_batch(kind, backend, model, batch)
+            self.wh.append_calls(kind.table, self.run_id, rows)
             for row in rows:
                 st.model_calls += 1
                 st.retries += row.get("retries") or 0
@@ -128,8 +135,8 @@ class CallRunner:
         return results
 
     @staticmethod
-    def _batches(table: str, calls: list[Call], size: int) -> Iterator[list[Call]]:
-        if table != "generation_calls":
+    def _batches(kind: CallKind, calls: list[Call], size: int) -> Iterator[list[Call]]:
+        if kind.role != "generate":
             yield from (list(b) for b in _chunks(calls, size))
             return
         # Generation: group a prompt's missing sample indices into one n-sample request; batch by prompt.
@@ -141,46 +148,42 @@ class CallRunner:
         for chunk in _chunks(groups, size):
             yield [c for g in chunk for c in g]
 
-    def _call_batch(self, table: str, backend: Backend, model: str, batch: list[Call]) -> list[dict[str, Any]]:
+    def _call_batch(self, kind: CallKind, backend: Any, model: str, batch: list[Call]) -> list[dict[str, Any]]:
         base = {"recipe": self.recipe, "run_id": self.run_id, "model": model}
         t0 = time.perf_counter()
         try:
-            if table == "judge_calls":
-                outputs = backend.judge([c.request for c in batch])
+            if kind.role == "judge":
                 flat: list[dict[str, Any] | Exception] = [
-                    o
-                    if isinstance(o, Exception)
-                    else {
-                        "text": o.text,
-                        "tokens": o.tokens,
-                        "top_logprobs": [[{"token": t, "logprob": lp} for t, lp in step] for step in o.top_logprobs],
-                        "tokens_in": o.tokens_in,
-                        "tokens_out": o.tokens_out,
-                        "retries": o.retries,
-                        "cost_usd": o.cost_usd,
-                    }
-                    for o in outputs
+                    o if isinstance(o, Exception) else _judge_fields(o)
+                    for o in backend.judge([c.request for c in batch])
                 ]
-            elif table == "reward_calls":
-                rewards = backend.reward([c.request for c in batch])
-                flat = [{"reward": o.reward, "tokens_in": o.tokens_in, "tokens_out": 0} for o in rewards]
+            elif kind.role == "reward":
+                flat = [
+                    o if isinstance(o, Exception) else {"reward": o.reward, "tokens_in": o.tokens_in, "tokens_out": 0}
+                    for o in backend.reward([c.request for c in batch])
+                ]
             else:
                 flat = self._generate(backend, batch)
-            error = None
-        except Exception as exc:  # a failed batch becomes error rows; the next build retries them
-            flat, error = [], f"{type(exc).__name__}: {exc}"
+            error: TransientError | None = None
+        except TransientError as exc:  # the whole batch failed transiently: error rows, retried next build
+            flat, error = [], exc
         latency = (time.perf_counter() - t0) / max(len(batch), 1)
         created = now()
         if error is not None:
-            return [
-                {**base, "request_key": c.key, "status": "error", "error": error, "created_at": created} for c in batch
-            ]
-        return [
-            _failed_row(base, c.key, out, latency, created)
-            if isinstance(out, Exception)
-            else {**base, **out, "request_key": c.key, "status": "ok", "latency_s": latency, "created_at": created}
-            for c, out in zip(batch, flat, strict=True)
-        ]
+            return [_failed_row(base, c.key, error, latency, created) for c in batch]
+        if len(flat) != len(batch):
+            raise FactoryError(f"backend of model '{model}' returned {len(flat)} results for {len(batch)} requests")
+        rows = []
+        for c, out in zip(batch, flat, strict=True):
+            if isinstance(out, RequestFailed):
+                rows.append(_failed_row(base, c.key, out, latency, created))
+            elif isinstance(out, Exception):  # a non-transient failure returned in place: stop, do not record
+                raise out
+            else:
+                rows.append(
+                    {**base, **out, "request_key": c.key, "status": "ok", "latency_s": latency, "created_at": created}
+                )
+        return rows
 
     @staticmethod
     def _generate(backend: Backend, batch: list[Call]) -> list[dict[str, Any] | Exception]:
@@ -199,7 +202,11 @@ class CallRunner:
         ]
         outputs = backend.generate(requests)
         by_key: dict[str, dict[str, Any] | Exception] = {}
+        if len(outputs) != len(requests):
+            raise FactoryError(f"a backend returned {len(outputs)} results for {len(requests)} generation requests")
         for (_, cs), gens in zip(merged.values(), outputs, strict=True):
+            if isinstance(gens, Exception) and not isinstance(gens, RequestFailed):
+                raise gens
             if isinstance(gens, Exception):  # the request failed on its own: each of its samples is an error
                 # Its retries are counted once, on the first sample's row, so the rows add up to the requests.
                 rest = RequestFailed(str(gens), 0)
@@ -210,13 +217,26 @@ class CallRunner:
         return [by_key[c.key] for c in batch]
 
 
+def _judge_fields(o: Any) -> dict[str, Any]:
+    """A judge output as call-row fields."""
+    return {
+        "text": o.text,
+        "tokens": o.tokens,
+        "top_logprobs": [[{"token": t, "logprob": lp} for t, lp in step] for step in o.top_logprobs],
+        "tokens_in": o.tokens_in,
+        "tokens_out": o.tokens_out,
+        "retries": o.retries,
+        "cost_usd": o.cost_usd,
+    }
+
+
 def _failed_row(base: dict[str, Any], key: str, exc: Exception, latency: float, created: datetime) -> dict[str, Any]:
-    """The error row of one request that failed on its own; its retries stay on record."""
+    """The error row of one request that failed transiently; its retries stay on record, secrets never."""
     return {
         **base,
         "request_key": key,
         "status": "error",
-        "error": f"{type(exc).__name__}: {exc}",
+        "error": redact(f"{type(exc).__name__}: {exc}"),
         "retries": getattr(exc, "retries", None),
         "latency_s": latency,
         "created_at": created,

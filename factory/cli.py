@@ -23,10 +23,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
+@WAREHOUSE_OPTION
 @friendly
-def validate(recipe: Path) -> None:
-    """Check a recipe, and its prompt data when it is local, without building anything."""
-    from factory.build import read_prompts
+def validate(recipe: Path, warehouse: Path) -> None:
+    """Check a recipe, its prompt data when it is local, its template files, API key variables and export
+    folder, without building anything."""
+    from factory.build import preflight, read_prompts
     from factory.recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -34,6 +36,7 @@ def validate(recipe: Path) -> None:
     prompts = "prompts from a Hub dataset (not read)"
     if r.prompts.dataset is None:
         prompts = f"{read_prompts(loaded).notes['kept']} prompts"
+    preflight(loaded, warehouse.resolve())
     samples = f"{r.samples.n} samples per prompt, labeler {r.labeler}" if r.samples else "no samples (SFT export)"
     click.echo(
         f"ok: recipe '{r.name}': {prompts}, {len(r.models)} model(s), {len(r.references)} reference source(s), "
@@ -70,6 +73,9 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
         b = Build(loaded, wh, reporter)
         run = b.run()
     print_summary(run, b.stats, b.export_path, wh)
+    warning = wh.skipped_warning()
+    if warning:
+        click.echo(warning, err=True)
     if run["status"] != "ok":
         sys.exit(1)
 
@@ -85,7 +91,11 @@ def sql(query: str, warehouse: Path, fmt: str, limit: int) -> None:
     from factory.progress import print_table
     from factory.warehouse import Warehouse
 
-    result = Warehouse(warehouse).query(query)
+    wh = Warehouse(warehouse)
+    result = wh.query(query)
+    warning = wh.skipped_warning()
+    if warning:
+        click.echo(warning, err=True)
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
@@ -116,6 +126,9 @@ def ls_(warehouse: Path) -> None:
         "round(seconds, 1) AS seconds FROM runs ORDER BY started_at DESC LIMIT 10"
     )
     print_table(runs, 10)
+    warning = wh.skipped_warning()
+    if warning:
+        click.echo(warning, err=True)
 
 
 def _register_plugins() -> None:

@@ -14,6 +14,18 @@ import click
 
 from factory.cli_options import WAREHOUSE_OPTION, friendly
 from factory.errors import UserInputError
+from factory.protocols import PROTOCOLS
+
+
+def write_files(folder: Path, files: dict[str, str]) -> list[Path]:
+    """Write report files (CSV, Markdown) atomically into `folder`, which may lie outside the warehouse."""
+    from factory.warehouse import atomic_write_bytes
+
+    out = []
+    for name, text in files.items():
+        atomic_write_bytes(folder / name, text.encode("utf-8"))
+        out.append(folder / name)
+    return out
 
 
 def _console() -> Any:
@@ -95,7 +107,7 @@ def _print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], perc
     "--protocol",
     "protocols",
     multiple=True,
-    help="Protocol(s): refeval, refmatch, reffree, llmbar-base, llmbar-ref, cot [default: all six].",
+    help=f"Protocol(s): {', '.join(PROTOCOLS)} [default: all {len(PROTOCOLS)}].",
 )
 @click.option(
     "--custom-template",
@@ -109,8 +121,18 @@ def _print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], perc
 @click.option("--hf-config", default=None, help="Configuration name of a Hub dataset.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Judge batch size (string judges).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (string judges).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--cot-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Judge tokens after `Output (` [default: the protocol's].",
+)
+@click.option(
+    "--cot-max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Judge tokens for protocols that reason first [default: the protocol's].",
+)
 @click.option("--top-logprobs", type=click.IntRange(min=2), default=20, show_default=True)
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="CI resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
@@ -135,8 +157,8 @@ def judge_eval(
     hf_config: str | None,
     batch_size: int | None,
     threads: int | None,
-    max_tokens: int,
-    cot_max_tokens: int,
+    max_tokens: int | None,
+    cot_max_tokens: int | None,
     top_logprobs: int,
     bootstrap: int,
     seed: int,
@@ -207,7 +229,7 @@ def judge_eval(
     for note in run.notes:
         click.echo(f"note: {note}")
     folder = out or wh.root / "judge-eval"
-    paths = wh.write_report(folder, report.files())
+    paths = write_files(folder, report.files())
     tokens_out = sum(s.tokens_out for s in run.stats)
     click.echo(
         f"run {run.run_id}: {run.status}; model calls {run.model_calls}, cached {run.cached_calls}, "

@@ -20,7 +20,8 @@ from typing import Any
 
 from factory.errors import UserInputError
 from factory.keys import stable_hash
-from factory.sources import read_dataset, read_json, read_jsonl
+from factory.recipe import clip_value, shown_path
+from factory.sources import path_kind, read_dataset, read_json, read_jsonl, read_table_file
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 INSTRUCTION_COLUMNS = ("input", "instruction")
@@ -87,27 +88,30 @@ def _default_name(path: str) -> str:
 
 
 def read_records(source: str, *, split: str | None = None, config: str | None = None) -> list[Any]:
-    """The raw records of a JSONL/JSON/Parquet file, a saved dataset folder, or a Hub dataset name."""
+    """The raw records of a JSONL/JSON/Parquet file, a saved dataset folder, or a Hub dataset name.
+
+    Only reads; a missing, unreadable, non-UTF-8 or malformed file is a one-line UserInputError naming it.
+    """
     path = Path(source).expanduser()
-    if path.is_dir():
+    kind = path_kind(path)
+    suffix = path.suffix.lower()
+    if kind == "folder":
+        if suffix in (".jsonl", ".json", ".parquet"):  # named like a file: a dataset folder is not what was meant
+            raise UserInputError(f"{shown_path(path)}: is a folder; expected a {suffix} file")
         return read_dataset(source, folder=path, split=split, config=config)
-    if path.is_file():
-        suffix = path.suffix.lower()
+    if kind == "file":
         if suffix == ".jsonl":
             return read_jsonl(path, objects=False)
         if suffix == ".json":
             return read_json(path, objects=False)
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                return pq.read_table(path).to_pylist()
-            except Exception as exc:
-                raise UserInputError(f"{path}: could not read the Parquet file: {exc}") from None
-        raise UserInputError(f"{path}: unsupported file type '{suffix}' (expected .jsonl, .json, .parquet)")
+            return read_table_file(path, "Parquet")
+        raise UserInputError(
+            f"{shown_path(path)}: unsupported file type {clip_value(suffix)} (expected .jsonl, .json, .parquet)"
+        )
     if re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", source) and not source.endswith((".json", ".jsonl")):
         return read_dataset(source, folder=None, split=split, config=config)
-    raise UserInputError(f"{source}: no such file or folder (nor a Hub dataset name like owner/name)")
+    raise UserInputError(f"{shown_path(source)}: no such file or folder (nor a Hub dataset name like owner/name)")
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -117,7 +121,7 @@ def _pick(row: dict[str, Any], columns: tuple[str, ...], where: str, what: str) 
     for c in columns:
         if c in row and row[c] is not None:
             return row[c]
-    raise UserInputError(f"{where}: no {what} column (looked for {list(columns)}; found {sorted(row)})")
+    raise UserInputError(f"{where}: no {what} column (looked for {list(columns)}; found {clip_value(sorted(row))})")
 
 
 def _label(value: Any, where: str) -> int:
@@ -128,7 +132,7 @@ def _label(value: Any, where: str) -> int:
     elif isinstance(value, str) and value.strip() in ("1", "2"):
         label = int(value.strip())
     if label is None:
-        raise UserInputError(f"{where}: the label must be 1 or 2 (the better output), got {value!r}")
+        raise UserInputError(f"{where}: the label must be 1 or 2 (the better output), got {clip_value(value)}")
     return label
 
 
@@ -150,7 +154,7 @@ def _reference_text(item: Any, where: str) -> str | None:
                     raise UserInputError(f"{where}: '{key}' must be text, got {type(value).__name__}")
                 return value
         keys = list(REFERENCE_TEXT_KEYS)
-        raise UserInputError(f"{where}: no reference text (looked for {keys}; found {sorted(item)})")
+        raise UserInputError(f"{where}: no reference text (looked for {keys}; found {clip_value(sorted(item))})")
     raise UserInputError(f"{where}: a reference must be a string or an object, got {type(item).__name__}")
 
 
@@ -167,7 +171,7 @@ def align_references(
         by_id: dict[str, Any] = {}
         for n, (i, it) in enumerate(zip(item_ids, items, strict=True)):
             if str(i) in by_id:
-                raise UserInputError(f"{where}: item {n}: id {i!r} appears twice")
+                raise UserInputError(f"{where}: item {n}: id {clip_value(i)} appears twice")
             by_id[str(i)] = it
         matched = [by_id.get(str(i)) for i in ids]
         if not any(m is not None for m in matched):
@@ -202,7 +206,7 @@ def read_eval_set(
     """Read one labelled set and its references; `limit` keeps the first N cases (after alignment)."""
     name = name or _default_name(source)
     if not NAME_RE.match(name):
-        raise UserInputError(f"{source}: data set name '{name}' may hold only letters, digits, '_', '.', '-'")
+        raise UserInputError(f"{source}: data set name {clip_value(name)} may hold only letters, digits, '_', '.', '-'")
     records = read_records(source, split=split, config=config)
     if not records:
         raise UserInputError(f"{source}: no rows")
@@ -216,15 +220,21 @@ def read_eval_set(
         reference_columns = ["reference"] if any("reference" in r for r in rows) else []
     for column in reference_columns:
         if not any(column in r for r in rows):
-            raise UserInputError(f"{source}: no reference column '{column}' (columns: {sorted(rows[0])})")
+            columns = clip_value(sorted(rows[0]))
+            raise UserInputError(f"{source}: no reference column {clip_value(column)} (columns: {columns})")
         refs[column] = [_reference_text(r.get(column), f"{source}: row {n}: '{column}'") for n, r in enumerate(rows)]
     for ref in reference_files or []:
         ref_name = ref.name or _default_name(ref.path)
         if ref_name in refs:
-            raise UserInputError(f"{ref.path}: reference name '{ref_name}' is already used; name it with NAME=FILE")
+            raise UserInputError(
+                f"{ref.path}: reference name {clip_value(ref_name)} is already used; name it with NAME=FILE"
+            )
         path = Path(ref.path).expanduser()
-        if not path.is_file():
+        kind = path_kind(path)
+        if kind == "missing":
             raise UserInputError(f"{ref.path}: reference file not found")
+        if kind == "folder":
+            raise UserInputError(f"{ref.path}: is a folder; expected a reference file (.jsonl or .json)")
         items = read_jsonl(path, objects=False) if path.suffix.lower() == ".jsonl" else read_json(path, objects=False)
         refs[ref_name] = align_references(rows, ids, items, str(path))
     cases = []
@@ -233,7 +243,7 @@ def read_eval_set(
         where = f"{source}: row {n}"
         case_id = ids[n] if ids[n] is not None else str(n)
         if case_id in seen:
-            raise UserInputError(f"{where}: id {case_id!r} appears twice")
+            raise UserInputError(f"{where}: id {clip_value(case_id)} appears twice")
         seen.add(case_id)
         instruction = _pick(r, INSTRUCTION_COLUMNS, where, "instruction")
         if not isinstance(instruction, str):

@@ -11,13 +11,15 @@ import json
 import shutil
 import statistics
 import tempfile
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factory.errors import UserInputError
 from factory.keys import stable_hash
-from factory.recipe import LoadedRecipe, Recipe
+from factory.labelers import labeler_of
+from factory.pipeline import Context
+from factory.warehouse import folder_lock
 
 MARKER = ".factory-export.json"
 # Chat-template control tokens that must never survive into exported text: a trainer's tokenizer parses them
@@ -32,20 +34,6 @@ class ExportResult:
 
     rows: int
     notes: dict[str, Any] = field(default_factory=dict)
-
-
-def position_consistency(judgments: list[dict[str, Any]]) -> tuple[float | None, int]:
-    """Share of sample pairs judged in both orders whose two parsed verdicts name the same winner."""
-    winners: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    for j in judgments:
-        if j["verdict"] not in ("a", "b"):
-            continue
-        pair = (*sorted((j["sample_a"], j["sample_b"])), j.get("reference_name") or "")
-        winners[pair].append(j["sample_a"] if j["verdict"] == "a" else j["sample_b"])
-    both = [w for w in winners.values() if len(w) == 2]
-    if not both:
-        return None, 0
-    return sum(w[0] == w[1] for w in both) / len(both), len(both)
 
 
 def preference_features(datasets: Any) -> Any:
@@ -85,41 +73,14 @@ def without_special_tokens(
     return kept, len(records) - len(kept)
 
 
-def labeler_provenance(recipe: Recipe) -> dict[str, str | None]:
-    """Who labelled the pairs: the judge and protocol, or the reward model, or the similarity metric."""
-    if recipe.judgments is not None:
-        j = recipe.judgments
-        return {"judge": j.judge, "protocol": j.protocol, "reference_name": "+".join(j.reference_names) or None}
-    if recipe.rewards is not None:
-        return {"judge": recipe.rewards.model, "protocol": "reward-model", "reference_name": None}
-    assert recipe.similarity is not None
-    return {"judge": None, "protocol": recipe.similarity.metric, "reference_name": recipe.similarity.reference}
-
-
-def describe_labeler(recipe: Recipe) -> str:
-    """One card line about the labeler."""
-    if recipe.judgments is not None:
-        j = recipe.judgments
-        return (
-            f"- Judge: `{j.judge}` ({recipe.models[j.judge].model}), protocol `{j.protocol}`, reference "
-            f"`{j.reference}`, orders `{j.orders}`, scoring `{j.scoring}`"
-        )
-    if recipe.rewards is not None:
-        m = recipe.rewards.model
-        return f"- Labeler: reward model `{m}` ({recipe.models[m].model}); score = reward"
-    assert recipe.similarity is not None
-    return f"- Labeler: {recipe.similarity.metric} against reference `{recipe.similarity.reference}`"
-
-
-def preference_records(
-    loaded: LoadedRecipe, pairs: list[dict[str, Any]], ctx: dict[str, list[dict[str, Any]]]
-) -> list[dict[str, Any]]:
+def preference_records(ctx: Context, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One TRL conversational preference row per pair, with provenance columns."""
-    recipe = loaded.recipe
-    assert recipe.samples is not None
-    labeler = labeler_provenance(recipe)
-    prompts = {p["prompt_id"]: p for p in ctx["prompts"]}
-    samples = {s["sample_id"]: s for s in ctx["samples"]}
+    recipe = ctx.recipe
+    found = labeler_of(recipe)
+    assert recipe.samples is not None and found is not None
+    labeler = found.provenance(recipe)
+    prompts = {p["prompt_id"]: p for p in ctx.rows["prompts"]}
+    samples = {s["sample_id"]: s for s in ctx.rows["samples"]}
     recipe_hash = stable_hash(recipe.model_dump(mode="json"), 16)
     records = []
     for pair in pairs:
@@ -152,17 +113,13 @@ def split_records(records: list[dict[str, Any]], fraction: float, seed: int) -> 
     return splits
 
 
-def card(
-    loaded: LoadedRecipe, splits: dict[str, list[dict[str, Any]]], ctx: dict[str, Any], notes: dict[str, Any]
-) -> str:
-    """The dataset card: what was built, from what, with which judge, and how it came out."""
-    r = loaded.recipe
+def card(ctx: Context, splits: dict[str, list[dict[str, Any]]], notes: dict[str, Any]) -> str:
+    """The dataset card: what was built, from what, with which labeler, and how it came out."""
+    r = ctx.recipe
+    labeler = labeler_of(r)
+    assert labeler is not None
     margins = [rec["margin"] for recs in splits.values() for rec in recs]
-    judgments = ctx["judgments"]
-    status: dict[str, int] = defaultdict(int)
-    for j in judgments:
-        status[j["parse_status"]] += 1
-    consistency = notes["position_consistency"]
+    counts, score_lines = labeler.card_facts(ctx)
     lines = [
         "---",
         "tags: [dpo, preference, factory]",
@@ -178,11 +135,11 @@ def card(
         "",
         "## How it was built",
         "",
-        f"- Prompts: {len(ctx['prompts'])} from `{r.prompts.path or r.prompts.dataset or 'inline'}`",
+        f"- Prompts: {len(ctx.rows['prompts'])} from `{r.prompts.path or r.prompts.dataset or 'inline'}`",
         f"- Policy: `{r.samples.policy}` ({r.models[r.samples.policy].backend}: "
         f"{r.models[r.samples.policy].model}), {r.samples.n} samples per prompt, "
         f"temperature {r.samples.params.temperature}, top_p {r.samples.params.top_p}",
-        describe_labeler(r),
+        labeler.card_line(r),
         f"- Pairs: {r.pairs.method}, min margin {r.pairs.min_margin}, max tokens {r.pairs.max_tokens}",
         f"- Run `{notes['run_id']}`, export stage key `{notes['stage_key']}`, recipe hash "
         f"`{splits['train'][0]['recipe_hash'] if splits['train'] else ''}`",
@@ -191,29 +148,47 @@ def card(
         "",
         "| what | n |",
         "| --- | --- |",
-        f"| samples | {len(ctx['samples'])} |",
-        f"| judgments | {len(judgments)} |",
-        *[f"| judgments with parse status `{k}` | {v} |" for k, v in sorted(status.items())],
+        f"| samples | {len(ctx.rows['samples'])} |",
+        *[f"| {what} | {n} |" for what, n in counts],
         *[f"| pairs in {s} | {len(recs)} |" for s, recs in splits.items()],
         f"| pairs dropped for a chat control token in their text | {notes['dropped_special_tokens']} |",
         "",
         "## Scores",
         "",
-        f"- Position consistency (same winner in both orders): "
-        f"{'n/a' if consistency is None else f'{consistency:.3f}'} over {notes['pairs_judged_both_orders']} pairs",
+        *score_lines,
     ]
     if margins:
         lines.append(
             f"- Margin (chosen − rejected score): mean {statistics.fmean(margins):.3f}, "
             f"min {min(margins):.3f}, max {max(margins):.3f}"
         )
-    lines += ["", "## Recipe", "", "```yaml", loaded.text.rstrip(), "```", ""]
+    lines += ["", "## Recipe", "", "```yaml", ctx.loaded.text.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
+def _marker(path: Path) -> dict[str, Any] | None:
+    """The marker factory leaves in every folder it exports; None when the folder is not one of ours."""
+    try:
+        data = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _is_current(path: Path, stage_key: str) -> bool:
-    marker = path / MARKER
-    return marker.is_file() and json.loads(marker.read_text()).get("stage_key") == stage_key
+    marker = _marker(path)
+    return marker is not None and marker.get("stage_key") == stage_key
+
+
+def check_export_target(path: Path) -> None:
+    """Refuse to export over anything factory did not write: an export replaces only its own folders."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UserInputError(f"export path {path} exists and is not a folder; choose another export.path")
+    if path.is_dir() and _marker(path) is None and any(path.iterdir()):
+        raise UserInputError(
+            f"export path {path} is a folder that factory did not write (no {MARKER} in it); "
+            "remove it or choose another export.path"
+        )
 
 
 def write_dataset_folder(
@@ -222,6 +197,7 @@ def write_dataset_folder(
     """save_to_disk layout + data/<split>.parquet + README.md, built beside `path` and renamed into place."""
     import datasets
 
+    check_export_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
@@ -241,6 +217,7 @@ def write_dataset_folder(
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         (tmp / MARKER).write_text(json.dumps({"stage_key": stage_key, "run_id": run_id}))
         if path.exists():
+            check_export_target(path)  # again, just before the swap: nothing but our own folder is replaced
             old = path.with_name(f".{path.name}.old-{run_id}")
             path.rename(old)
             tmp.rename(path)
@@ -251,45 +228,36 @@ def write_dataset_folder(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_dataset(
-    path: Path,
-    loaded: LoadedRecipe,
-    pairs: list[dict[str, Any]],
-    ctx: dict[str, list[dict[str, Any]]],
-    run_id: str,
-    stage_key: str,
-) -> ExportResult:
+def export_dataset(path: Path, ctx: Context, pairs: list[dict[str, Any]], stage_key: str) -> ExportResult:
     """Write the preference dataset folder at `path` (skipped when it already holds this export stage key)."""
-    if _is_current(path, stage_key):
-        return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
-    import datasets  # heavy; only when something is written
+    with folder_lock(path, "export"):
+        if _is_current(path, stage_key):
+            return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
+        import datasets  # heavy; only when something is written
 
-    datasets.disable_progress_bars()  # the build shows its own progress
-    records, dropped = without_special_tokens(preference_records(loaded, pairs, ctx))
-    r = loaded.recipe
-    splits = split_records(records, r.export.test_fraction, r.export.seed)
-    consistency, n_both = position_consistency(ctx["judgments"])
-    notes: dict[str, Any] = {
-        "run_id": run_id,
-        "stage_key": stage_key,
-        "position_consistency": consistency,
-        "pairs_judged_both_orders": n_both,
-        "dropped_special_tokens": dropped,
-        **{f"{s}_rows": len(v) for s, v in splits.items()},
-    }
-    readme = card(loaded, splits, ctx, notes)
-    write_dataset_folder(path, splits, preference_features(datasets), readme, stage_key, run_id)
+        datasets.disable_progress_bars()  # the build shows its own progress
+        records, dropped = without_special_tokens(preference_records(ctx, pairs))
+        r = ctx.recipe
+        splits = split_records(records, r.export.test_fraction, r.export.seed)
+        notes: dict[str, Any] = {
+            "run_id": ctx.run_id,
+            "stage_key": stage_key,
+            "dropped_special_tokens": dropped,
+            **{f"{s}_rows": len(v) for s, v in splits.items()},
+        }
+        readme = card(ctx, splits, notes)
+        write_dataset_folder(path, splits, preference_features(datasets), readme, stage_key, ctx.run_id)
     notes["path"] = str(path)
     return ExportResult(len(records), notes)
 
 
-def sft_records(loaded: LoadedRecipe, ctx: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def sft_records(ctx: Context) -> list[dict[str, Any]]:
     """One TRL prompt/completion row per prompt that has the chosen reference (the distillation baseline)."""
-    r = loaded.recipe
+    r = ctx.recipe
     name = r.export.sft_reference
-    refs = {x["prompt_id"]: x for x in ctx["references"] if x["reference_name"] == name and x["status"] == "ok"}
+    refs = {x["prompt_id"]: x for x in ctx.rows["references"] if x["reference_name"] == name and x["status"] == "ok"}
     records = []
-    for p in ctx["prompts"]:
+    for p in ctx.rows["prompts"]:
         ref = refs.get(p["prompt_id"])
         if ref is None:
             continue
@@ -308,17 +276,20 @@ def sft_records(loaded: LoadedRecipe, ctx: dict[str, list[dict[str, Any]]]) -> l
     return records
 
 
-def export_sft(
-    path: Path, loaded: LoadedRecipe, ctx: dict[str, list[dict[str, Any]]], run_id: str, stage_key: str
-) -> ExportResult:
+def export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
     """Write the SFT dataset of one reference source (prompt/completion, TRL's conversational format)."""
+    with folder_lock(path, "export"):
+        return _export_sft(path, ctx, stage_key)
+
+
+def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
     if _is_current(path, stage_key):
         return ExportResult(0, {"skipped": True, "path": str(path)})
     import datasets
 
     datasets.disable_progress_bars()
-    r = loaded.recipe
-    records, dropped = without_special_tokens(sft_records(loaded, ctx), columns=("prompt", "completion"))
+    r = ctx.recipe
+    records, dropped = without_special_tokens(sft_records(ctx), columns=("prompt", "completion"))
     splits = split_records(records, r.export.test_fraction, r.export.seed)
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
     text = datasets.Value("string")
@@ -342,11 +313,11 @@ def export_sft(
             "## Recipe",
             "",
             "```yaml",
-            loaded.text.rstrip(),
+            ctx.loaded.text.rstrip(),
             "```",
             "",
         ]
     )
-    write_dataset_folder(path, splits, features, readme, stage_key, run_id)
+    write_dataset_folder(path, splits, features, readme, stage_key, ctx.run_id)
     notes = {"path": str(path), "dropped_special_tokens": dropped, **{f"{s}_rows": len(v) for s, v in splits.items()}}
     return ExportResult(len(records), notes)

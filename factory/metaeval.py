@@ -13,25 +13,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from factory.backends import BACKENDS, Backend, JudgeRequest, load_backend, model_identity
-from factory.calls import CallRunner, ModelPool, Reporter, StageStats, now, run_totals
+from factory.backends import BACKENDS, Backend, backends_for, load_backend, model_identity
+from factory.calls import ModelPool, Reporter
 from factory.errors import UserInputError
 from factory.evalsets import EvalCase, EvalSet
 from factory.keys import stable_hash
+from factory.pipeline import StageOutput, StageStats
 from factory.protocols import PROTOCOLS, Protocol, custom_protocol
-from factory.recipe import ModelSpec
-from factory.stages import Call, request_key, verdict_fields
+from factory.recipe import ModelSpec, clip_value, one_line, read_input_text, read_yaml
+from factory.requests import Call, judge_call
+from factory.runs import Run
+from factory.stages import verdict_fields
 from factory.warehouse import Warehouse
 
 TABLE = "eval_judgments"
@@ -39,7 +38,8 @@ PURPOSE = "meta-eval"
 RECIPE = "judge-eval"
 EVAL_VERSION = 1
 """Bump when this module changes what it writes: it is part of every unit's stage key."""
-DEFAULT_PROTOCOLS = ("llmbar-base", "reffree", "cot", "llmbar-ref", "refmatch", "refeval")
+DEFAULT_PROTOCOLS = tuple(PROTOCOLS)
+"""Every registered protocol, in the registry's order (the paper's Table 1)."""
 
 
 class EvalSettings(BaseModel):
@@ -47,10 +47,12 @@ class EvalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    max_tokens: int = Field(8, ge=1)
-    """Tokens a judge may generate after the prefilled `Output (` (protocols that answer directly)."""
-    cot_max_tokens: int = Field(256, ge=1)
-    """Tokens for protocols that reason before answering (cot; custom templates with an empty prefill)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens a judge may generate after the prefilled `Output (` (protocols that answer directly); unset:
+    each protocol's own default."""
+    cot_max_tokens: int | None = Field(None, ge=1)
+    """Tokens for protocols that reason before answering (cot; custom templates with an empty prefill);
+    unset: each protocol's own default."""
     top_logprobs: int = Field(20, ge=2)
     """Top log-probabilities kept per generated token (the soft score reads the marker tokens among them)."""
     limit: int | None = Field(None, ge=1)
@@ -94,35 +96,32 @@ class EvalProtocol:
 def builtin_protocol(name: str, settings: EvalSettings) -> EvalProtocol:
     """A registered protocol, with the token budget its answer style needs."""
     if name not in PROTOCOLS:
-        raise UserInputError(f"unknown judge protocol '{name}'; known: {sorted(PROTOCOLS)} (or --custom-template)")
+        raise UserInputError(
+            f"unknown judge protocol {clip_value(name)}; known: {list(PROTOCOLS)} (or --custom-template)"
+        )
     p = PROTOCOLS[name]
-    return EvalProtocol(p, settings.max_tokens if p.prefill else settings.cot_max_tokens)
+    return EvalProtocol(p, (settings.max_tokens if p.prefill else settings.cot_max_tokens) or p.default_max_tokens)
 
 
 def load_custom_template(path: str | Path, settings: EvalSettings) -> EvalProtocol:
     """A custom protocol from a text file (the template) or a YAML/JSON file (a `CustomTemplate`)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: custom template file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_input_text(path, "custom template file")
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UserInputError(f"{path}: not valid YAML/JSON: {getattr(exc, 'problem', exc)}") from None
+        data = read_yaml(path, "custom template file")
         try:
             spec = CustomTemplate.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise UserInputError(f"{path}: field '{where}': {err['msg']}") from None
+            raise UserInputError(f"{path}: field '{where}': {one_line(str(err['msg']))}") from None
     else:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem) or "template"
         spec = CustomTemplate(name=name, template=text)
-    protocol = custom_protocol(spec.template, prefill=spec.prefill, last_match=spec.last_match)
+    protocol = custom_protocol(spec.template, prefill=spec.prefill, last_match=spec.last_match, where=str(path))
     protocol = dataclasses.replace(protocol, name=f"custom:{spec.name}")
     default = settings.max_tokens if spec.prefill else settings.cot_max_tokens
-    return EvalProtocol(protocol, spec.max_tokens or default)
+    return EvalProtocol(protocol, spec.max_tokens or default or protocol.default_max_tokens)
 
 
 def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
@@ -136,12 +135,7 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
     for value in values:
         path = Path(value).expanduser()
         if path.suffix.lower() in (".yaml", ".yml", ".json"):
-            if not path.is_file():
-                raise UserInputError(f"{value}: judge spec file not found")
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as exc:
-                raise UserInputError(f"{path}: not valid YAML/JSON: {getattr(exc, 'problem', exc)}") from None
+            data = read_yaml(path, "judge spec file")
             if not isinstance(data, dict) or not data:
                 raise UserInputError(f"{path}: expected a model spec or a mapping of names to model specs")
             single = set(data) <= set(ModelSpec.model_fields)
@@ -152,12 +146,14 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
                 except ValidationError as exc:
                     err = exc.errors()[0]
                     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-                    raise UserInputError(f"{path}: judge '{name}': field '{where}': {err['msg']}") from None
+                    raise UserInputError(
+                        f"{path}: judge {clip_value(name)}: field '{where}': {one_line(str(err['msg']))}"
+                    ) from None
             continue
         backend, _, model = value.partition(":")
         if backend not in BACKENDS:
             raise UserInputError(
-                f"--judge {value!r}: expected BACKEND[:MODEL] with a backend in {sorted(BACKENDS)}, "
+                f"--judge {clip_value(value)}: expected BACKEND[:MODEL] with a backend in {list(BACKENDS)}, "
                 "or a YAML/JSON model spec file"
             )
         fields: dict[str, Any] = {"backend": backend, **extra}
@@ -171,10 +167,17 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
             message = str(err["msg"]).removeprefix("Value error, ")
             where = f"field '{field_name}': " if field_name else ""
             raise UserInputError(
-                f"--judge {value!r}: {where}{message} (give such a judge as a YAML/JSON model spec file)"
+                f"--judge {clip_value(value)}: {where}{one_line(message)} "
+                "(give such a judge as a YAML/JSON model spec file)"
             ) from None
     if not judges:
         raise UserInputError("give at least one --judge")
+    for name, spec in judges.items():
+        if "judge" not in BACKENDS[spec.backend].roles:
+            raise UserInputError(
+                f"--judge {clip_value(name)}: backend '{spec.backend}' cannot judge; "
+                f"backends that can: {backends_for('judge')}"
+            )
     return judges
 
 
@@ -222,7 +225,7 @@ def plan_units(
                     continue
                 if not ds.reference_names:
                     msg = (
-                        f"{ds.name}: protocol {p.name} needs references; give --references FILE "
+                        f"{ds.source}: protocol {p.name} needs references; give --references FILE "
                         "or --reference-column COLUMN"
                     )
                     if explicit:
@@ -254,23 +257,19 @@ def unit_calls(unit: Unit, identity: dict[str, Any], top_logprobs: int) -> tuple
         for order in ("forward", "swapped"):
             a, b = _ordered(case, order)
             messages = p.protocol.render(case.instruction, a, b, reference)
-            payload = {
-                "messages": messages,
-                "prefill": p.protocol.prefill,
-                "max_tokens": p.max_tokens,
-                "top_logprobs": top_logprobs,
-            }
-            meta = {
-                "case_id": case.case_id,
-                "case_index": case.index,
-                "label": case.label,
-                "order": order,
-                "len_a": len(a),
-                "len_b": len(b),
-                "prompt_hash": stable_hash(messages, 16),
-            }
-            request = JudgeRequest(messages, p.protocol.prefill, p.max_tokens, top_logprobs)
-            calls.append(Call(request_key("judge", identity, payload), request, meta))
+            meta = {"case_id": case.case_id, "case_index": case.index, "label": case.label, "order": order}
+            calls.append(
+                judge_call(
+                    identity,
+                    messages,
+                    p.protocol.prefill,
+                    p.max_tokens,
+                    top_logprobs,
+                    **meta,
+                    len_a=len(a),
+                    len_b=len(b),
+                )
+            )
     return calls, missing
 
 
@@ -337,7 +336,7 @@ class EvalRun:
 
 
 class JudgeEval:
-    """One judge-eval run into one warehouse (locked while it runs, like a build)."""
+    """One judge-eval run into one warehouse, in the same run lifecycle as a build (`factory.runs.Run`)."""
 
     def __init__(
         self,
@@ -353,88 +352,41 @@ class JudgeEval:
         self.reporter = reporter or Reporter()
         # Looked up at call time (not bound as a default) so tests can substitute the loader.
         self.pool = ModelPool(judges, loader=loader or load_backend)
-        self.run = EvalRun(now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
-        self.calls = CallRunner(wh, self.run.run_id, RECIPE, self.pool, self.reporter)
+        self.notes: list[str] = []
 
-    @contextmanager
-    def _unit_stage(self, unit: Unit, key: str) -> Iterator[StageStats]:
-        st = StageStats(unit.title, key)
-        t0 = time.perf_counter()
-        try:
-            yield st
-        finally:
-            st.seconds = round(time.perf_counter() - t0, 3)
-            self.run.stats.append(st)
-            self.reporter.stage_finished(st)
-
-    def _one(self, unit: Unit) -> None:
+    def _one(self, run: Run, unit: Unit) -> list[dict[str, Any]]:
         identity = model_identity(self.judges[unit.judge])
         calls, missing = unit_calls(unit, identity, self.settings.top_logprobs)
         if missing:
-            self.run.notes.append(f"{unit.title}: {missing} case(s) without reference '{unit.reference}' left out")
+            self.notes.append(f"{unit.title}: {missing} case(s) without reference '{unit.reference}' left out")
+
+        def compute(st: StageStats) -> StageOutput:
+            # Similar lengths in one batch waste less padding; results are keyed, so order is free.
+            ordered = sorted(calls, key=lambda c: len(json.dumps(c.request.messages)))
+            rows = unit_rows(unit, calls, run.call(unit.judge, unit.title, ordered, st))
+            errors = sum(r["parse_status"] == "error" for r in rows)
+            return StageOutput(rows, {"errors": errors, "cases_without_reference": missing}, complete=not errors)
+
         key = unit_key(unit, calls)
-        with self._unit_stage(unit, key) as st:
-            if self.wh.has_version(TABLE, unit.folder, key):
-                rows = self.wh.read_stage(TABLE, unit.folder, key)
-                current = self.wh.current(TABLE, unit.folder)
-                if current is None or current.stage_key != key:
-                    self.wh.set_current(TABLE, unit.folder, key, self.run.run_id, True)
-                st.skipped, st.rows, st.cached_calls = True, len(rows), len(calls)
-            else:
-                # Similar lengths in one batch waste less padding; results are keyed, so order is free.
-                ordered = sorted(calls, key=lambda c: len(json.dumps(c.request.messages)))
-                results = self.calls.run("judge_calls", unit.title, unit.judge, ordered, st)
-                rows = unit_rows(unit, calls, results)
-                for row in rows:
-                    row.update(recipe=RECIPE, run_id=self.run.run_id, stage_key=key)
-                errors = sum(r["parse_status"] == "error" for r in rows)
-                self.wh.write_stage(TABLE, unit.folder, key, self.run.run_id, rows, complete=not errors)
-                rows = self.wh.read_stage(TABLE, unit.folder, key)  # the report reads exactly what is stored
-                st.rows, st.notes = len(rows), {"errors": errors, "cases_without_reference": missing}
-            self.run.rows.extend(rows)
+        run.materialize(TABLE, key, compute, unit=unit.folder, label=unit.title)
+        return self.wh.read_stage(TABLE, unit.folder, key)  # the report reads exactly what is stored
 
     def execute(self, units: list[Unit]) -> EvalRun:
         """Run every unit; the run is recorded in the runs table and the DuckDB views are refreshed."""
-        from factory.build import versions
-
-        with self.wh.lock():
-            started = now()
-            record: dict[str, Any] = {
-                "run_id": self.run.run_id,
-                "recipe": RECIPE,
-                "recipe_hash": stable_hash(
-                    {"settings": self.settings.model_dump(), "units": [u.folder for u in units]}, 16
-                ),
-                "status": "running",
-                "started_at": started,
-                "versions": json.dumps(versions()),
-            }
-            self.wh.write_run(record)
-            try:
+        recipe_hash = Run.hash_of({"settings": self.settings.model_dump(), "units": [u.folder for u in units]})
+        run = Run(self.wh, RECIPE, recipe_hash, self.pool, self.reporter)
+        result = EvalRun(run.run_id, stats=run.stats, notes=self.notes)
+        try:
+            with run:
                 previous: str | None = None
                 for unit in units:
-                    if previous is not None and unit.judge != previous and previous in self.pool.backends:
-                        self.pool.backends.pop(previous).close()  # one judge in memory at a time
+                    if previous is not None and unit.judge != previous:
+                        self.pool.release(previous)  # one judge in memory at a time
                     previous = unit.judge
-                    self._one(unit)
-                failed = sum(int(s.notes.get("errors", 0)) for s in self.run.stats)
-                self.run.status = "incomplete" if failed else "ok"
-            except KeyboardInterrupt:
-                self.run.status, record["error"] = "interrupted", "KeyboardInterrupt"
-                raise
-            except Exception as exc:
-                self.run.status, record["error"] = "failed", f"{type(exc).__name__}: {exc}"
-                raise
-            finally:
-                self.pool.close()
-                record["status"] = self.run.status
-                record["finished_at"] = now()
-                record["seconds"] = (record["finished_at"] - started).total_seconds()
-                record.update(run_totals(self.run.stats))
-                record["stages"] = [{**dataclasses.asdict(s), "notes": json.dumps(s.notes)} for s in self.run.stats]
-                self.wh.write_run(record)
-                self.wh.refresh_database()
-        return self.run
+                    result.rows.extend(self._one(run, unit))
+        finally:
+            result.status = run.status
+        return result
 
 
 def run_judge_eval(
@@ -459,5 +411,5 @@ def run_judge_eval(
     if not units:
         raise UserInputError("nothing to judge: " + "; ".join(notes) if notes else "nothing to judge")
     runner = JudgeEval(wh, settings, judges, reporter, loader)
-    runner.run.notes.extend(notes)
+    runner.notes.extend(notes)
     return runner.execute(units)

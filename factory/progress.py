@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from factory.build import PlannedStage
-from factory.calls import Reporter, StageStats
+from factory.calls import Reporter
+from factory.pipeline import PlannedStage, StageStats
 from factory.warehouse import Warehouse
 
 console = Console(stderr=True)
@@ -61,6 +61,9 @@ class RichReporter(Reporter):
         self.tokens[stage] += tokens_out
         rate = self.tokens[stage] / max(time.perf_counter() - self.started[stage], 1e-9)
         self.progress.update(self.tasks[stage], advance=n, rate=f"{rate:6.1f} tok/s")
+
+    def warn(self, message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
 
     def stage_finished(self, stats: StageStats) -> None:
         if self.quiet:

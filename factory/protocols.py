@@ -141,7 +141,9 @@ Rules:
 
 @dataclass(frozen=True)
 class Protocol:
-    """A judge protocol: the template, whether it shows a reference, and how the answer is read."""
+    """A judge protocol and every fact about it: the template, whether it shows a reference, how many tokens
+    its answer needs, how the answer is read, and how a card or plan describes it. The recipe schema,
+    builds, judge-eval and the CLI all read these facts from `PROTOCOLS`."""
 
     name: str
     template: str
@@ -150,6 +152,10 @@ class Protocol:
     """Text the judge's answer starts with; empty for protocols that reason first."""
     last_match: bool = False
     """Read the last verdict in the answer (chain of thought) rather than the first."""
+    default_max_tokens: int = 8
+    """The judge's token budget when a recipe or judge-eval leaves it unset."""
+    description: str = ""
+    """One line for dataset cards, plans and `--help`."""
 
     def render(
         self, instruction: str, output_a: str, output_b: str, reference: str | None = None
@@ -167,30 +173,71 @@ class Protocol:
         text = re.sub("|".join(re.escape(p) for p in PLACEHOLDERS), lambda m: values[m.group(0)], self.template)
         return [{"role": "user", "content": text}]
 
+    def parse(
+        self, generated: str, tokens: Sequence[str], top_logprobs: Sequence[Sequence[tuple[str, float]]]
+    ) -> Verdict:
+        """Read one answer of this protocol's judge (the text after the prefill, with its tokens)."""
+        return parse_verdict(self.prefill, generated, tokens, top_logprobs, last_match=self.last_match)
 
+
+_REASONING = {"prefill": "", "last_match": True, "default_max_tokens": 256}
+
+# In the order of the paper's Table 1: judge-eval reports them so.
 PROTOCOLS: dict[str, Protocol] = {
-    "reffree": Protocol("reffree", REFFREE, uses_reference=False),
-    "refeval": Protocol("refeval", REFEVAL, uses_reference=True),
-    "refmatch": Protocol("refmatch", REFMATCH, uses_reference=True),
-    "llmbar-base": Protocol("llmbar-base", LLMBAR_BASE, uses_reference=False),
-    "llmbar-ref": Protocol("llmbar-ref", LLMBAR_REF, uses_reference=True),
-    "cot": Protocol("cot", COT, uses_reference=False, prefill="", last_match=True),
+    p.name: p
+    for p in (
+        Protocol("llmbar-base", LLMBAR_BASE, False, description="LLMBar's vanilla rules, no reference"),
+        Protocol("reffree", REFFREE, False, description="reference-free judge (the paper's baseline)"),
+        Protocol("cot", COT, False, **_REASONING, description="reference-free, explains first, then concludes"),
+        Protocol(
+            "llmbar-ref",
+            LLMBAR_REF,
+            True,
+            description="LLMBar's rules with a reference appended after the outputs, without guidance on its use",
+        ),
+        Protocol(
+            "refmatch",
+            REFMATCH,
+            True,
+            description="similarity to a ground-truth reference, conditioned on the instruction being met",
+        ),
+        Protocol(
+            "refeval",
+            REFEVAL,
+            True,
+            description="reference-guided judge: the reference sits between instruction and outputs and anchors "
+            "facts and scope (the paper's method)",
+        ),
+    )
 }
+CUSTOM = "custom"
+"""The protocol name that reads a user template instead of a registered one."""
 
 
 def get_protocol(name: str) -> Protocol:
     """A registered protocol by name."""
     if name not in PROTOCOLS:
-        raise UserInputError(f"unknown judge protocol '{name}'; known: {sorted(PROTOCOLS)}")
+        shown = name if len(name) <= 80 else f"{name[:79]}… ({len(name)} characters)"
+        raise UserInputError(f"unknown judge protocol '{shown}'; known: {list(PROTOCOLS)}")
     return PROTOCOLS[name]
 
 
-def custom_protocol(template: str, *, prefill: str = "Output (", last_match: bool = False) -> Protocol:
+def custom_protocol(
+    template: str, *, prefill: str = "Output (", last_match: bool = False, where: str = "custom judge template"
+) -> Protocol:
     """A user template with the placeholders {instruction}, {reference}, {output_a}, {output_b}."""
     missing = [p for p in ("{instruction}", "{output_a}", "{output_b}") if p not in template]
     if missing:
-        raise UserInputError(f"custom judge template lacks the placeholder(s) {missing}")
-    return Protocol("custom", template, "{reference}" in template, prefill=prefill, last_match=last_match)
+        raise UserInputError(f"{where}: lacks the placeholder(s) {missing}")
+    return Protocol(
+        CUSTOM,
+        template,
+        "{reference}" in template,
+        prefill=prefill,
+        last_match=last_match,
+        default_max_tokens=8 if prefill else 256,
+        description="a user template",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- parsing

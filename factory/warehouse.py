@@ -3,14 +3,21 @@
 Layout under the root (default `warehouse/`):
 
     calls/<generation_calls|judge_calls>/part-<run>-<seq>.parquet   every model call, appended as it arrives
+    calls/<table>/corrupt/part-*.parquet                              unreadable parts, set aside by a build
     tables/<table>/<recipe>/<stage_key>.parquet                     one materialised version of a stage
     tables/<table>/<recipe>/CURRENT.json                             which version the views show
     runs/<run_id>.parquet                                            one row per build
     factory.duckdb                                                   a view per table, for any DuckDB client
+    .lock                                                            held (flock) by the build writing here
 
 Every file is written to a temporary name in the same folder and renamed into place, so a reader (or a
 resumed build) never sees half a file. Like sqlmesh, each stage version is its own physical file and the
 views point at the current one, so going back to an earlier recipe is a pointer change, not a recompute.
+
+A part that is unreadable anyway (a disk filled up, a copy cut short, a file edited by hand) is skipped by
+every reader and named in `Warehouse.skipped_parts`; a build moves it to `corrupt/` so its calls are made
+again. `factory sql` runs in a DuckDB that can read only the files its views read, and only read-only
+statements reach it.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import fcntl
 import json
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -35,6 +45,43 @@ from factory.tables import ALL_TABLES, CALL_TABLES, RUNS, STAGE_TABLES
 
 DB_FILE = "factory.duckdb"
 READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA}
+# PRAGMAs that only describe the catalog or the engine. Every other one is refused: some read or write files
+# (import_database, profiling_output) and some change settings.
+SAFE_PRAGMAS = frozenset(
+    {
+        "table_info",
+        "show_tables",
+        "show_tables_expanded",
+        "show_databases",
+        "database_list",
+        "database_size",
+        "storage_info",
+        "version",
+        "platform",
+        "functions",
+        "collations",
+        "show",
+    }
+)
+# The columns `cached_calls` relies on; a calls part without them cannot be a cache entry.
+CALL_KEY_COLUMNS = ("request_key", "status", "created_at")
+CORRUPT_FOLDER = "corrupt"
+# Errors that come from the query, not from a file: after one of these, only files the message names are read
+# in full to look for damage (reading every file on every typo would make mistakes slow on a big warehouse).
+QUERY_ERRORS = (
+    duckdb.ParserException,
+    duckdb.BinderException,
+    duckdb.CatalogException,
+    duckdb.ConversionException,
+    duckdb.OutOfRangeException,
+    duckdb.ConstraintException,
+    duckdb.InvalidInputException,
+    duckdb.NotImplementedException,
+    duckdb.TypeMismatchException,
+    duckdb.OutOfMemoryException,
+    duckdb.InterruptException,
+)
+_T = TypeVar("_T")
 
 
 def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
@@ -43,9 +90,47 @@ def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     return fetch()
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _sql_list(paths: Sequence[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def check_folder(path: Path) -> None:
+    """Raise UserInputError if `path` exists but is not a folder, or lies under a regular file.
+
+    Without this, `mkdir` and `open` fail with NotADirectoryError or FileExistsError tracebacks that do not
+    say which of the path's parts is the file.
+    """
+    for candidate in (path, *path.parents):
+        try:
+            mode = candidate.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # does not exist (yet); the first part that exists decides
+        except OSError as exc:
+            raise UserInputError(f"{path}: cannot be used as a folder ({exc.strerror})") from None
+        if stat.S_ISDIR(mode):
+            return
+        where = "it is a file" if candidate == path else f"{candidate} is a file"
+        raise UserInputError(f"{path}: is not a folder ({where})")
+
+
+def _make_folder(path: Path) -> None:
+    check_folder(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot create this folder ({exc.strerror})") from None
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -76,6 +161,101 @@ def to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=schema)
 
 
+# ---------------------------------------------------------------------------------------------- locking
+def _holder(fd: int) -> str:
+    """Who holds a lock file, as the holder wrote it; never raises (the file may be empty or garbage)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        started = datetime.fromtimestamp(float(info["started"]), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"started {started} by pid {int(info['pid'])}"
+    except Exception:  # the details are a courtesy; the lock itself is what matters
+        return "held by another process"
+
+
+@contextlib.contextmanager
+def _flock(lock_file: Path, busy: Callable[[str], str]) -> Iterator[None]:
+    """Hold an exclusive, non-blocking flock on `lock_file`; FactoryError(busy(holder)) if it is taken.
+
+    The file is opened without truncating it, so a process that finds it taken can still read who holds it.
+    The kernel drops the lock when the holder dies, so a crashed build never leaves the folder locked.
+    """
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserInputError(f"{lock_file}: cannot open this lock file ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FactoryError(busy(_holder(fd))) from None
+        with contextlib.suppress(OSError):  # who holds it is for messages only
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": time.time()}).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(path: Path, what: str) -> Iterator[None]:
+    """Lock a folder outside the warehouse (e.g. an export folder) against a second writer.
+
+    The lock is the hidden file `.<name>.lock` beside the folder, in its parent (created if needed), so the
+    folder itself can be replaced or emptied while locked. `what` names the folder in the error message,
+    e.g. "export folder". Non-blocking: FactoryError when another process holds it.
+    """
+    path = Path(path).resolve()
+    check_folder(path)
+    _make_folder(path.parent)
+    lock_file = path.parent / f".{path.name}.lock"
+    with _flock(lock_file, lambda holder: f"{path}: another process is writing this {what} ({holder}); wait for it"):
+        yield
+
+
+# ------------------------------------------------------------------------------------------ parquet checks
+def _footer_problem(path: Path, required: Sequence[str]) -> str | None:
+    """What is wrong with a Parquet file's footer and schema, read without reading its data; None if fine."""
+    if not path.is_file():
+        return "not a file"
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return _first_line(exc)
+    if not schema.names:
+        return "no columns"
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        return f"no column {', '.join(missing)}"
+    for name in required:
+        kind = schema.field(name).type
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        if not (pa.types.is_timestamp(kind) if name == "created_at" else text):
+            return f"column {name} has type {kind}"
+    return None
+
+
+def _data_problem(path: Path) -> str | None:
+    """What goes wrong reading every page of a Parquet file (slower than the footer check); None if fine."""
+    try:
+        pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return _first_line(exc)
+    try:  # pyarrow and DuckDB have different readers: a file only DuckDB chokes on is just as unusable
+        con = duckdb.connect(config={"threads": 1, "autoload_known_extensions": False})
+        try:
+            _arrow(con.sql("SELECT * FROM read_parquet(?)", params=[str(path)]))
+        finally:
+            con.close()
+    except duckdb.Error as exc:
+        return _first_line(exc)
+    return None
+
+
 @dataclass(frozen=True)
 class Current:
     """The version of one stage table that the views show."""
@@ -91,27 +271,142 @@ class Warehouse:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
         self._seq = 0
+        # Unreadable Parquet files this instance skipped (read-only paths never move files): the CLI names
+        # them in a warning. A build moves calls parts to corrupt/ instead (see quarantine_corrupt_parts).
+        self.skipped_parts: list[Path] = []
+        self.skip_reasons: dict[Path, str] = {}
+        # Checks already made, keyed by (path, size, mtime_ns): a file that changes is checked again.
+        self._checked: dict[tuple[str, int, int], str | None] = {}
+        self._holding_lock = False
+        self._view_files: list[str] = []
+
+    def _check_root(self) -> None:
+        check_folder(self.root)
 
     # ------------------------------------------------------------------------------------------ locking
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the warehouse for one build, so two builds never interleave their writes."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FactoryError(f"{self.root}: another build holds this warehouse") from None
+        """Hold the warehouse for one build, so two builds never interleave their writes (non-blocking)."""
+        _make_folder(self.root)
+
+        def busy(holder: str) -> str:
+            return f"{self.root}: another build is using this warehouse ({holder}); wait for it to finish"
+
+        with _flock(self.root / ".lock", busy):
+            self._holding_lock = True
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                self._holding_lock = False
+
+    # ------------------------------------------------------------------------------------ file checks
+    def _stat_key(self, path: Path) -> tuple[str, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (str(path), st.st_size, st.st_mtime_ns)
+
+    def _is_call_part(self, path: Path) -> bool:
+        return path.parent.parent == self.root / "calls"
+
+    def _problem(self, path: Path) -> str | None:
+        """The cached footer check of one file (calls parts need the cache's columns); None if it looks fine."""
+        key = self._stat_key(path)
+        if key is None:
+            return "cannot be read"
+        if key not in self._checked:
+            self._checked[key] = _footer_problem(path, CALL_KEY_COLUMNS if self._is_call_part(path) else ())
+        return self._checked[key]
+
+    def _mark_bad(self, path: Path, problem: str) -> None:
+        """Remember a file as unusable until it changes (a deeper check found what the footer hid)."""
+        key = self._stat_key(path)
+        if key is not None:
+            self._checked[key] = problem
+
+    def _skip(self, path: Path, problem: str) -> None:
+        if path not in self.skip_reasons:
+            self.skipped_parts.append(path)
+        self.skip_reasons[path] = problem
+
+    def _usable(self, paths: Iterable[str]) -> list[str]:
+        """The files that pass the footer check; the others are skipped (or set aside while building)."""
+        good = []
+        for p in paths:
+            path = Path(p)
+            problem = self._problem(path)
+            if problem is not None and not os.path.lexists(path):
+                continue  # removed since it was listed: nothing to read, skip or move
+            if problem is None:
+                good.append(p)
+            elif self._holding_lock and self._is_call_part(path):
+                self._quarantine(path)
+            else:
+                self._skip(path, problem)
+        return good
+
+    def _quarantine(self, part: Path) -> Path:
+        """Move a calls part to calls/<table>/corrupt/, where the part-*.parquet glob never looks."""
+        folder = part.parent / CORRUPT_FOLDER
+        folder.mkdir(exist_ok=True)
+        target, n = folder / part.name, 1
+        while target.exists():  # the same name set aside before: keep both
+            target, n = folder / f"{part.stem}.{n}{part.suffix}", n + 1
+        os.replace(part, target)
+        if part in self.skip_reasons:
+            del self.skip_reasons[part]
+            self.skipped_parts.remove(part)
+        return target
+
+    def quarantine_corrupt_parts(self) -> list[Path]:
+        """Move every unreadable calls part to calls/<table>/corrupt/ and return where each went.
+
+        Call it with the warehouse lock held (a build does, at its start): those calls then count as not
+        cached and are made again. The check reads footers only; a part whose pages turn out corrupt later
+        is set aside by `cached_calls` when it fails.
+        """
+        self._check_root()
+        moved = []
+        for table in CALL_TABLES:
+            for part in map(Path, self._parts(table)):
+                if self._problem(part) is not None and os.path.lexists(part):
+                    moved.append(self._quarantine(part))
+        return moved
+
+    def skipped_warning(self) -> str | None:
+        """One line naming the unreadable files that reads skipped, or None when there were none."""
+        if not self.skipped_parts:
+            return None
+        names = ", ".join(str(p) for p in self.skipped_parts)
+        return f"warning: skipped {len(self.skipped_parts)} unreadable Parquet file(s): {names}"
+
+    def _set_aside_named(self, message: str, files: Sequence[str], search_all: bool = True) -> bool:
+        """After a DuckDB read error: find the bad files among `files`, skip or set them aside; any found?
+
+        Files the message names are read in full first; if none of them is bad and `search_all`, every file
+        is (one by one), since DuckDB does not always say which file it was reading.
+        """
+        named = [f for f in files if f in message]
+        rest = [f for f in files if f not in named] if search_all else []
+        for candidates in (named, rest):
+            found = False
+            for f in candidates:
+                problem = _data_problem(Path(f))
+                if problem is not None:
+                    found = True
+                    self._mark_bad(Path(f), problem)
+                    self._usable([f])  # skips it, or quarantines it while a build holds the lock
+            if found:
+                return True
+        return False
 
     # ------------------------------------------------------------------------------------------- calls
     def append_calls(self, table: str, run_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Flush a batch of model-call rows as one new part file."""
         if not rows:
             return
+        self._check_root()
         self._seq += 1
         path = self.root / "calls" / table / f"part-{run_id}-{self._seq:06d}.parquet"
         atomic_write_parquet(path, to_table(rows, CALL_TABLES[table]))
@@ -121,34 +416,64 @@ class Warehouse:
         return sorted(str(p) for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
 
     def cached_calls(self, table: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """The newest successful call for each request key that has one; failures never count."""
-        parts = self._parts(table)
+        """The newest successful call for each request key that has one; failures never count.
+
+        Unreadable parts are left out (their calls count as not cached): skipped and named in
+        `skipped_parts`, or moved to corrupt/ while this instance holds the lock.
+        """
         wanted = pa.table({"request_key": pa.array(sorted(set(keys)), pa.string())})
-        if not parts or wanted.num_rows == 0:
+        if wanted.num_rows == 0:
             return {}
-        con = duckdb.connect()
-        con.register("wanted", wanted)
-        relation = con.sql(
-            "SELECT c.* FROM read_parquet(?, union_by_name=true) c "
-            "JOIN wanted USING (request_key) WHERE c.status = 'ok' "
-            "QUALIFY row_number() OVER (PARTITION BY c.request_key ORDER BY c.created_at DESC) = 1",
-            params=[parts],
-        )
-        result = _arrow(relation)
-        con.close()
+        while True:  # each retry leaves out at least one more part, so this ends
+            parts = self._usable(self._parts(table))
+            if not parts:
+                return {}
+            try:
+                return self._read_cached(parts, wanted)
+            except duckdb.Error as exc:
+                if not self._set_aside_named(str(exc), parts):
+                    folder = self.root / "calls" / table
+                    raise FactoryError(f"{folder}: cannot read the call cache: {_first_line(exc)}") from None
+
+    @staticmethod
+    def _read_cached(parts: list[str], wanted: pa.Table) -> dict[str, dict[str, Any]]:
+        con = duckdb.connect(config={"autoload_known_extensions": False, "python_enable_replacements": False})
+        try:
+            con.register("wanted", wanted)
+            relation = con.sql(
+                "SELECT c.* FROM read_parquet(?, union_by_name=true) c "
+                "JOIN wanted USING (request_key) WHERE c.status = 'ok' "
+                "QUALIFY row_number() OVER (PARTITION BY c.request_key ORDER BY c.created_at DESC) = 1",
+                params=[parts],
+            )
+            result = _arrow(relation)
+        finally:
+            con.close()
         return {row["request_key"]: row for row in result.to_pylist()}
 
     # ------------------------------------------------------------------------------------ stage tables
     def _folder(self, table: str, recipe: str) -> Path:
         return self.root / "tables" / table / recipe
 
+    @staticmethod
+    def _read_pointer(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("stage_key"), str):
+                raise ValueError("no stage_key")
+            return data
+        except (OSError, ValueError) as exc:
+            raise FactoryError(
+                f"{path}: not a readable CURRENT.json ({_first_line(exc)}); delete it to rebuild that stage"
+            ) from None
+
     def current(self, table: str, recipe: str) -> Current | None:
         """The version of `table` the views show for `recipe`, if any."""
         path = self._folder(table, recipe) / "CURRENT.json"
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        return Current(data["stage_key"], data["complete"], data["run_id"])
+        data = self._read_pointer(path)
+        return Current(data["stage_key"], bool(data.get("complete")), str(data.get("run_id")))
 
     def has_version(self, table: str, recipe: str, stage_key: str) -> bool:
         """Whether a complete version of this stage exists (it may be an older, not current, one)."""
@@ -159,6 +484,7 @@ class Warehouse:
         self, table: str, recipe: str, stage_key: str, run_id: str, rows: Sequence[dict[str, Any]], complete: bool
     ) -> None:
         """Materialise a stage version and make it current. Incomplete versions are shown but redone."""
+        self._check_root()
         folder = self._folder(table, recipe)
         atomic_write_parquet(folder / f"{stage_key}.parquet", to_table(rows, STAGE_TABLES[table]))
         marker = folder / f"{stage_key}.complete"
@@ -170,6 +496,7 @@ class Warehouse:
 
     def set_current(self, table: str, recipe: str, stage_key: str, run_id: str, complete: bool) -> None:
         """Point the views at one version of a stage table."""
+        self._check_root()
         data = {"stage_key": stage_key, "complete": complete, "run_id": run_id}
         atomic_write_bytes(self._folder(table, recipe) / "CURRENT.json", json.dumps(data).encode())
 
@@ -181,7 +508,7 @@ class Warehouse:
         base = self.root / "tables" / table
         files = []
         for pointer in sorted(base.glob("*/CURRENT.json")) if base.is_dir() else []:
-            key = json.loads(pointer.read_text())["stage_key"]
+            key = self._read_pointer(pointer)["stage_key"]
             path = pointer.parent / f"{key}.parquet"
             if path.is_file():
                 files.append(str(path))
@@ -190,81 +517,154 @@ class Warehouse:
     # -------------------------------------------------------------------------------------------- runs
     def write_run(self, row: dict[str, Any]) -> None:
         """Record (or update) one build's row in the runs table."""
+        self._check_root()
         atomic_write_parquet(self.root / "runs" / f"{row['run_id']}.parquet", to_table([row], RUNS))
 
     # --------------------------------------------------------------------------------------------- SQL
     def _sources(self) -> dict[str, list[str]]:
-        files = {t: self._current_files(t) for t in STAGE_TABLES}
-        files.update({t: self._parts(t) for t in CALL_TABLES})
+        """The readable files behind each view (unreadable ones are skipped and named in skipped_parts)."""
+        files = {t: self._usable(self._current_files(t)) for t in STAGE_TABLES}
+        files.update({t: self._usable(self._parts(t)) for t in CALL_TABLES})
         runs = self.root / "runs"
-        files["runs"] = sorted(str(p) for p in runs.glob("*.parquet")) if runs.is_dir() else []
+        files["runs"] = self._usable(sorted(str(p) for p in runs.glob("*.parquet")) if runs.is_dir() else [])
         return files
 
-    def _define_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        for table, paths in self._sources().items():
+    def _define_views(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        """Create one view per table in `con`; returns every file the views read."""
+        sources = self._sources()
+        # Known before any view is created, so a failure part-way can be traced to one of these files.
+        self._view_files = [p for paths in sources.values() for p in paths]
+        for table, paths in sources.items():
             if paths:
-                listing = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
                 con.execute(
-                    f'CREATE OR REPLACE VIEW "{table}" AS SELECT * FROM read_parquet([{listing}], union_by_name=true)'
+                    f'CREATE OR REPLACE VIEW "{table}" AS SELECT * FROM read_parquet({_sql_list(paths)}, '
+                    "union_by_name=true)"
                 )
             else:
                 # An empty table with the right columns, so queries over a new warehouse still type-check.
                 con.register("_empty", ALL_TABLES[table].empty_table())
                 con.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _empty')
                 con.unregister("_empty")
+        return self._view_files
 
     def refresh_database(self) -> Path:
-        """Rewrite factory.duckdb: one view per table over the current Parquet files (absolute paths)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Rewrite factory.duckdb: one view per table over the current Parquet files (absolute paths).
+
+        Built under a temporary name and renamed into place. A file the views cannot read is skipped (see
+        `skipped_parts`); any other failure removes the temporary database and its write-ahead log, and
+        raises FactoryError saying why.
+        """
+        _make_folder(self.root)
         target = self.root / DB_FILE
-        fd, tmp = tempfile.mkstemp(prefix=".factory-", suffix=".duckdb", dir=self.root)
-        os.close(fd)
-        os.unlink(tmp)  # DuckDB wants to create the file itself
-        con = duckdb.connect(tmp)
-        try:
-            self._define_views(con)
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        os.replace(tmp, target)
-        return target
+        while True:  # each retry leaves out at least one more unreadable file, so this ends
+            fd, tmp = tempfile.mkstemp(prefix=".factory-", suffix=".duckdb", dir=self.root)
+            os.close(fd)
+            os.unlink(tmp)  # DuckDB wants to create the file itself
+            try:
+                try:
+                    con = duckdb.connect(tmp)
+                    try:
+                        self._define_views(con)
+                        con.execute("CHECKPOINT")
+                    finally:
+                        con.close()
+                except duckdb.Error as exc:
+                    if self._set_aside_named(str(exc), self._view_files):
+                        continue
+                    raise FactoryError(f"{target}: cannot write the views: {_first_line(exc)}") from None
+                try:
+                    os.replace(tmp, target)
+                except OSError as exc:
+                    raise FactoryError(f"{target}: cannot be replaced ({exc.strerror or exc})") from None
+                return target
+            finally:
+                # Nothing of a failed attempt stays behind (after a successful rename there is nothing left).
+                for leftover in (tmp, tmp + ".wal"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB with the views defined afresh; files cannot be written through it."""
+        """An in-memory DuckDB with the views defined afresh, confined to the files those views read.
+
+        Once the views exist, DuckDB's own settings forbid any other file access (reads included), extension
+        loading and installing, and further setting changes. Writing statements must still be kept away
+        from it (see `query`): DuckDB would let COPY overwrite one of the allowed files.
+        """
+        self._check_root()
         if not self.root.is_dir():
             raise UserInputError(f"{self.root}: no warehouse here (run `factory build RECIPE` first)")
-        con = duckdb.connect(config={"threads": 2})
-        self._define_views(con)
-        return con
+        while True:
+            con = duckdb.connect(
+                config={
+                    "threads": 2,
+                    "autoinstall_known_extensions": False,
+                    "autoload_known_extensions": False,
+                    "allow_community_extensions": False,
+                    "python_enable_replacements": False,  # no reading the caller's Python variables
+                }
+            )
+            try:
+                files = self._define_views(con)
+                # allowed_paths must be set before external access is turned off, and locked after.
+                con.execute(f"SET allowed_paths = {_sql_list(files)}")
+                con.execute("SET enable_external_access = false")
+                con.execute("SET lock_configuration = true")
+                return con
+            except duckdb.Error as exc:
+                con.close()
+                if not self._set_aside_named(str(exc), self._view_files):
+                    raise FactoryError(f"{self.root}: cannot define the table views: {_first_line(exc)}") from None
+            except BaseException:
+                con.close()
+                raise
+
+    def _with_views(self, work: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T:
+        """Run `work` on a fresh confined connection, again without any part that turns out unreadable."""
+        while True:
+            con = self.connect()
+            try:
+                return work(con)
+            except duckdb.Error as exc:
+                if isinstance(exc, duckdb.ParserException | duckdb.PermissionException):
+                    raise
+                if not self._set_aside_named(str(exc), self._view_files, not isinstance(exc, QUERY_ERRORS)):
+                    raise
+            finally:
+                con.close()
 
     def query(self, sql: str) -> pa.Table:
-        """Run one read-only SQL query over the warehouse's views."""
-        con = self.connect()
-        try:
-            statements = con.extract_statements(sql)
-            kinds = {s.type for s in statements}
-            if not statements or not kinds <= READ_ONLY:
-                names = sorted(k.name for k in kinds - READ_ONLY) or ["nothing"]
-                raise UserInputError(f"factory sql runs one read-only query (SELECT, DESCRIBE, ...), got {names}")
-            if len(statements) > 1:
-                raise UserInputError("factory sql runs one query at a time")
+        """Run one read-only SQL query over the warehouse's views.
+
+        Refused with UserInputError: several statements, anything that writes or changes settings, EXPLAIN
+        ANALYZE (it runs the statement), PRAGMAs outside SAFE_PRAGMAS, and any file access beyond the views.
+        """
+
+        def run(con: duckdb.DuckDBPyConnection) -> pa.Table:
+            _check_read_only(con, sql)
             relation = con.sql(sql)
             return pa.table({}) if relation is None else _arrow(relation)
+
+        try:
+            return self._with_views(run)
+        except duckdb.PermissionException as exc:
+            short = re.sub(r"^Permission Error:\s*", "", _first_line(exc))
+            raise UserInputError(f"factory sql reads only the warehouse's tables: {short}") from None
         except duckdb.Error as exc:
             hint = ""
             if isinstance(exc, duckdb.ParserException) and re.search(r'(?<!")\breferences\b(?!")', sql, re.I):
                 hint = ' (REFERENCES is an SQL keyword: quote the table name, FROM "references")'
-            raise UserInputError(f"SQL error: {str(exc).splitlines()[0]}{hint}") from None
-        finally:
-            con.close()
+            raise UserInputError(f"SQL error: {_first_line(exc)}{hint}") from None
 
     def row_counts(self) -> dict[str, int]:
         """Rows per table in the current views."""
-        con = self.connect()
-        try:
+
+        def count(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
             return {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in ALL_TABLES}
-        finally:
-            con.close()
+
+        try:
+            return self._with_views(count)
+        except duckdb.Error as exc:
+            raise FactoryError(f"{self.root}: cannot count rows: {_first_line(exc)}") from None
 
     # ------------------------------------------------------------------------- judge-eval (new helpers)
     def current_rows(self, table: str) -> list[dict[str, Any]]:
@@ -276,11 +676,64 @@ class Warehouse:
             return []
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pylist()
 
-    def write_report(self, folder: str | Path, files: dict[str, str]) -> list[Path]:
-        """Write report files (CSV, Markdown) atomically into `folder`, which may lie outside the root."""
-        out = []
-        for name, text in files.items():
-            path = Path(folder) / name
-            atomic_write_bytes(path, text.encode("utf-8"))
-            out.append(path)
-        return out
+
+# ------------------------------------------------------------------------------------- read-only statements
+_REFUSAL = "factory sql runs one read-only query (SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, a few PRAGMAs)"
+_COMMENTS = re.compile(r"/\*.*?\*/|--[^\n]*", re.S)
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?:(ANALY[SZ]E)\b\s*)?(?:\(([^)]*)\)\s*)?(.*)$", re.S | re.I)
+
+
+def _refuse(what: str) -> UserInputError:
+    return UserInputError(f"{_REFUSAL}: got {what}")
+
+
+def _check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse anything but one statement that only reads: SELECT-like statements, EXPLAIN of a SELECT without
+    ANALYZE (which would run the statement, a COPY TO included), PRAGMAs in SAFE_PRAGMAS and their CALL form.
+
+    DuckDB's settings confine file access too, but a COPY TO a file the views read is allowed by them, so
+    this check is what keeps the warehouse unwritable through `factory sql`.
+    """
+    try:
+        statements = con.extract_statements(sql)
+    except ValueError:  # a statement type the Python API cannot name (e.g. UPDATE EXTENSIONS)
+        raise _refuse(" ".join(_COMMENTS.sub(" ", sql).split()[:2]).upper() or "nothing") from None
+    if not statements:
+        raise _refuse("nothing (an empty query)")
+    if len(statements) != 1:
+        raise _refuse(f"{len(statements)} statements")
+    statement = statements[0]
+    try:
+        kind = statement.type
+    except ValueError:
+        raise _refuse(" ".join(_COMMENTS.sub(" ", statement.query).split()[:2]).upper()) from None
+    text = _COMMENTS.sub(" ", statement.query).strip()
+    if kind == duckdb.StatementType.SELECT:
+        return
+    if kind == duckdb.StatementType.EXPLAIN:
+        match = _EXPLAIN.match(text)
+        if match is None:
+            raise _refuse("EXPLAIN")
+        analyze, options, inner = match.groups()
+        if analyze or (options and re.search(r"\bANALY[SZ]E\b", options, re.I)):
+            raise _refuse("EXPLAIN ANALYZE")
+        try:
+            inner_kinds = [s.type for s in con.extract_statements(inner)]
+        except (ValueError, duckdb.Error):
+            raise _refuse("EXPLAIN of a statement that is not a query") from None
+        if inner_kinds != [duckdb.StatementType.SELECT]:
+            raise _refuse(f"EXPLAIN {' '.join(k.name for k in inner_kinds)}")
+        return
+    if kind == duckdb.StatementType.PRAGMA:
+        match = re.match(r"PRAGMA\s+([A-Za-z_][A-Za-z0-9_]*)", text, re.I)
+        name = match.group(1).lower() if match else "?"
+        if name in SAFE_PRAGMAS and "=" not in text:
+            return
+        raise _refuse(f"PRAGMA {name}")
+    if kind == duckdb.StatementType.CALL:
+        match = re.match(r"CALL\s+pragma_([A-Za-z_][A-Za-z0-9_]*)\s*\(", text, re.I)
+        if match and match.group(1).lower() in SAFE_PRAGMAS:
+            return
+        raise _refuse("CALL")
+    # The statement's own first word reads better than DuckDB's type name (INSTALL is of type LOAD).
+    raise _refuse(text.split()[0].upper() if text else kind.name)

@@ -4,8 +4,9 @@ It sits between the backend and an upstream server on 127.0.0.1 and answers each
 seeded schedule: a 429 burst, 500s, dropped connections, slow answers, stalls past the client's timeout and
 truncated JSON, then plain forwarding. GET requests (the backend's `/models` probe) are always forwarded.
 A request whose body contains `poison` is refused with 500 every time, to test a request that never gets
-through. The proxy counts what it did, serves at most `max_requests`, and shuts itself down after
-`lifetime_s` even if a test forgets to.
+through. With `echo_headers` every injected error repeats the request's headers (the API key included)
+in its body, as a careless gateway might, to test that no error text keeps the key. The proxy counts what
+it did, serves at most `max_requests`, and shuts itself down after `lifetime_s` even if a test forgets to.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class FaultProxy:
         stall_s: float = 3.0,
         max_requests: int = 2000,
         lifetime_s: float = 1800.0,
+        echo_headers: bool = False,
     ) -> None:
         unknown = set(plan) - {"ok", *FAULT_KINDS}
         if unknown:
@@ -83,6 +85,7 @@ class FaultProxy:
         self.poison = poison.encode() if poison else None
         self.slow_s, self.stall_s = slow_s, stall_s
         self.max_requests = max_requests
+        self.echo_headers = echo_headers
         self.log = ProxyLog()
         self._lock = threading.Lock()
         self._requests = 0
@@ -172,6 +175,8 @@ class FaultProxy:
                 self.wfile.write(data)
 
             def _error(self, status: int, message: str, **extra: str) -> None:
+                if proxy.echo_headers:
+                    message += f"; request headers: {dict(self.headers.items())}"
                 self._send(status, json.dumps({"error": {"message": message, "code": status}}).encode(), **extra)
 
             def _drop(self) -> None:

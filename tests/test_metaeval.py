@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from factory.backends import JudgeOutput, JudgeRequest
 from factory.errors import UserInputError
 from factory.evalsets import NamedPath, read_eval_set
 from factory.evalstats import (
@@ -34,7 +33,9 @@ from factory.evalstats import (
     table1,
 )
 from factory.metaeval import EvalSettings, builtin_protocol, load_custom_template, parse_judges, run_judge_eval
+from factory.protocols import PROTOCOLS
 from factory.recipe import ModelSpec
+from factory.requests import JudgeOutput, JudgeRequest, TransientError
 from factory.warehouse import Warehouse
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "JUDGE_EVAL.md"
@@ -95,9 +96,6 @@ class Scripted:
     def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]:
         self.calls += len(requests)
         return [self.policy(r) for r in requests]
-
-    def generate(self, requests: Sequence[Any]) -> list[Any]:
-        raise AssertionError("judge-eval never generates")
 
     def close(self) -> None:
         pass
@@ -189,7 +187,7 @@ def test_lookup_judge_accuracy_known_by_construction(tmp_path: Path, data_file: 
 
 def test_cot_verdict_read_from_last_match(tmp_path: Path, data_file: Path) -> None:
     def reason(r: JudgeRequest) -> JudgeOutput:
-        assert r.prefill == "" and r.max_tokens == SETTINGS.cot_max_tokens
+        assert r.prefill == "" and r.max_tokens == PROTOCOLS["cot"].default_max_tokens
         if shown_a(r).endswith("-3") or "good-3 " in shown_a(r):  # case 3: no verdict at all
             return JudgeOutput("Both are fine.", ["Both", " are fine."], [[("a", -0.1)], [("x", 0.0)]], 80, 2)
         right = "a" if shown_a(r).startswith("good") else "b"
@@ -333,13 +331,28 @@ def test_rerun_makes_no_calls(tmp_path: Path, data_file: Path) -> None:
 def test_failed_calls_are_rows_and_retried(tmp_path: Path, data_file: Path) -> None:
     wh = Warehouse(tmp_path / "wh")
 
-    def broken(_: JudgeRequest) -> JudgeOutput:
-        raise RuntimeError("backend down")
+    def down(_: JudgeRequest) -> JudgeOutput:
+        raise TransientError("backend down (HTTP 503)")
 
-    result, _ = run(wh, data_file, broken)
+    result, _ = run(wh, data_file, down)
     assert result.status == "incomplete"
     m = metric_of(result.rows, "reffree")
     assert m["accuracy"] == 0.0 and m["call_errors"] == 20 and m["parse_failure_rate"] == 1.0
+    retry, backend = run(wh, data_file, always_a)
+    assert backend.calls == 20 and retry.status == "ok"
+
+
+def test_a_non_transient_failure_stops_the_run_and_is_not_stored(tmp_path: Path, data_file: Path) -> None:
+    wh = Warehouse(tmp_path / "wh")
+
+    def buggy(_: JudgeRequest) -> JudgeOutput:
+        raise KeyError("a programming error in a backend")
+
+    with pytest.raises(KeyError):
+        run(wh, data_file, buggy)
+    (row,) = wh.query("SELECT status, error FROM runs").to_pylist()
+    assert row["status"] == "failed" and "KeyError" in row["error"]
+    assert wh.query("SELECT count(*) AS n FROM judge_calls").to_pylist() == [{"n": 0}]
     retry, backend = run(wh, data_file, always_a)
     assert backend.calls == 20 and retry.status == "ok"
 
@@ -452,7 +465,7 @@ def test_custom_templates_and_judge_specs(tmp_path: Path, data_file: Path) -> No
     text = tmp_path / "mine.txt"
     text.write_text("Q: {instruction}\n\n# Output (a):\n{output_a}\n\n# Output (b):\n{output_b}\n\nBetter?")
     p = load_custom_template(text, SETTINGS)
-    assert p.name == "custom:mine" and not p.protocol.uses_reference and p.max_tokens == SETTINGS.max_tokens
+    assert p.name == "custom:mine" and not p.protocol.uses_reference and p.max_tokens == 8
     backend = Scripted(oracle({}))
     ds = read_eval_set(str(data_file))
     out = run_judge_eval([ds], JUDGE, [p], SETTINGS, Warehouse(tmp_path / "wh2"), loader=lambda s: backend)

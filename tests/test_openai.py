@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -29,14 +30,23 @@ pytest.importorskip("httpx", reason="the openai backend needs the `openai` extra
 
 from fault_proxy import FaultProxy, schedule
 
-from factory.backends import GenerationRequest, JudgeRequest, RequestFailed
 from factory.backends.openai_backend import OpenAIBackend, model_prices
-from factory.errors import UserInputError
+from factory.errors import FactoryError, UserInputError
 from factory.protocols import get_protocol
 from factory.recipe import ModelSpec, SamplingParams
+from factory.requests import GenerationRequest, JudgeRequest, RequestFailed
 from factory.warehouse import Warehouse
 
 # --------------------------------------------------------------------------------- the scripted upstream
+
+
+Reply = tuple[int, "dict[str, Any] | Callable[[dict[str, str]], dict[str, Any]]"]
+"""A canned HTTP answer: status and JSON body, or a function of the request's headers that makes the body."""
+
+
+def echo_headers(headers: dict[str, str]) -> dict[str, Any]:
+    """An error body that repeats the request's headers back, as some misconfigured gateways do."""
+    return {"error": {"message": f"upstream failed; request headers were {headers}", "code": 500}}
 
 
 class ScriptedUpstream:
@@ -45,10 +55,22 @@ class ScriptedUpstream:
     Judge requests (`logprobs: true`) get a verdict that depends on the request body, with log-probabilities;
     with `continue_final_message` the answer continues the prefill, otherwise it writes `Output (x)` whole.
     Generation requests get `n` short distinct texts. Usage is 10 prompt tokens and 3 tokens per output.
+    `replies` answer the first POSTs in order (then `always`, if given, answers every other POST);
+    `models_status` other than 200 makes `/v1/models` fail with that status.
     """
 
-    def __init__(self, owned_by: str = "vllm", model: str = "stub-model") -> None:
+    def __init__(
+        self,
+        owned_by: str = "vllm",
+        model: str = "stub-model",
+        replies: list[Reply] | None = None,
+        always: Reply | None = None,
+        models_status: int = 200,
+    ) -> None:
         self.owned_by, self.model = owned_by, model
+        self.replies, self.always, self.models_status = list(replies or []), always, models_status
+        self.posts = 0
+        """Every POST received, canned replies and unknown routes included."""
         self.requests: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
         self._lock = threading.Lock()
@@ -122,21 +144,31 @@ class ScriptedUpstream:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if status in (429, 503):
+                    self.send_header("Retry-After", "0")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path != "/v1/models":
-                    self._send(404, {"error": {"message": "not found"}})
+                if self.path != "/v1/models" or upstream.models_status != 200:
+                    self._send(upstream.models_status if self.path == "/v1/models" else 404, {"error": "no listing"})
                     return
                 self._send(200, {"object": "list", "data": [{"id": upstream.model, "owned_by": upstream.owned_by}]})
 
             def do_POST(self) -> None:
-                if self.path != "/v1/chat/completions":
-                    self._send(404, {"error": {"message": f"no route {self.path}"}})
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with upstream._lock:
+                    upstream.posts += 1
+                    reply = upstream.replies.pop(0) if upstream.replies else upstream.always
+                if reply is not None:
+                    status, body_or_fn = reply
+                    self._send(status, body_or_fn(dict(self.headers)) if callable(body_or_fn) else body_or_fn)
                     return
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if self.path != "/v1/chat/completions":
+                    self._send(404, {"error": {"message": f"no route {self.path}", "code": 404}})
+                    return
+                body = json.loads(raw)
                 with upstream._lock:
                     upstream.requests.append(body)
                     upstream.auth.append(self.headers.get("Authorization"))
@@ -208,15 +240,141 @@ def test_a_request_that_keeps_failing_is_one_error_and_the_rest_stand(fast_retri
     assert proxy.log.poisoned == 3  # the first try and two retries
 
 
-def test_client_errors_are_not_retried(fast_retries: None) -> None:
+def test_an_unknown_url_stops_the_call_without_retrying(fast_retries: None) -> None:
+    # A 404 is the recipe's fault (base_url or model name): no retry, and no error row a rerun would repeat.
     with ScriptedUpstream() as upstream:
-        backend = OpenAIBackend(spec(f"http://127.0.0.1:{upstream.port}/nowhere", max_retries=5))
+        url = f"http://127.0.0.1:{upstream.port}/nowhere"
+        backend = OpenAIBackend(spec(url, max_retries=5))
         try:
-            (out,) = backend.generate([gen_request("hello", n=1)])
+            with pytest.raises(UserInputError) as info:
+                backend.generate([gen_request("hello", n=1)])
         finally:
             backend.close()
-    assert isinstance(out, RequestFailed)
-    assert out.retries == 0 and "HTTP 404" in str(out)
+    message = str(info.value)
+    assert upstream.posts == 1 and "\n" not in message
+    assert message.startswith(f"openai model 'stub-model' at {url}: POST chat/completions: HTTP 404 Not Found")
+    assert "no route /nowhere/chat/completions" in message and "check the model name and base_url" in message
+
+
+SECRET = "sk-test-" + "7" * 24
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """An OpenAI-style key in FACTORY_TEST_KEY, for a spec with `api_key_env="FACTORY_TEST_KEY"`."""
+    monkeypatch.setenv("FACTORY_TEST_KEY", SECRET)
+    return SECRET
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_stops_generate_and_judge_with_one_line(fast_retries: None, api_key: str, status: int) -> None:
+    refused = (status, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+    for call in ("generate", "judge"):
+        with ScriptedUpstream(always=refused) as upstream:
+            url = f"http://127.0.0.1:{upstream.port}/v1"
+            backend = OpenAIBackend(spec(url, api_key_env="FACTORY_TEST_KEY", max_retries=5, concurrency=2))
+            try:
+                with pytest.raises(UserInputError) as info:
+                    if call == "generate":
+                        backend.generate([gen_request(f"q{i}") for i in range(6)])
+                    else:
+                        backend.judge([judge_request("Name a color.", f"red {i}", "cake") for i in range(6)])
+            finally:
+                backend.close()
+        message = str(info.value)
+        assert "\n" not in message and f"HTTP {status}" in message and "Incorrect API key provided" in message
+        assert message.startswith(f"openai model 'stub-model' at {url}: POST chat/completions: HTTP {status}")
+        assert "check the key in FACTORY_TEST_KEY" in message
+        # Not retried, and the queued requests were cancelled once the first came back refused.
+        assert upstream.posts < 6
+
+
+def test_a_refused_parameter_stops_the_call(fast_retries: None) -> None:
+    bad = (400, {"object": "error", "message": "max_tokens is too large: 99999", "type": "BadRequestError"})
+    with ScriptedUpstream(always=bad) as upstream:
+        backend = OpenAIBackend(spec(f"http://127.0.0.1:{upstream.port}/v1", max_retries=5))
+        try:
+            with pytest.raises(FactoryError) as info:
+                backend.generate([gen_request("hello")])
+        finally:
+            backend.close()
+    assert not isinstance(info.value, UserInputError)
+    assert "HTTP 400 Bad Request: max_tokens is too large: 99999; the endpoint refused the request" in str(info.value)
+    assert upstream.posts == 1
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503])
+def test_transient_statuses_are_retried_then_succeed(fast_retries: None, status: int) -> None:
+    with ScriptedUpstream(replies=[(status, {"error": {"message": "try again", "code": status}})]) as upstream:
+        backend = OpenAIBackend(spec(f"http://127.0.0.1:{upstream.port}/v1", max_retries=2))
+        try:
+            (gens,) = backend.generate([gen_request("hello")])
+        finally:
+            backend.close()
+    assert not isinstance(gens, Exception), gens
+    assert gens[0].retries == 1 and gens[0].text == "answer 0 to hello" and upstream.posts == 2
+
+
+def test_an_echoed_key_never_reaches_the_error_text(fast_retries: None, api_key: str) -> None:
+    # A 500 whose body repeats the Authorization header: retried, given up, and the message is clean.
+    with ScriptedUpstream(always=(500, echo_headers)) as upstream:
+        backend = OpenAIBackend(
+            spec(f"http://127.0.0.1:{upstream.port}/v1", api_key_env="FACTORY_TEST_KEY", max_retries=2)
+        )
+        try:
+            (out,) = backend.generate([gen_request("hello")])
+        finally:
+            backend.close()
+    assert isinstance(out, RequestFailed) and out.retries == 2 and upstream.posts == 3
+    message = str(out)
+    assert "HTTP 500" in message and "gave up after 2 retries" in message and "[redacted]" in message
+    assert api_key not in message and "Bearer sk-" not in message and "7777777" not in message
+
+
+def test_an_echoed_key_that_looks_like_nothing_is_redacted_too(
+    fast_retries: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No pattern matches this key: only the registration of `api_key_env` can catch it, also in a fatal error.
+    plain = "opaque" + "Q" * 12 + "z"
+    monkeypatch.setenv("FACTORY_PLAIN_KEY", plain)
+    echo_401 = (401, lambda headers: {"error": {"message": f"key {headers.get('Authorization')} refused"}})
+    with ScriptedUpstream(always=echo_401) as upstream:
+        backend = OpenAIBackend(spec(f"http://127.0.0.1:{upstream.port}/v1", api_key_env="FACTORY_PLAIN_KEY"))
+        try:
+            with pytest.raises(UserInputError) as info:
+                backend.generate([gen_request("hello")])
+        finally:
+            backend.close()
+    assert upstream.auth == [] and upstream.posts == 1  # the canned reply answered before any completion
+    assert plain not in str(info.value) and "key Bearer [redacted] refused" in str(info.value)
+
+
+def test_a_refusal_stops_the_others_retrying(fast_retries: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One request keeps getting 500s with a long backoff ahead; another is refused: the call ends at once.
+    monkeypatch.setattr(OpenAIBackend, "backoff_base_s", 5.0)
+    refused = (401, {"error": {"message": "no"}})
+    with ScriptedUpstream(always=refused) as upstream, FaultProxy(upstream.port, [], poison="POISON") as proxy:
+        backend = OpenAIBackend(spec(proxy.url, max_retries=50, concurrency=2))
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(UserInputError, match="HTTP 401"):
+                backend.generate([gen_request("POISON"), gen_request("fine")])
+        finally:
+            backend.close()
+        elapsed = time.monotonic() - t0
+    assert elapsed < 5.0, f"close() waited {elapsed:.1f} s for a request whose batch was already lost"
+    assert proxy.log.poisoned <= 2
+
+
+def test_a_missing_model_listing_only_turns_prefill_off(fast_retries: None) -> None:
+    with ScriptedUpstream(models_status=404) as upstream:
+        backend = OpenAIBackend(spec(f"http://127.0.0.1:{upstream.port}/v1"))
+        try:
+            (out,) = backend.judge([judge_request("Name a color.", "red", "cake")])
+        finally:
+            backend.close()
+    assert not isinstance(out, Exception) and out.text in ("a) is better", "b) is better")
+    assert not upstream.requests[0].get("continue_final_message")
 
 
 def test_greedy_samples_are_asked_for_once() -> None:
@@ -445,3 +603,41 @@ def test_a_build_through_the_real_server_survives_injected_faults(
     # The server continued the prefilled `Output (`: answers start at the marker, not with `Output`.
     starts = Warehouse(wh).query("SELECT tokens[1] AS first FROM judge_calls WHERE status = 'ok'").to_pylist()
     assert not [r for r in starts if (r["first"] or "").strip() == "Output"]
+
+
+def test_a_refused_key_stops_the_build_and_records_no_failed_call(
+    tmp_path: Path, fast_retries: None, api_key: str
+) -> None:
+    # A 4xx is not "incomplete, run again": the build stops with one line, exit 2, and no error row.
+    refused = (401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+    with ScriptedUpstream(always=refused) as upstream:
+        result = _build(tmp_path, f"http://127.0.0.1:{upstream.port}/v1", {"api_key_env": "FACTORY_TEST_KEY"})
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert "HTTP 401 Unauthorized: Incorrect API key provided" in line and "FACTORY_TEST_KEY" in line
+    assert api_key not in result.output
+    calls = [p for p in (tmp_path / "wh").rglob("*.parquet") if "_calls" in str(p)]
+    for path in calls:  # whatever the build wrote before stopping, no call is recorded as failed
+        assert "error" not in pq.read_table(path).column("status").to_pylist(), path
+
+
+def test_an_echoed_key_stays_out_of_a_build_s_error_rows(tmp_path: Path, fast_retries: None, api_key: str) -> None:
+    # A 5xx is transient: after its retries it is an error row, and the run is incomplete. The gateway
+    # echoes the request's headers in its error body; neither the rows nor the output keep the key.
+    with (
+        ScriptedUpstream() as upstream,
+        FaultProxy(upstream.port, [], poison="Name a fruit", echo_headers=True) as proxy,
+    ):
+        result = _build(tmp_path, proxy.url, {"max_retries": 1, "api_key_env": "FACTORY_TEST_KEY"})
+    assert result.exit_code == 1, result.output
+    wh = tmp_path / "wh"
+    assert _one(wh, "SELECT status FROM runs")["status"] == "incomplete"
+    errors = Warehouse(wh).query("SELECT error FROM generation_calls WHERE status = 'error'").to_pylist()
+    assert len(errors) == 3 and proxy.log.poisoned == 2
+    for row in errors:
+        assert "HTTP 500" in row["error"] and "Bearer [redacted]" in row["error"]
+        assert api_key not in row["error"] and "Bearer sk-" not in row["error"]
+    assert api_key not in result.output
+    for path in wh.rglob("*"):
+        if path.is_file():
+            assert api_key.encode() not in path.read_bytes(), f"the API key leaked into {path}"

