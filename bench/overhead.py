@@ -9,6 +9,7 @@ the same texts and then judge identical prompts. Prints both wall times and thei
 
     python bench/overhead.py                    # 8 prompts, n=4, 32 new tokens
     python bench/overhead.py --prompts 16 --max-tokens 64
+    python bench/overhead.py --backend scripted --prompts 16   # factory's own cost per call, no model time
 """
 
 from __future__ import annotations
@@ -23,18 +24,20 @@ import yaml
 
 from factory.backends import load_backend, model_identity
 from factory.build import Build
-from factory.calls import CallRunner, ModelPool
-from factory.protocols import get_protocol
+from factory.calls import KINDS, CallRunner, ModelPool
+from factory.labelers import judge_protocol
 from factory.recipe import load_recipe
+from factory.requests import GenerationRequest, JudgeRequest
 from factory.stages import generation_calls, judge_calls
 from factory.warehouse import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_recipe(folder: Path, prompts: int, n: int, max_tokens: int, threads: int | None) -> Path:
+def make_recipe(folder: Path, prompts: int, n: int, max_tokens: int, threads: int | None, backend: str) -> Path:
     """The quickstart recipe with a bench-sized prompt count and sample length."""
     recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    recipe["models"]["smol"]["backend"] = backend
     recipe["prompts"]["path"] = str(ROOT / "recipes" / "data" / "llmbar_natural_16.jsonl")
     recipe["prompts"]["limit"] = prompts
     recipe["samples"]["n"] = n
@@ -68,12 +71,12 @@ def run_direct(recipe_path: Path, factory_build: Build) -> tuple[float, int]:
     identity = model_identity(spec)
     gen = generation_calls(prompts, identity, r.samples.params, r.samples.seed, r.samples.n)
     calls = 0
-    for batch in CallRunner._batches("generation_calls", gen, spec.batch_size):
+    for batch in CallRunner._batches(KINDS[GenerationRequest], gen, spec.batch_size):
         CallRunner._generate(backend, batch)
         calls += len(batch)
-    protocol = get_protocol(r.judgments.protocol)
+    protocol = judge_protocol(loaded)
     jc, _ = judge_calls(prompts, samples, references, r.judgments, protocol, identity)
-    for batch in CallRunner._batches("judge_calls", jc, spec.batch_size):
+    for batch in CallRunner._batches(KINDS[JudgeRequest], jc, spec.batch_size):
         backend.judge([c.request for c in batch])
         calls += len(batch)
     return time.perf_counter() - t0, calls
@@ -91,11 +94,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--backend",
+        choices=("embedded", "scripted"),
+        default="embedded",
+        help="scripted: a model that answers instantly, so the whole difference is factory's own time",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        recipe = make_recipe(folder, args.prompts, args.n, args.max_tokens, args.threads)
+        recipe = make_recipe(folder, args.prompts, args.n, args.max_tokens, args.threads, args.backend)
         # Warm the converted-model cache and the OS file cache so neither side pays a one-time cost.
         ModelPool(load_recipe(recipe).recipe.models).get("smol").close()
         # Order A B B A (factory, direct, direct, factory) so a steady drift in machine load cancels out.
@@ -107,6 +116,7 @@ def main() -> None:
         in_calls = (backend_seconds(build) + backend_seconds(build_2)) / 2
     t_factory, t_direct = (t_factory_1 + t_factory_2) / 2, (t_direct_1 + t_direct_2) / 2
     result = {
+        "backend": args.backend,
         "prompts": args.prompts,
         "samples_per_prompt": args.n,
         "max_tokens": args.max_tokens,

@@ -176,8 +176,17 @@ def _marker(path: Path) -> dict[str, Any] | None:
 
 
 def _is_current(path: Path, stage_key: str) -> bool:
+    """Whether `path` holds this export, written from complete inputs (an export of an incomplete run has the
+    same key, so it is rewritten once the run completes)."""
     marker = _marker(path)
-    return marker is not None and marker.get("stage_key") == stage_key
+    return marker is not None and marker.get("stage_key") == stage_key and marker.get("complete", True) is True
+
+
+def _sweep(path: Path) -> None:
+    """Remove what an export killed mid-write left beside its folder (held under the folder's lock)."""
+    for stale in (*path.parent.glob(f".{path.name}-*"), *path.parent.glob(f".{path.name}.old-*")):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def check_export_target(path: Path) -> None:
@@ -192,7 +201,13 @@ def check_export_target(path: Path) -> None:
 
 
 def write_dataset_folder(
-    path: Path, splits: dict[str, list[dict[str, Any]]], features: Any, readme: str, stage_key: str, run_id: str
+    path: Path,
+    splits: dict[str, list[dict[str, Any]]],
+    features: Any,
+    readme: str,
+    stage_key: str,
+    run_id: str,
+    complete: bool = True,
 ) -> None:
     """save_to_disk layout + data/<split>.parquet + README.md, built beside `path` and renamed into place."""
     import datasets
@@ -215,7 +230,7 @@ def write_dataset_folder(
         for split, ds in dd.items():
             ds.to_parquet(str(tmp / "data" / f"{split}.parquet"))
         (tmp / "README.md").write_text(readme, encoding="utf-8")
-        (tmp / MARKER).write_text(json.dumps({"stage_key": stage_key, "run_id": run_id}))
+        (tmp / MARKER).write_text(json.dumps({"stage_key": stage_key, "run_id": run_id, "complete": complete}))
         if path.exists():
             check_export_target(path)  # again, just before the swap: nothing but our own folder is replaced
             old = path.with_name(f".{path.name}.old-{run_id}")
@@ -231,6 +246,7 @@ def write_dataset_folder(
 def export_dataset(path: Path, ctx: Context, pairs: list[dict[str, Any]], stage_key: str) -> ExportResult:
     """Write the preference dataset folder at `path` (skipped when it already holds this export stage key)."""
     with folder_lock(path, "export"):
+        _sweep(path)
         if _is_current(path, stage_key):
             return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
         import datasets  # heavy; only when something is written
@@ -246,7 +262,9 @@ def export_dataset(path: Path, ctx: Context, pairs: list[dict[str, Any]], stage_
             **{f"{s}_rows": len(v) for s, v in splits.items()},
         }
         readme = card(ctx, splits, notes)
-        write_dataset_folder(path, splits, preference_features(datasets), readme, stage_key, ctx.run_id)
+        complete = not ctx.incomplete
+        notes["complete"] = complete
+        write_dataset_folder(path, splits, preference_features(datasets), readme, stage_key, ctx.run_id, complete)
     notes["path"] = str(path)
     return ExportResult(len(records), notes)
 
@@ -283,6 +301,7 @@ def export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
 
 
 def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
+    _sweep(path)
     if _is_current(path, stage_key):
         return ExportResult(0, {"skipped": True, "path": str(path)})
     import datasets
@@ -318,6 +337,6 @@ def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
             "",
         ]
     )
-    write_dataset_folder(path, splits, features, readme, stage_key, ctx.run_id)
+    write_dataset_folder(path, splits, features, readme, stage_key, ctx.run_id, not ctx.incomplete)
     notes = {"path": str(path), "dropped_special_tokens": dropped, **{f"{s}_rows": len(v) for s, v in splits.items()}}
     return ExportResult(len(records), notes)

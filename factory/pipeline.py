@@ -85,6 +85,8 @@ class Context:
     run_id: str = ""
     outputs: dict[str, Any] = field(default_factory=dict)
     """Things a stage made besides rows (e.g. the export folder), for the command's summary."""
+    incomplete: set[str] = field(default_factory=set)
+    """Stages of this run left incomplete so far (a sink uses it to mark what it writes as complete or not)."""
 
     @property
     def recipe(self) -> Any:
@@ -160,7 +162,7 @@ def stage_key(stage: Stage, ctx: Context) -> str:
 
 def execute(stages: list[Stage], ctx: Context, run: Materializer) -> set[str]:
     """Run every stage in order through `run`; returns the names of the stages left incomplete."""
-    incomplete: set[str] = set()
+    incomplete = ctx.incomplete
     for stage in order(stages):
         key = stage_key(stage, ctx)
         ctx.keys[stage.name] = key

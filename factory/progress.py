@@ -63,7 +63,8 @@ class RichReporter(Reporter):
         self.progress.update(self.tasks[stage], advance=n, rate=f"{rate:6.1f} tok/s")
 
     def warn(self, message: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+        # soft_wrap: a path must stay whole when stderr is a file or a pipe (rich wraps at 80 columns there).
+        console.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False, soft_wrap=True)
 
     def stage_finished(self, stats: StageStats) -> None:
         if self.quiet:

@@ -1,6 +1,6 @@
 """Pairwise judge protocols: prompt templates, verdict parsing and soft scores.
 
-Structure follows the paper's protocols (DESIGN.md §4); the wording is the project's own. Every protocol
+Structure follows the paper's protocols (docs/DESIGN.md §4); the wording is the project's own. Every protocol
 asks for exactly `Output (a)` or `Output (b)`. Logprob protocols prefill the judge's answer with
 `Output (` so the very next token is the verdict marker, which is what the soft score reads.
 """
@@ -266,7 +266,7 @@ def marker_of(token: str) -> str | None:
 
 
 def soft_score(top_logprobs: Sequence[tuple[str, float]]) -> tuple[float, dict[str, list[str]]]:
-    """p(a) at one position: mass of a-variants over mass of both markers (DESIGN.md §4).
+    """p(a) at one position: mass of a-variants over mass of both markers (docs/DESIGN.md §4).
 
     Only a in the top-k gives 1, only b gives 0, neither gives 0.5. Variants of one marker are summed,
     since a small tokenizer can split the same answer as `a`, ` a` or `A`.

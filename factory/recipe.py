@@ -50,9 +50,10 @@ class ScriptSpec(Strict):
     seed: int = 0
     """Seeds every output; part of the model's identity in cache keys."""
     fail_rate: float = Field(0.0, ge=0, le=1)
-    """Share of requests that fail transiently (error rows, retried by the next build)."""
+    """Share of requests that fail transiently (error rows, retried by the next build); which ones is drawn
+    anew in every process, as with a flaky service."""
     fail_seed: int = 0
-    """Seeds which requests fail."""
+    """Mixed into the failure draws."""
     crash_after: int | None = Field(None, ge=0)
     """After this many requests in one process, raise a non-transient error: the build stops."""
     delay_s: float = Field(0.0, ge=0, le=60)

@@ -97,6 +97,7 @@ class Run:
         self.calls = CallRunner(wh, self.run_id, recipe, pool, self.reporter)
         self._t0 = 0.0
         self._lock: Any = None
+        self.recheck = False
 
     @staticmethod
     def hash_of(obj: Any) -> str:
@@ -108,8 +109,12 @@ class Run:
         self._lock = self.wh.lock()
         self._lock.__enter__()
         try:
+            self.wh.sweep_temporary()
             moved = self.wh.quarantine_corrupt_parts()
             if moved:
+                # Their calls are lost from the cache: a stage that reuses its rows checks that each row's
+                # call is still there, and is recomputed (calling only what is missing) when one is not.
+                self.recheck = True
                 self.notes["corrupt_parts_set_aside"] = [str(p) for p in moved]
                 self.reporter.warn(
                     f"set aside {len(moved)} corrupt call file(s); their calls are made again: "
@@ -168,8 +173,10 @@ class Run:
         st = StageStats(label or table, key)
         t0 = time.perf_counter()
         try:
-            if not sink and self.wh.has_version(table, unit, key):
-                rows = self.wh.read_stage(table, unit, key)
+            rows = self.wh.read_stage(table, unit, key) if not sink and self.wh.has_version(table, unit, key) else None
+            if rows is not None and self.recheck and self.wh.missing_calls(_call_keys(rows)):
+                rows = None  # some of its calls were in a corrupt file: recompute (the rest are cached)
+            if rows is not None:
                 current = self.wh.current(table, unit)
                 if current is None or current.stage_key != key:
                     self.wh.set_current(table, unit, key, self.run_id, True)
@@ -195,3 +202,8 @@ class Run:
     def call(self, model: str, stage: str, calls: list[Call], st: StageStats) -> dict[str, dict[str, Any]]:
         """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""
         return self.calls.run(stage, model, calls, st)
+
+
+def _call_keys(rows: list[dict[str, Any]]) -> set[str]:
+    """The request keys of a stage's rows whose call succeeded (rows of failed calls carry an error)."""
+    return {r["request_key"] for r in rows if r.get("request_key") and not r.get("error")}

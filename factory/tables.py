@@ -1,4 +1,4 @@
-"""Arrow schemas of every table (DESIGN.md §3). `python -m factory.schemas` writes them to schemas/."""
+"""Arrow schemas of every table (docs/DESIGN.md §3). `python -m factory.schemas` writes them to schemas/."""
 
 from __future__ import annotations
 

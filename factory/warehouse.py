@@ -374,6 +374,32 @@ class Warehouse:
                     moved.append(self._quarantine(part))
         return moved
 
+    def sweep_temporary(self) -> list[Path]:
+        """Remove the temporary files of writes that were killed before their rename (SIGKILL skips every
+        `finally`). Call it with the warehouse lock held: then no write is in flight. Readers never saw them."""
+        self._check_root()
+        swept = []
+        for folder in ("calls", "tables", "runs"):
+            base = self.root / folder
+            for tmp in base.rglob(".*.tmp") if base.is_dir() else []:
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink(missing_ok=True)
+                    swept.append(tmp)
+        for tmp in self.root.glob(".factory-*.duckdb*") if self.root.is_dir() else []:
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                swept.append(tmp)
+        return swept
+
+    def missing_calls(self, keys: Iterable[str]) -> set[str]:
+        """The request keys that no calls table holds a successful result for."""
+        wanted = set(keys)
+        for table in CALL_TABLES:
+            if not wanted:
+                break
+            wanted -= set(self.cached_calls(table, wanted))
+        return wanted
+
     def skipped_warning(self) -> str | None:
         """One line naming the unreadable files that reads skipped, or None when there were none."""
         if not self.skipped_parts:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 # A tiny recipe: every test that builds starts from it and changes what it checks. One torch thread, because
-# the CI machine has two cores and other work on the second one makes two threads crawl (DESIGN.md §6).
+# the CI machine has two cores and other work on the second one makes two threads crawl (docs/DESIGN.md §6).
 TINY_RECIPE: dict[str, Any] = {
     "name": "modeltest",
     "models": {"smol": {"backend": "embedded", "threads": 1, "batch_size": 8}},

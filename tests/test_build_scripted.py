@@ -315,3 +315,35 @@ def _hold_lock(root: str, ready: Any, release: Any) -> None:
     with Warehouse(root).lock():
         ready.set()
         release.wait(60)
+
+
+def test_every_shipped_recipe_validates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    for name in ("DEEPSEEK_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.setenv(name, "test-value-not-a-key")
+    for path in sorted(root.rglob("*.yaml")):
+        result = CliRunner().invoke(main, ["validate", str(path), "-w", str(tmp_path / "wh")])
+        assert result.exit_code == 0 and result.output.startswith("ok:"), f"{path.name}: {result.output}"
+    assert not (tmp_path / "wh").exists()
+
+
+def test_scripted_backend_is_deterministic_and_injects_trouble() -> None:
+    from factory.backends import load_backend
+    from factory.recipe import ModelSpec, SamplingParams
+    from factory.requests import GenerationRequest, JudgeRequest, RequestFailed
+
+    spec = ModelSpec(backend="scripted")
+    gen = [GenerationRequest([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=20), 0, (0, 1))]
+    first, second = load_backend(spec).generate(gen), load_backend(spec).generate(gen)
+    assert first == second and first[0][0].text != first[0][1].text  # same request, same answer; indices differ
+    prompt = "# Output (a):\nGood answer.\n\n# Output (b):\nBad answer.\n\n# Which?"
+    judge = load_backend(spec).judge([JudgeRequest([{"role": "user", "content": prompt}], "Output (", 4, 5)])
+    swapped = prompt.replace("Good", "X").replace("Bad", "Good").replace("X", "Bad")
+    back = load_backend(spec).judge([JudgeRequest([{"role": "user", "content": swapped}], "Output (", 4, 5)])
+    assert {judge[0].text, back[0].text} == {"a)", "b)"}  # consistent across orders: no position bias by default
+    flaky = load_backend(ModelSpec(backend="scripted", script={"fail_rate": 1.0}))
+    assert all(isinstance(o, RequestFailed) for o in flaky.generate(gen * 3))
+    crashing = load_backend(ModelSpec(backend="scripted", script={"crash_after": 2}))
+    crashing.generate(gen * 2)
+    with pytest.raises(ScriptedCrash):
+        crashing.generate(gen)

@@ -1,6 +1,6 @@
 """The export trains: TRL's DPOTrainer takes a tiny factory build as it is and moves the embedded model.
 
-Also checks DESIGN.md §5's templating rule: after the chat template, no BOS/EOS token is doubled.
+Also checks docs/DESIGN.md §5's templating rule: after the chat template, no BOS/EOS token is doubled.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`import factory` and `factory --help` stay light: no torch, transformers or vllm (DESIGN.md §6)."""
+"""`import factory` and `factory --help` stay light: no torch, transformers or vllm (docs/DESIGN.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Judge protocols: golden prompts, their structure (DESIGN.md §4), and the verdict / soft-score rules.
+"""Judge protocols: golden prompts, their structure (docs/DESIGN.md §4), and the verdict / soft-score rules.
 
 The golden files in tests/golden/ hold each protocol's rendered prompt for fixed inputs. After an intended
 wording change, regenerate them with `FACTORY_UPDATE_GOLDEN=1 pytest tests/test_protocols.py` and review

@@ -12,7 +12,8 @@ any process, which is what the cache and the kill -9 tests rely on.
 - reward: the latent quality of the last message.
 
 Injected trouble (operational: not part of the model's identity, like a flaky network):
-- `fail_rate`: each request fails transiently with this probability (an error row; retried next build).
+- `fail_rate`: each request fails transiently with this probability (an error row; retried next build);
+  which requests fail is drawn anew in every process, so retries eventually succeed.
 - `crash_after`: after this many requests in one process, raise a non-transient error (the build stops).
 - `delay_s`: sleep this long per request (to kill a build mid-stage in tests).
 - `garble_rate`: this share of judge answers carry no verdict (parse_status no_match).
@@ -21,10 +22,11 @@ Injected trouble (operational: not part of the model's identity, like a flaky ne
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from factory.keys import stable_hash
 from factory.requests import (
@@ -63,6 +65,9 @@ WORDS = [
 _BLOCK = re.compile(r"# Output \(a\):\n(?P<a>.*?)\n\n# Output \(b\):\n(?P<b>.*?)(?:\n\n#|\Z)", re.S)
 
 
+T = TypeVar("T")
+
+
 class ScriptedCrash(RuntimeError):
     """The injected non-transient failure: stands for a programming or configuration error in a backend."""
 
@@ -70,6 +75,11 @@ class ScriptedCrash(RuntimeError):
 def unit(*parts: Any) -> float:
     """A deterministic number in [0, 1) from any JSON-able parts."""
     return int(stable_hash(list(parts), 12), 16) / 16**12
+
+
+def words_in(messages: list[dict[str, str]]) -> int:
+    """The scripted model's token count: words."""
+    return sum(len(m["content"].split()) for m in messages)
 
 
 def quality(text: str, seed: int) -> float:
@@ -86,6 +96,7 @@ class ScriptedBackend:
         self.spec = spec
         self.script = spec.script or ScriptSpec()
         self.requests_seen = 0
+        self._process = [os.getpid(), time.time_ns()]
 
     # ------------------------------------------------------------------------------------------ trouble
     def _trouble(self) -> RequestFailed | None:
@@ -96,40 +107,41 @@ class ScriptedBackend:
             raise ScriptedCrash(f"scripted crash after {s.crash_after} requests")
         if s.delay_s:
             time.sleep(s.delay_s)
-        # Drawn by position in this process, not by request: a rebuild asks in another order, so a request
-        # that failed once succeeds on a later try, as with a real flaky service.
-        if s.fail_rate and unit("fail", s.fail_seed, self.requests_seen) < s.fail_rate:
+        # Drawn anew in every process (the pid is mixed in): which requests fail differs from build to build,
+        # so a request that failed once succeeds on a later try, as with a real flaky service. A draw that
+        # depended on the request alone would fail the same calls forever.
+        if s.fail_rate and unit("fail", s.fail_seed, self._process, self.requests_seen) < s.fail_rate:
             return RequestFailed("scripted transient failure (HTTP 503)", retries=1)
         return None
+
+    def _each(self, requests: Sequence[Any], answer: Callable[[Any], T]) -> list[T | Exception]:
+        """One answer per request, or the injected failure in its place."""
+        out: list[T | Exception] = []
+        for r in requests:
+            failed = self._trouble()
+            out.append(failed if failed is not None else answer(r))
+        return out
 
     # -------------------------------------------------------------------------------------------- roles
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation] | Exception]:
         """A few pseudo-words per sample index."""
-        out: list[list[Generation] | Exception] = []
-        for r in requests:
-            failed = self._trouble()
-            if failed is not None:
-                out.append(failed)
-                continue
-            tokens_in = sum(len(m["content"].split()) for m in r.messages)
-            gens = []
-            for index in r.sample_indices:
-                u = unit("gen", self.script.seed, r.messages, r.params.model_dump(), r.seed, index)
-                want = 3 + int(u * 12)
-                n = min(want, r.params.max_tokens)
-                words = [WORDS[int(unit("w", u, i) * len(WORDS))] for i in range(n)]
-                text = " ".join(words).capitalize() + ("." if n == want else "")
-                gens.append(Generation(text, "stop" if n == want else "length", tokens_in, n))
-            out.append(gens)
-        return out
+        return self._each(requests, self._generate_one)
+
+    def _generate_one(self, r: GenerationRequest) -> list[Generation]:
+        tokens_in = words_in(r.messages)
+        gens = []
+        for index in r.sample_indices:
+            u = unit("gen", self.script.seed, r.messages, r.params.model_dump(), r.seed, index)
+            want = 3 + int(u * 12)
+            n = min(want, r.params.max_tokens)
+            words = [WORDS[int(unit("w", u, i) * len(WORDS))] for i in range(n)]
+            text = " ".join(words).capitalize() + ("." if n == want else "")
+            gens.append(Generation(text, "stop" if n == want else "length", tokens_in, n))
+        return gens
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput | Exception]:
         """A verdict whose soft score follows the latent qualities of the two outputs."""
-        out: list[JudgeOutput | Exception] = []
-        for r in requests:
-            failed = self._trouble()
-            out.append(failed if failed is not None else self._judge_one(r))
-        return out
+        return self._each(requests, self._judge_one)
 
     def _p_a(self, prompt: str) -> float:
         seed = self.script.seed
@@ -141,7 +153,7 @@ class ScriptedBackend:
 
     def _judge_one(self, r: JudgeRequest) -> JudgeOutput:
         prompt = r.messages[-1]["content"]
-        tokens_in = sum(len(m["content"].split()) for m in r.messages)
+        tokens_in = words_in(r.messages)
         p_a = min(max(self._p_a(prompt), 1e-6), 1 - 1e-6)
         marker = "a" if p_a >= 0.5 else "b"
         alternatives = [("a", math.log(p_a)), ("b", math.log(1 - p_a)), (" ", -12.0)]
@@ -173,15 +185,10 @@ class ScriptedBackend:
 
     def reward(self, requests: Sequence[RewardRequest]) -> list[RewardOutput | Exception]:
         """The latent quality of each conversation's last message."""
-        out: list[RewardOutput | Exception] = []
-        for r in requests:
-            failed = self._trouble()
-            if failed is not None:
-                out.append(failed)
-                continue
-            tokens_in = sum(len(m["content"].split()) for m in r.messages)
-            out.append(RewardOutput(quality(r.messages[-1]["content"], self.script.seed), tokens_in))
-        return out
+        seed = self.script.seed
+        return self._each(
+            requests, lambda r: RewardOutput(quality(r.messages[-1]["content"], seed), words_in(r.messages))
+        )
 
     def close(self) -> None:
         """Nothing to release."""

@@ -11,7 +11,7 @@ samples are reproducible only for the same sequence of submissions. Per-request 
 request like the transformers backend's, are used on GPU platforms only. Cached results, not seeds, are
 what make a rebuild reproduce its samples.
 
-CPU notes (DESIGN.md §6): `VLLM_CPU_KVCACHE_SPACE` defaults to 2 GiB here (the engine refuses to start on a
+CPU notes (docs/DESIGN.md §6): `VLLM_CPU_KVCACHE_SPACE` defaults to 2 GiB here (the engine refuses to start on a
 24 GiB machine otherwise; GPU builds ignore it); `engine: {enforce_eager: true}` starts in ~30 s instead
 of ~2 min; vLLM starts workers with spawn, so a script that builds must guard its entry point with
 `if __name__ == "__main__":`.
