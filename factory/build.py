@@ -9,7 +9,6 @@ stage means adding one `Stage` to `stages_for`; adding a labeler means adding an
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -189,17 +188,6 @@ def stages_for(loaded: LoadedRecipe) -> list[Stage]:
 # ----------------------------------------------------------------------------------------------- build
 
 
-@dataclass
-class BuildResult:
-    """What one build did: the runs-table row, per-stage stats, and where the datasets went."""
-
-    run: dict[str, Any]
-    stats: list[StageStats]
-    export_path: Path | None = None
-    sft_path: Path | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
 class Build:
     """One build of one recipe into one warehouse."""
 
@@ -233,8 +221,6 @@ class Build:
         self.stats = run.stats
         try:
             with run:
-                if run.notes:
-                    ctx.outputs["run_notes"] = run.notes
                 execute(stages_for(self.loaded), ctx, run)
         finally:
             self.export_path = ctx.outputs.get("export_path")

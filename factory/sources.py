@@ -135,7 +135,11 @@ def read_dataset(where: str, *, folder: Path | None, split: str | None, config: 
         markers = " or ".join(SAVED_DATASET_MARKERS)
         raise UserInputError(f"{where}: a folder, but not a dataset saved by datasets.save_to_disk (no {markers})")
     import datasets  # heavy: only for dataset sources
+    import huggingface_hub
 
+    # The libraries log each retry of an unreachable Hub to stderr; the one line below says what failed.
+    datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
     try:
         if folder is not None:
             loaded = datasets.load_from_disk(str(folder))

@@ -583,6 +583,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.mark.vllm
+@pytest.mark.slow
 def test_a_build_through_the_real_server_survives_injected_faults(
     vllm_server: str, tmp_path: Path, fast_retries: None
 ) -> None:
