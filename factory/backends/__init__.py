@@ -95,8 +95,6 @@ class Scorer(Protocol):
 Backend = Generator | PairJudge | Scorer
 """Any loaded backend; which methods it has is declared by its registry entry's `roles`."""
 
-ROLE_METHODS: dict[str, str] = {"generate": "generate", "judge": "judge", "reward": "reward"}
-
 
 @dataclass(frozen=True)
 class BackendEntry:
