@@ -135,7 +135,7 @@ def _register_plugins() -> None:
     """Commands that live in their own modules (kept light: they import heavy libraries when run)."""
     import importlib
 
-    for module in ("factory.cli_eval",):
+    for module in ("factory.cli_eval", "factory.cli_train"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -301,6 +301,60 @@ class ExportSpec(Strict):
     written beside the preference dataset as `<path>-sft`."""
 
 
+class TrainSettings(Strict):
+    """One training: what to train, from which model, and how. Unset fields take the preset's value."""
+
+    method: Literal["dpo", "sft"] | None = None
+    """`dpo` (preference data) or `sft` (prompt/completion data); default: read from the dataset's columns."""
+    base_model: str = "embedded:smollm2-135m-instruct"
+    """The model to start from: `embedded:smollm2-135m-instruct`, a local folder, or a Hub id."""
+    revision: str | None = None
+    """Hub revision of `base_model`."""
+    preset: Literal["paper", "cpu"] | None = None
+    """`paper`: the paper's settings; `cpu`: a few real steps of the embedded model on a laptop."""
+    learning_rate: float | None = Field(None, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = None
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    """Share of the optimizer steps spent warming up."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training split."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides `epochs`)."""
+    batch_size: int | None = Field(None, ge=1)
+    """Examples per device per forward pass."""
+    gradient_accumulation: int | None = Field(None, ge=1)
+    """Forward passes per optimizer step; pairs per step = batch_size × gradient_accumulation × devices."""
+    weight_decay: float | None = Field(None, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float | None = Field(None, ge=0)
+    """Gradient clipping norm; 0 turns clipping off."""
+    max_length: int | None = Field(None, ge=8)
+    """Tokens of prompt + response; longer examples are cut by TRL (counted and reported first)."""
+    beta: float | list[float] | None = None
+    """DPO β, or a list to sweep: one model per value, the one with the lowest validation loss is kept."""
+    loss_type: str | None = None
+    """DPO loss (`sigmoid` is the paper's)."""
+    precompute_ref_log_probs: bool | None = None
+    """Compute the reference model's log-probabilities once before training (DPO)."""
+    seed: int = 0
+    """Seed of the trainer (data order, dropout)."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for torch."""
+    output: str | None = None
+    """Output folder; default `<warehouse>/models/<name>`."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+    """Name of the training (its folder and its rows); default: the dataset folder's name and the method."""
+
+    @model_validator(mode="after")
+    def _betas(self) -> TrainSettings:
+        betas = self.beta if isinstance(self.beta, list) else [self.beta] if self.beta is not None else []
+        if any(not (b > 0 and math.isfinite(b)) for b in betas) or (isinstance(self.beta, list) and not betas):
+            raise ValueError("beta must be a positive number or a non-empty list of them")
+        return self
+
+
 class Recipe(Strict):
     """A whole recipe: prompts → references → samples → judgments → scores → pairs → export."""
 
@@ -326,6 +380,8 @@ class Recipe(Strict):
     """Pair construction."""
     export: ExportSpec = ExportSpec()
     """Dataset export."""
+    train: TrainSettings | None = None
+    """Settings for `factory train RECIPE` (SFT or DPO on this recipe's export); CLI overrides win."""
 
     @property
     def labeler(self) -> str | None:

@@ -161,19 +161,22 @@ class Run:
         sink: bool = False,
         unit: str | None = None,
         label: str | None = None,
+        reuse: bool = True,
     ) -> list[dict[str, Any]]:
         """Rows of one stage version: a complete earlier version with this key is made current and read
         back; otherwise `compute` runs and its rows are saved (complete or not) and made current.
 
         `unit` is the folder the version lives in under its table (the recipe by default; judge-eval keeps
         one per data set × judge × protocol). A `sink` writes no table: it always computes. `label` names the
-        stage in progress output and the runs table (default: the table).
+        stage in progress output and the runs table (default: the table). `reuse=False` recomputes even when
+        a complete version exists (the caller knows something outside the table is gone).
         """
         unit = unit or self.recipe
         st = StageStats(label or table, key)
         t0 = time.perf_counter()
         try:
-            rows = self.wh.read_stage(table, unit, key) if not sink and self.wh.has_version(table, unit, key) else None
+            found = reuse and not sink and self.wh.has_version(table, unit, key)
+            rows = self.wh.read_stage(table, unit, key) if found else None
             if rows is not None and self.recheck and self.wh.missing_calls(_call_keys(rows)):
                 rows = None  # some of its calls were in a corrupt file: recompute (the rest are cached)
             if rows is not None:

