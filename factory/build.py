@@ -42,9 +42,10 @@ def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
     return loaded.resolve(r.export.path) if r.export.path else wh_root / "exports" / r.name
 
 
-def preflight(loaded: LoadedRecipe, wh_root: Path | None = None) -> None:
+def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool = True) -> None:
     """Every check that needs more than the recipe text, made before anything is written: a custom judge
-    template, the API key variables, and an export folder that factory did not write."""
+    template, the API key variables (unless `keys` is off: a dry run spends nothing), and an export folder
+    that factory did not write."""
     from factory.export import check_export_target
 
     r = loaded.recipe
@@ -55,7 +56,7 @@ def preflight(loaded: LoadedRecipe, wh_root: Path | None = None) -> None:
     labeler = labeler_of(r)
     if labeler is not None and labeler.model_field is not None:
         used.add(getattr(getattr(r, labeler.name), labeler.model_field))
-    for name in sorted(used):
+    for name in sorted(used) if keys else []:
         spec = r.models[name]
         if spec.api_key_env and not os.environ.get(spec.api_key_env):
             raise UserInputError(

@@ -5,13 +5,44 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from factory.cli_options import WAREHOUSE_OPTION, friendly
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class FactoryGroup(click.Group):
+    """click's group, except that a usage error (a bad option value, a missing argument) is one `error:`
+    line with exit code 2, like every other input error, instead of click's three-line usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+            if not standalone:
+                return rv
+            sys.exit(rv if isinstance(rv, int) else 0)  # as click's standalone mode ends: by exiting
+        except click.UsageError as exc:
+            if not standalone:
+                raise
+            command = f"factory {exc.ctx.info_name}" if exc.ctx and exc.ctx.parent else "factory"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message} (see `{command} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            if not standalone:
+                raise
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            if not standalone:
+                raise
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=FactoryGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="factory")
 def main() -> None:
     """factory: build preference datasets with reference-guided LLM judges.
@@ -63,9 +94,10 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
 
     loaded = load_recipe(recipe)
     if dry_run:
-        from factory.build import plan
+        from factory.build import plan, preflight
         from factory.progress import print_plan
 
+        preflight(loaded, warehouse.resolve(), keys=False)
         print_plan(loaded.recipe.name, *plan(loaded))
         return
     wh = Warehouse(warehouse)
@@ -84,7 +116,7 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
 @click.argument("query")
 @WAREHOUSE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--limit", type=int, default=100, show_default=True, help="Rows shown in table format.")
+@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="Rows shown in table format.")
 @friendly
 def sql(query: str, warehouse: Path, fmt: str, limit: int) -> None:
     """Run one read-only SQL QUERY over the warehouse's tables (DuckDB dialect)."""
@@ -92,15 +124,21 @@ def sql(query: str, warehouse: Path, fmt: str, limit: int) -> None:
     from factory.warehouse import Warehouse
 
     wh = Warehouse(warehouse)
+    wh.require()
     result = wh.query(query)
     warning = wh.skipped_warning()
     if warning:
         click.echo(warning, err=True)
     if fmt == "csv":
+        import pyarrow as pa
         import pyarrow.csv as pacsv
 
-        sink = sys.stdout.buffer
-        pacsv.write_csv(result, sink)
+        # CSV has no nested values: lists, structs and maps are written as JSON text.
+        for i, column in enumerate(result.schema):
+            if pa.types.is_nested(column.type):
+                text = [None if v is None else json.dumps(v, default=str) for v in result.column(i).to_pylist()]
+                result = result.set_column(i, column.name, pa.array(text, pa.string()))
+        pacsv.write_csv(result, sys.stdout.buffer)
     elif fmt == "json":
         for row in result.to_pylist():
             click.echo(json.dumps(row, default=str, ensure_ascii=False))
@@ -117,6 +155,7 @@ def ls_(warehouse: Path) -> None:
     from factory.warehouse import Warehouse
 
     wh = Warehouse(warehouse)
+    wh.require()
     counts = wh.row_counts()
     import pyarrow as pa
 

@@ -209,6 +209,10 @@ def judge_eval(
             )
         )
     judge_specs = parse_judges(list(judges), batch_size=batch_size, threads=threads)
+    if out is not None:
+        from factory.warehouse import check_folder
+
+        check_folder(out.resolve())  # a report folder under a file is found now, not after the judging
     names = list(protocols) if (protocols or custom_templates) else list(DEFAULT_PROTOCOLS)
     chosen = [builtin_protocol(n, settings) for n in dict.fromkeys(names)]
     chosen += [load_custom_template(p, settings) for p in custom_templates]

@@ -121,6 +121,9 @@ def _pick(row: dict[str, Any], columns: tuple[str, ...], where: str, what: str) 
     for c in columns:
         if c in row and row[c] is not None:
             return row[c]
+    present = [c for c in columns if c in row]
+    if present:
+        raise UserInputError(f"{where}: the {what} ('{present[0]}') is null")
     raise UserInputError(f"{where}: no {what} column (looked for {list(columns)}; found {clip_value(sorted(row))})")
 
 

@@ -19,7 +19,7 @@ from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.labelers import labeler_of
 from factory.pipeline import Context
-from factory.warehouse import folder_lock
+from factory.warehouse import check_folder, folder_lock
 
 MARKER = ".factory-export.json"
 # Chat-template control tokens that must never survive into exported text: a trainer's tokenizer parses them
@@ -191,6 +191,7 @@ def _sweep(path: Path) -> None:
 
 def check_export_target(path: Path) -> None:
     """Refuse to export over anything factory did not write: an export replaces only its own folders."""
+    check_folder(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UserInputError(f"export path {path} exists and is not a folder; choose another export.path")
     if path.is_dir() and _marker(path) is None and any(path.iterdir()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
     `models`. `overrides` (batch_size, threads, ...; None = unset) apply to judges given as strings.
     """
     judges: dict[str, ModelSpec] = {}
+    origin: dict[str, str] = {}
     extra = {k: v for k, v in overrides.items() if v is not None}
     for value in values:
         path = Path(value).expanduser()
@@ -138,9 +140,11 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
             data = read_yaml(path, "judge spec file")
             if not isinstance(data, dict) or not data:
                 raise UserInputError(f"{path}: expected a model spec or a mapping of names to model specs")
-            single = set(data) <= set(ModelSpec.model_fields)
+            # A mapping of names holds mappings; anything else is one spec (so a typo in a key is named).
+            single = not all(isinstance(v, dict) for v in data.values())
             entries = {path.stem: data} if single else data
             for name, spec in entries.items():
+                origin[str(name)] = str(path)
                 try:
                     judges[str(name)] = ModelSpec.model_validate(spec)
                 except ValidationError as exc:
@@ -173,11 +177,13 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
     if not judges:
         raise UserInputError("give at least one --judge")
     for name, spec in judges.items():
+        where = f"{origin[name]}: judge {clip_value(name)}" if name in origin else f"--judge {clip_value(name)}"
         if "judge" not in BACKENDS[spec.backend].roles:
             raise UserInputError(
-                f"--judge {clip_value(name)}: backend '{spec.backend}' cannot judge; "
-                f"backends that can: {backends_for('judge')}"
+                f"{where}: backend '{spec.backend}' cannot judge; backends that can: {backends_for('judge')}"
             )
+        if spec.api_key_env and not os.environ.get(spec.api_key_env):
+            raise UserInputError(f"{where}: the environment variable {spec.api_key_env} (api_key_env) is not set")
     return judges
 
 

@@ -7,13 +7,14 @@ Every field carries a docstring; `schemas/recipe.schema.json` is generated from 
 from __future__ import annotations
 
 import math
+import os
 import re
 import stat
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from factory.backends import BACKENDS, EMBEDDED_MODELS
 from factory.errors import UserInputError
@@ -25,6 +26,20 @@ BackendName = Literal.__getitem__(tuple(BACKENDS))  # type: ignore[attr-defined]
 ProtocolName = Literal.__getitem__((*PROTOCOLS, CUSTOM))  # type: ignore[attr-defined]
 SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
 """A name that is also a safe path component: no `/`, not `.` or `..`, not hidden."""
+
+
+def _number_kinds(annotation: Any) -> set[type]:
+    """The number types a field annotation allows (int, float), with bool when it allows booleans too."""
+    import typing
+
+    args = typing.get_args(annotation) or (annotation,)
+    found: set[type] = set()
+    for a in args:
+        if a in (int, float, bool):
+            found.add(a)
+        elif typing.get_args(a):
+            found |= _number_kinds(a) & {bool}
+    return found if found & {int, float} else set()
 
 
 class FieldError(ValueError):
@@ -43,11 +58,21 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`temperature: true` is a typo, not 1.0: pydantic's lax mode would take a boolean as a number."""
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _number_kinds(cls.model_fields[info.field_name].annotation)
+            if kinds and bool not in kinds:
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
 
 class ScriptSpec(Strict):
     """How the `scripted` backend answers: a seed for its outputs, and trouble to inject for tests."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
     """Seeds every output; part of the model's identity in cache keys."""
     fail_rate: float = Field(0.0, ge=0, le=1)
     """Share of requests that fail transiently (error rows, retried by the next build); which ones is drawn
@@ -77,13 +102,13 @@ class ModelSpec(Strict):
     converted folder for `transformers` and `vllm`."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); part of the model's identity in cache keys."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)
     """CPU threads for torch; unset keeps torch's default. One thread is often faster on a busy 2-core machine."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=1_000_000)
     """Requests per backend call (a forward batch, or one vLLM submission). Operational: never in cache keys."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """Weights dtype (`transformers`, `embedded`, `vllm`)."""
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|mps|auto|(cuda|xpu|npu)(:[0-9]+)?)$")
     """torch device for `transformers`/`embedded`: `cpu`, `cuda`, `cuda:1`, `mps`."""
     engine: dict[str, Any] = {}
     """`vllm`: options passed to `vllm.LLM` (tensor_parallel_size, max_model_len, gpu_memory_utilization,
@@ -92,7 +117,7 @@ class ModelSpec(Strict):
     """`openai`: the endpoint, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`."""
     api_key_env: str | None = None
     """`openai`: the NAME of the environment variable holding the API key (never the key itself)."""
-    concurrency: int = Field(8, ge=1)
+    concurrency: int = Field(8, ge=1, le=10_000)
     """`openai`: requests in flight at once."""
     max_retries: int = Field(6, ge=0)
     """`openai`: retries (exponential backoff with jitter) on 429, 5xx, timeouts and malformed responses."""
@@ -128,16 +153,16 @@ class SamplingParams(Strict):
     """Sampling temperature; 0 means greedy decoding."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, le=1_000_000)
     """Maximum new tokens per output."""
 
 
 class PromptSource(Strict):
     """Where instructions come from: exactly one of `path`, `dataset` or `inline`."""
 
-    path: str | None = None
+    path: str | None = Field(None, min_length=1)
     """A JSONL, JSON, Parquet or CSV file, or a folder saved by `datasets.save_to_disk`; relative to the recipe."""
-    dataset: str | None = None
+    dataset: str | None = Field(None, min_length=1)
     """A Hugging Face dataset by name (downloaded through `datasets.load_dataset`)."""
     config: str | None = None
     """The dataset configuration name, for `dataset`."""
@@ -157,7 +182,7 @@ class PromptSource(Strict):
     """Keep at most this many prompts (after de-duplication and shuffling)."""
     shuffle: bool = False
     """Shuffle rows (with `seed`) before applying `limit`."""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
     """Seed for shuffling."""
     dedupe: bool = True
     """Drop rows whose messages repeat an earlier row's exactly."""
@@ -183,7 +208,7 @@ class ReferenceSpec(Strict):
     """For `model`: the name of an entry in `models`."""
     params: SamplingParams = SamplingParams(temperature=0.0, max_tokens=512)
     """For `model`: generation settings (greedy by default)."""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
     """For `model`: sampling seed."""
 
     @model_validator(mode="after")
@@ -200,11 +225,11 @@ class SamplesSpec(Strict):
 
     policy: str
     """The name of an entry in `models`."""
-    n: int = Field(4, ge=2)
+    n: int = Field(4, ge=2, le=1024)
     """Samples per prompt (at least 2, to form a pair)."""
     params: SamplingParams = SamplingParams()
     """Generation settings."""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
     """Sampling seed; part of the request key."""
 
 
@@ -215,7 +240,7 @@ class JudgmentsSpec(Strict):
     """The name of an entry in `models`."""
     protocol: ProtocolName = "refeval"
     """Judge prompt protocol (docs/DESIGN.md, protocols); `custom` reads `template`."""
-    template: str | None = None
+    template: str | None = Field(None, min_length=1)
     """For `custom`: a template file (relative to the recipe) with {instruction}, {output_a}, {output_b} and
     optionally {reference}; the judge's answer is prefilled with `Output (`."""
     reference: str | list[str] | None = None
@@ -290,11 +315,11 @@ class PairsSpec(Strict):
 class ExportSpec(Strict):
     """Where and how the preference dataset is written."""
 
-    path: str | None = None
+    path: str | None = Field(None, min_length=1)
     """Output folder, relative to the recipe; default `<warehouse>/exports/<recipe name>`."""
     test_fraction: float = Field(0.1, ge=0, lt=1)
     """Fraction of prompts in the test split (split by prompt, deterministically)."""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
     """Seed of the split."""
     sft_reference: str | None = None
     """Also export an SFT dataset (TRL prompt/completion) of this reference, for the distillation baseline;
@@ -338,7 +363,7 @@ class TrainSettings(Strict):
     """DPO loss (`sigmoid` is the paper's)."""
     precompute_ref_log_probs: bool | None = None
     """Compute the reference model's log-probabilities once before training (DPO)."""
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
     """Seed of the trainer (data order, dropout)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch."""
@@ -484,9 +509,10 @@ class LoadedRecipe(BaseModel):
         return f"{self.path}:{line or '?'}: field '{'.'.join(str(p) for p in loc)}'"
 
     def resolve(self, relative: str) -> Path:
-        """A recipe-relative path made absolute."""
+        """A recipe-relative path made absolute (normalised, but links are not followed: messages name the
+        path as the recipe wrote it)."""
         p = Path(relative).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p).resolve()
+        return Path(os.path.abspath(p if p.is_absolute() else self.base_dir / p))
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -33,6 +33,8 @@ def _columns(names: Any) -> str:
 
 def _text(row: dict[str, Any], column: str, where: str, required: bool) -> str | None:
     if column not in row or row[column] is None:
+        if required and column in row:
+            raise UserInputError(f"{where}: column '{column[:80]}' is null; expected text")
         if required:
             raise UserInputError(f"{where}: missing column '{column[:80]}' (available: {_columns(row)})")
         return None
@@ -82,12 +84,12 @@ def prompt_rows(
                 "reference_fields": json.dumps(refs, ensure_ascii=False),
             }
         )
-    absent = [c for c in spec.reference_fields if raw and all(c not in r for r in raw)]
+    named = [(c, "prompts.reference_fields") for c in spec.reference_fields]
+    named += [(c, f"prompts.{f}") for f, c in (("id_field", spec.id_field), ("system_field", spec.system_field)) if c]
+    absent = [(c, field) for c, field in named if raw and all(c not in r for r in raw)]
     if absent:
-        raise UserInputError(
-            f"{where}: reference column '{absent[0][:80]}' (prompts.reference_fields) is in no row "
-            f"(available: {_columns(raw[0])})"
-        )
+        column, field = absent[0]
+        raise UserInputError(f"{where}: column '{column[:80]}' ({field}) is in no row (available: {_columns(raw[0])})")
     if spec.shuffle:
         random.Random(spec.seed).shuffle(rows)
     if spec.limit is not None:

@@ -374,6 +374,15 @@ class Warehouse:
                     moved.append(self._quarantine(part))
         return moved
 
+    def require(self) -> None:
+        """For read-only commands: the root must be a warehouse (a folder that a build or judge-eval wrote),
+        so a mistyped `--warehouse` is an error rather than a quietly empty answer."""
+        check_folder(self.root)
+        if not self.root.is_dir():
+            raise UserInputError(f"{self.root}: no warehouse here (run `factory build RECIPE` first)")
+        if not any((self.root / name).exists() for name in ("runs", "tables", "calls", DB_FILE)):
+            raise UserInputError(f"{self.root}: not a factory warehouse (no runs, tables or calls in it)")
+
     def sweep_temporary(self) -> list[Path]:
         """Remove the temporary files of writes that were killed before their rename (SIGKILL skips every
         `finally`). Call it with the warehouse lock held: then no write is in flight. Readers never saw them."""

@@ -295,7 +295,7 @@ def prepare(case: BadInput, tmp_path: Path, warehouse: Path, monkeypatch: pytest
     shutil.copytree(warehouse, wh)
     tmp.mkdir()
     places = {"case": str(case_dir), "wh": str(wh), "tmp": str(tmp)}
-    if case.pad:
+    if case.pad and "file" in case.pad:
         target = case_dir / case.pad["file"]
         text = target.read_text(encoding="utf-8")
         assert case.pad["marker"] in text, f"{case.id}: pad marker not in {case.pad['file']}"
@@ -308,7 +308,12 @@ def prepare(case: BadInput, tmp_path: Path, warehouse: Path, monkeypatch: pytest
         monkeypatch.delenv(var, raising=False)
         env[var] = None
     monkeypatch.chdir(tmp)  # a relative path written by mistake lands in the scratch dir, which is watched
-    return Prepared(case_dir, wh, tmp, [fill(a, places) for a in case.args], env)
+    args = [fill(a, places) for a in case.args]
+    if case.pad and "arg" in case.pad:  # grow an argument instead of a file (e.g. a 1 MB SQL query)
+        i = int(case.pad["arg"])
+        assert case.pad["marker"] in args[i], f"{case.id}: pad marker not in argument {i}"
+        args[i] = args[i].replace(case.pad["marker"], case.pad["text"] * int(case.pad["times"]))
+    return Prepared(case_dir, wh, tmp, args, env)
 
 
 def neutral(line: str, prepared: Prepared, root: Path) -> str:
