@@ -51,12 +51,7 @@ def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool =
     r = loaded.recipe
     if r.judgments is not None:
         judge_protocol(loaded)
-    used = {m for m in (r.samples.policy if r.samples else None,) if m}
-    used |= {ref.model for ref in r.references if ref.model}
-    labeler = labeler_of(r)
-    if labeler is not None and labeler.model_field is not None:
-        used.add(getattr(getattr(r, labeler.name), labeler.model_field))
-    for name in sorted(used) if keys else []:
+    for name in sorted({name for _, name, _ in r.model_uses()}) if keys else []:
         spec = r.models[name]
         if spec.api_key_env and not os.environ.get(spec.api_key_env):
             raise UserInputError(

@@ -42,6 +42,13 @@ class FactoryGroup(click.Group):
             sys.exit(1)
 
 
+def _warn_skipped(wh: Any) -> None:
+    """Name, on stderr, the unreadable call files a command had to skip."""
+    warning = wh.skipped_warning()
+    if warning:
+        click.echo(warning, err=True)
+
+
 @click.group(cls=FactoryGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="factory")
 def main() -> None:
@@ -105,9 +112,7 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
         b = Build(loaded, wh, reporter)
         run = b.run()
     print_summary(run, b.stats, b.export_path, wh)
-    warning = wh.skipped_warning()
-    if warning:
-        click.echo(warning, err=True)
+    _warn_skipped(wh)
     if run["status"] != "ok":
         sys.exit(1)
 
@@ -126,9 +131,7 @@ def sql(query: str, warehouse: Path, fmt: str, limit: int) -> None:
     wh = Warehouse(warehouse)
     wh.require()
     result = wh.query(query)
-    warning = wh.skipped_warning()
-    if warning:
-        click.echo(warning, err=True)
+    _warn_skipped(wh)
     if fmt == "csv":
         import pyarrow as pa
         import pyarrow.csv as pacsv
@@ -165,9 +168,7 @@ def ls_(warehouse: Path) -> None:
         "round(seconds, 1) AS seconds FROM runs ORDER BY started_at DESC LIMIT 10"
     )
     print_table(runs, 10)
-    warning = wh.skipped_warning()
-    if warning:
-        click.echo(warning, err=True)
+    _warn_skipped(wh)
 
 
 def _register_plugins() -> None:

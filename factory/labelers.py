@@ -25,13 +25,6 @@ if TYPE_CHECKING:
     from factory.recipe import LoadedRecipe, Recipe
 
 
-def read_input_text(path: Any, what: str) -> str:
-    """The recipe module's input reader (imported late: the recipe module imports this one)."""
-    from factory.recipe import read_input_text as read
-
-    return read(path, what)
-
-
 @dataclass(frozen=True)
 class Labeler:
     """One way to score samples, declared as data."""
@@ -65,6 +58,8 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         return get_protocol(j.protocol)
     assert j.template is not None
     path = loaded.resolve(j.template)
+    from factory.recipe import read_input_text  # late: the recipe module imports this one
+
     where = loaded.where("judgments", "template")
     try:
         text = read_input_text(path, "judge template file")

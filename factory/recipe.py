@@ -430,15 +430,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _names_resolve(self) -> Recipe:
         known_models = sorted(self.models)
-        uses: list[tuple[tuple[str | int, ...], str | None]] = []
-        if self.samples is not None:
-            uses.append((("samples", "policy"), self.samples.policy))
-        if self.judgments is not None:
-            uses.append((("judgments", "judge"), self.judgments.judge))
-        if self.rewards is not None:
-            uses.append((("rewards", "model"), self.rewards.model))
-        uses += [(("references", i, "model"), r.model) for i, r in enumerate(self.references) if r.kind == "model"]
-        for loc, name in uses:
+        for loc, name, _ in self.model_uses():
             if name not in self.models:
                 raise FieldError(loc, f"unknown model '{name}'; known models: {known_models}")
         self._roles_fit()
@@ -468,17 +460,21 @@ class Recipe(Strict):
                 )
         return self
 
-    def _roles_fit(self) -> None:
-        """Each model is named only for roles its backend can play (a recipe error, not a runtime raise)."""
-        roles: list[tuple[tuple[str | int, ...], str, str]] = []
+    def model_uses(self) -> list[tuple[tuple[str | int, ...], str, str]]:
+        """Every place the recipe names a model: (field location, model name, role it must play)."""
+        uses: list[tuple[tuple[str | int, ...], str, str]] = []
         if self.samples is not None:
-            roles.append((("samples", "policy"), self.samples.policy, "generate"))
-        roles += [(("references", i, "model"), r.model, "generate") for i, r in enumerate(self.references) if r.model]
+            uses.append((("samples", "policy"), self.samples.policy, "generate"))
+        uses += [(("references", i, "model"), r.model, "generate") for i, r in enumerate(self.references) if r.model]
         for section, labeler in LABELERS.items():
             spec = getattr(self, section)
             if spec is not None and labeler.model_field is not None and labeler.role is not None:
-                roles.append(((section, labeler.model_field), getattr(spec, labeler.model_field), labeler.role))
-        for loc, name, role in roles:
+                uses.append(((section, labeler.model_field), getattr(spec, labeler.model_field), labeler.role))
+        return uses
+
+    def _roles_fit(self) -> None:
+        """Each model is named only for roles its backend can play (a recipe error, not a runtime raise)."""
+        for loc, name, role in self.model_uses():
             backend = self.models[name].backend
             if role not in BACKENDS[backend].roles:
                 able = [b for b, e in BACKENDS.items() if role in e.roles]

@@ -17,24 +17,18 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import factory
 from factory.backends import package_version
-from factory.calls import CallRunner, ModelPool, Reporter
+from factory.calls import CallRunner, ModelPool, Reporter, now
 from factory.keys import stable_hash
 from factory.pipeline import StageOutput, StageStats
 from factory.redact import redact
 from factory.requests import Call
 from factory.warehouse import Warehouse
-
-
-def now() -> datetime:
-    """The current UTC time (rows carry timezone-aware timestamps)."""
-    return datetime.now(timezone.utc)
 
 
 def new_run_id() -> str:
