@@ -13,6 +13,7 @@ Every candidate (one per β of a sweep) is a row of the `trainings` table and it
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from factory.backends import folder_fingerprint
 from factory.errors import UserInputError
-from factory.keys import stable_hash
+from factory.keys import canonical_json, stable_hash
 from factory.recipe import TrainSettings, clip_value, one_line
 
 Method = Literal["dpo", "sft"]
@@ -219,14 +220,13 @@ def load_splits(source: str | Path) -> tuple[Any, str]:
 
 
 def dataset_hash(dd: Any) -> str:
-    """A hash of the rows the training sees (train and test), independent of where they are stored."""
-    parts = [dd[split]._fingerprint if hasattr(dd[split], "_fingerprint") else None for split in sorted(dd)]
-    if any(p is None for p in parts):
-        parts = [stable_hash(dd[split].to_list()) for split in sorted(dd)]
-    # A fingerprint depends on how the dataset was loaded: hash the content of small sets instead.
-    if sum(len(dd[s]) for s in dd) <= 200_000:
-        parts = [stable_hash(dd[split].to_list()) for split in sorted(dd)]
-    return stable_hash(parts, 16)
+    """A hash of the rows the training sees (every split), independent of where and how they are stored."""
+    digest = hashlib.sha256()
+    for split in sorted(dd):
+        digest.update(split.encode())
+        for row in dd[split]:
+            digest.update(canonical_json(row).encode())
+    return digest.hexdigest()[:16]
 
 
 def length_report(tokenizer: Any, split: Any, method: Method, max_length: int) -> dict[str, int]:
@@ -286,11 +286,6 @@ def copy_model(source: Path, target: Path) -> None:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def now_s() -> float:
-    """Wall-clock seconds (a function so one place says what "time" means here)."""
-    return time.perf_counter()
 
 
 # -------------------------------------------------------------------------------------------------- run
@@ -450,7 +445,7 @@ def train(
         scratch = output.with_name(f".{output.name}.candidates")
         shutil.rmtree(scratch, ignore_errors=True)
         for i, beta in enumerate(candidates):
-            t0 = now_s()
+            t0 = time.perf_counter()
             out = scratch / f"candidate-{i}"
             history, steps, train_loss, val = _train_one(method, values, beta, settings.seed, path, dd, out)
             metrics.extend(_log_rows(history, name, beta))
@@ -472,14 +467,13 @@ def train(
                     "examples_cut": checks["examples_cut_at_max_length"],
                     "output": None,
                     "model_hash": folder_fingerprint(out),
-                    "seconds": round(now_s() - t0, 3),
+                    "seconds": round(time.perf_counter() - t0, 3),
                 }
             )
         best = min(range(len(rows)), key=lambda i: (rows[i]["val_loss"] is None, rows[i]["val_loss"] or 0.0, i))
         rows[best].update(selected=True, output=str(output))
         chosen = scratch / f"candidate-{best}"
         info = {**rows[best], "settings": values, "run_id": run.run_id, "recipe_hash": recipe_hash}
-        info["val_loss"] = rows[best]["val_loss"]
         (chosen / "README.md").write_text(model_card(name, info), encoding="utf-8")
         (chosen / MARKER).write_text(
             json.dumps({"key": key, "run_id": run.run_id, "model_hash": rows[best]["model_hash"]})
