@@ -122,6 +122,19 @@ def start_build(recipe: Path, wh: Path, stderr: Path) -> subprocess.Popen[bytes]
         )
 
 
+def spawn_cli(*args: str) -> subprocess.Popen[str]:
+    """`factory ARGS` in its own process, its output captured as text (for short commands)."""
+    return subprocess.Popen(
+        factory_cmd(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+        env=_env(),
+        cwd=ROOT,
+    )
+
+
 def run_cli(*args: str, timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         factory_cmd(*args),
@@ -513,24 +526,8 @@ def test_second_build_on_a_locked_warehouse_fails_fast(reference: Reference, tmp
         locked_s = time.monotonic() - t0
         # B and a reader, at once, while A holds the lock.
         tb = time.monotonic()
-        b = subprocess.Popen(
-            factory_cmd("build", str(reference.recipe), "-w", str(wh), "-q"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=_default_sigint,
-            env=_env(),
-            cwd=ROOT,
-        )
-        sql = subprocess.Popen(
-            factory_cmd("sql", CONSISTENCY_SQL, "-w", str(wh), "--format", "json"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=_default_sigint,
-            env=_env(),
-            cwd=ROOT,
-        )
+        b = spawn_cli("build", str(reference.recipe), "-w", str(wh), "-q")
+        sql = spawn_cli("sql", CONSISTENCY_SQL, "-w", str(wh), "--format", "json")
         b_out, b_err = b.communicate(timeout=60)
         b_s = time.monotonic() - tb
         a_running_after_b = a.poll() is None
