@@ -36,17 +36,11 @@ def read_prompts(loaded: LoadedRecipe) -> StageOutput:
     return stages.prompt_rows(source_name, raw, spec, where=where)
 
 
-def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
-    """Where the recipe's preference dataset goes: `export.path`, else `<warehouse>/exports/<name>`."""
-    r = loaded.recipe
-    return loaded.resolve(r.export.path) if r.export.path else wh_root / "exports" / r.name
-
-
 def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool = True) -> None:
     """Every check that needs more than the recipe text, made before anything is written: a custom judge
     template, the API key variables (unless `keys` is off: a dry run spends nothing), and an export folder
     that factory did not write."""
-    from factory.export import check_export_target
+    from factory.export import check_export_target, export_path
 
     r = loaded.recipe
     if r.judgments is not None:
@@ -146,7 +140,7 @@ def _export_spec(ctx: Context) -> Any:
 
 
 def _export(ctx: Context, st: StageStats) -> StageOutput:
-    from factory.export import export_dataset, export_sft
+    from factory.export import export_dataset, export_path, export_sft
 
     r = ctx.recipe
     path = export_path(ctx.loaded, ctx.outputs["warehouse_root"])

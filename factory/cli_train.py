@@ -54,7 +54,7 @@ def train(
     layers: list[tuple[str, dict]] = []
     source, recipe_hash = data, None
     if data.endswith((".yaml", ".yml")):
-        from factory.build import export_path
+        from factory.export import export_path
         from factory.recipe import load_recipe
         from factory.runs import Run
 

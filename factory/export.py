@@ -13,13 +13,16 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.labelers import labeler_of
 from factory.pipeline import Context
 from factory.warehouse import check_folder, folder_lock
+
+if TYPE_CHECKING:
+    from factory.recipe import LoadedRecipe
 
 MARKER = ".factory-export.json"
 # Chat-template control tokens that must never survive into exported text: a trainer's tokenizer parses them
@@ -187,6 +190,13 @@ def _sweep(path: Path) -> None:
     for stale in (*path.parent.glob(f".{path.name}-*"), *path.parent.glob(f".{path.name}.old-*")):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
+    """Where a recipe's preference dataset goes: `export.path`, else `<warehouse>/exports/<name>` (its SFT
+    data goes beside it, with `-sft` appended)."""
+    r = loaded.recipe
+    return loaded.resolve(r.export.path) if r.export.path else wh_root / "exports" / r.name
 
 
 def check_export_target(path: Path) -> None:
