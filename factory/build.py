@@ -25,12 +25,13 @@ from factory.sources import read_rows
 from factory.warehouse import Warehouse
 
 
-def read_prompts(loaded: LoadedRecipe) -> StageOutput:
-    """The recipe's prompt rows, read and checked (raises UserInputError naming file, field and row)."""
-    source_name, raw = read_rows(loaded)
-    spec = loaded.recipe.prompts
+def read_prompts(loaded: LoadedRecipe, loc: tuple[str, ...] = ("prompts",)) -> StageOutput:
+    """The prompt rows of the recipe's `prompts` (or of the prompt source at `loc`, e.g. `eval.prompts`), read
+    and checked (raises UserInputError naming file, field and row)."""
+    spec = loaded.recipe.eval.prompts if loc == ("eval", "prompts") else loaded.recipe.prompts
+    source_name, raw = read_rows(loaded, spec, loc)
     source_field = "inline" if spec.inline is not None else "path" if spec.path is not None else "dataset"
-    where = loaded.where("prompts", source_field)
+    where = loaded.where(*loc, source_field)
     if spec.path is not None:
         where += f" ({loaded.resolve(spec.path).name})"  # name the data file too: the problem is in it
     return stages.prompt_rows(source_name, raw, spec, where=where)
@@ -38,13 +39,15 @@ def read_prompts(loaded: LoadedRecipe) -> StageOutput:
 
 def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool = True) -> None:
     """Every check that needs more than the recipe text, made before anything is written: a custom judge
-    template, the API key variables (unless `keys` is off: a dry run spends nothing), and an export folder
+    template, local eval prompts, the API key variables (unless `keys` is off: a dry run spends nothing), and an export folder
     that factory did not write."""
     from factory.export import check_export_target, export_path
 
     r = loaded.recipe
     if r.judgments is not None:
         judge_protocol(loaded)
+    if r.eval is not None and r.eval.prompts.dataset is None:
+        read_prompts(loaded, ("eval", "prompts"))  # a held-out file that is missing or wrong fails now, not last
     for name in sorted({name for _, name, _ in r.model_uses()}) if keys else []:
         spec = r.models[name]
         if spec.api_key_env and not os.environ.get(spec.api_key_env):
@@ -187,8 +190,10 @@ class Build:
         warehouse: Warehouse,
         reporter: Reporter | None = None,
         pool: ModelPool | None = None,
+        loop_round: int | None = None,
     ) -> None:
         self.loaded = loaded
+        self.round = loop_round
         self.recipe = loaded.recipe
         self.wh = warehouse
         self.reporter = reporter or Reporter()
@@ -204,7 +209,7 @@ class Build:
         prompt_output = read_prompts(self.loaded)
         preflight(self.loaded, self.wh.root)
         recipe_hash = Run.hash_of(self.recipe.model_dump(mode="json"))
-        run = Run(self.wh, self.recipe.name, recipe_hash, self.pool, self.reporter, str(self.loaded.path))
+        run = Run(self.wh, self.recipe.name, recipe_hash, self.pool, self.reporter, str(self.loaded.path), self.round)
         self.run_id = run.run_id
         ctx = Context(self.loaded, run.call, run_id=run.run_id)
         ctx.outputs.update(prompt_output=prompt_output, warehouse_root=self.wh.root)

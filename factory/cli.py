@@ -91,6 +91,8 @@ def validate(recipe: Path, warehouse: Path) -> None:
 def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
     """Build RECIPE: prompts → references → samples → judgments → scores → pairs → export.
 
+    With a `rounds` section, the self-improvement loop: [SFT →] (build → DPO) × rounds; with an `eval`
+    section, then the win rate of the policy (of every round's policy) on held-out prompts.
     Finished work is reused: an unchanged rebuild makes no model calls, and an interrupted build resumes
     with only the calls that were not yet written.
     """
@@ -108,10 +110,34 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
         print_plan(loaded.recipe.name, *plan(loaded))
         return
     wh = Warehouse(warehouse)
+    r = loaded.recipe
+    if r.rounds is not None:
+        from factory.progress import print_eval, print_loop
+        from factory.rounds import Loop
+
+        with RichReporter(quiet=quiet) as reporter:
+            loop = Loop(loaded, wh, reporter)
+            status = loop.run()
+        print_loop(loop.steps, wh)
+        print_eval(loop.results)
+        _warn_skipped(wh)
+        if status != "ok":
+            click.echo(f"stopped: a step ended {status}; run the same command again to resume", err=True)
+            sys.exit(1)
+        return
     with RichReporter(quiet=quiet) as reporter:
         b = Build(loaded, wh, reporter)
         run = b.run()
+        if r.eval is not None and run["status"] == "ok":
+            from factory.evaluate import evaluate, recipe_policy
+
+            eval_run, results = evaluate(loaded, wh, [recipe_policy(loaded)], reporter)
     print_summary(run, b.stats, b.export_path, wh)
+    if r.eval is not None and run["status"] == "ok":
+        from factory.progress import print_eval
+
+        print_eval(results)
+        run = eval_run
     _warn_skipped(wh)
     if run["status"] != "ok":
         sys.exit(1)

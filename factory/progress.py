@@ -132,3 +132,59 @@ def print_summary(run: dict[str, Any], stats: list[StageStats], export_path: Pat
         out.print(f"dataset: {export_path}")
     if run["status"] == "incomplete":
         out.print("[yellow]some calls failed; run the same command again to retry them[/yellow]")
+
+
+def _pct(value: float | None, low: float | None = None, high: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    shown = f"{value:.1f}"
+    return shown if low is None or high is None else f"{shown} [{low:.1f}, {high:.1f}]"
+
+
+def print_eval(results: list[dict[str, Any]]) -> None:
+    """Win rates of each evaluated policy against its baseline, with bootstrap intervals."""
+    if not results:
+        return
+    first = results[0]
+    t = Table(
+        title=f"win rate vs {first['baseline']} (judge {first['judge']}, {first['protocol']}, both orders)",
+        header_style="bold",
+    )
+    for col in ("policy", "win rate [95% CI]", "LC win rate [95% CI]", "W/L/T", "scored", "unparsed", "avg len"):
+        t.add_column(col)
+    for r in results:
+        t.add_row(
+            r["contender"],
+            _pct(r["win_rate"], r["win_rate_low"], r["win_rate_high"]),
+            _pct(r["lc_win_rate"], r["lc_win_rate_low"], r["lc_win_rate_high"]),
+            f"{r['wins']}/{r['losses']}/{r['ties']}",
+            f"{r['scored']}/{r['prompts']}",
+            str(r["unparsed_judgments"]),
+            f"{r['avg_len_policy']:.0f} vs {r['avg_len_baseline']:.0f}" if r["avg_len_policy"] is not None else "",
+        )
+    out.print(t)
+
+
+def print_loop(steps: list[Any], wh: Warehouse) -> None:
+    """One line per step of a self-improvement loop: round, what ran, its status, calls and time."""
+    t = Table(title="rounds", header_style="bold")
+    for col in ("round", "step", "status", "model calls", "cached", "failed", "seconds", "output"):
+        t.add_column(col)
+    for s in steps:
+        row = s.row
+        if s.kind in ("sft", "dpo"):
+            status = f"{row['steps']} steps, loss {row['final_train_loss']:.4f}"
+            t.add_row(str(s.round), s.kind, status, "", "", "", f"{row['seconds']:.1f}", s.detail)
+            continue
+        t.add_row(
+            str(s.round),
+            s.kind,
+            row["status"],
+            str(row.get("model_calls", "")),
+            str(row.get("cached_calls", "")),
+            str(row.get("failed_calls", "")),
+            f"{row.get('seconds') or 0:.1f}",
+            s.detail,
+        )
+    out.print(t)
+    out.print(f'warehouse: {wh.root}  (factory sql "SELECT run_id, round, recipe, status FROM runs")')

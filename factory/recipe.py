@@ -380,6 +380,102 @@ class TrainSettings(Strict):
         return self
 
 
+class EvalSpec(Strict):
+    """Held-out evaluation: the policy's win rate against a baseline on prompts it was not trained on, judged
+    in both orders (docs/SELF_IMPROVEMENT.md)."""
+
+    prompts: PromptSource
+    """The held-out instructions, with the baseline's outputs (and the judge's reference) as columns."""
+    baseline: str | None = None
+    """The column of `prompts.reference_fields` that holds the baseline's outputs (e.g. GPT-4 references)."""
+    baseline_model: str | None = None
+    """Or: a model (a name from `models`) that writes the baseline's outputs with `params`."""
+    reference: str | None = None
+    """The column shown to the judge as the reference (protocols that use one); default: `baseline`."""
+    judge: str
+    """The judge (a name from `models`). It is never replaced by a round's checkpoint, so every round is
+    judged by the same model."""
+    protocol: ProtocolName = "refeval"
+    """The judge protocol (any built-in one; `custom` is not offered here)."""
+    params: SamplingParams = SamplingParams(temperature=0.0, max_tokens=256)
+    """How the policy (and `baseline_model`) answer: greedy by default."""
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
+    """Sampling seed of the policy's outputs."""
+    scoring: Literal["logprob", "verdict"] = "logprob"
+    """`logprob`: a prompt's preference is the judge's soft P(policy better); `verdict`: 1, 0 or ½ from the
+    two orders' verdicts."""
+    max_tokens: int | None = Field(None, ge=1)
+    """The judge's token budget (default: the protocol's)."""
+    top_logprobs: int = Field(20, ge=2)
+    """Top log-probabilities kept per judge token."""
+    resamples: int = Field(1000, ge=0, le=1_000_000)
+    """Bootstrap resamples of the prompts for the confidence intervals (0: none)."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> EvalSpec:
+        if (self.baseline is None) == (self.baseline_model is None):
+            raise FieldError(("baseline",), "give exactly one of 'baseline' (a column) or 'baseline_model'")
+        fields = self.prompts.reference_fields
+        for name in ("baseline", "reference"):
+            value = getattr(self, name)
+            if value is not None and value not in fields:
+                raise FieldError((name,), f"'{value}' is not in eval.prompts.reference_fields {fields}")
+        if self.protocol == CUSTOM:
+            raise FieldError(("protocol",), f"eval takes a built-in protocol: {list(PROTOCOLS)}")
+        if PROTOCOLS[self.protocol].uses_reference and self.reference_column is None:
+            raise FieldError(("reference",), f"protocol '{self.protocol}' needs 'reference' (a column)")
+        return self
+
+    @property
+    def reference_column(self) -> str | None:
+        """The column the judge sees as the reference (None for protocols without one)."""
+        if not PROTOCOLS[self.protocol].uses_reference:
+            return None
+        return self.reference or self.baseline
+
+    @property
+    def generation_tokens(self) -> int:
+        """The judge's token budget."""
+        return self.max_tokens or PROTOCOLS[self.protocol].default_max_tokens
+
+
+TRAINABLE_BACKENDS = ("embedded", "transformers", "vllm")
+"""Backends whose model is a set of weights `factory train` can start from."""
+
+
+class RoundsSpec(Strict):
+    """Self-improvement rounds: sample → judge → pairs → DPO, then sample again with the trained policy."""
+
+    count: int = Field(ge=1, le=100)
+    """DPO rounds. Round k samples with round k−1's checkpoint (round 1 with the policy, or its SFT)."""
+    sft_reference: str | None = None
+    """First fine-tune the policy on this reference (round 0: the paper's SFT step), then start the rounds
+    from that checkpoint."""
+    sft: TrainSettings = TrainSettings(preset="cpu")
+    """Settings of the SFT step (`factory train` fields; base model, method, name and output are set by the
+    rounds)."""
+    dpo: TrainSettings = TrainSettings(preset="cpu")
+    """Settings of each round's DPO training."""
+    evaluate: Literal["each", "last"] = "each"
+    """With an `eval` section: evaluate every policy of the chain (the starting policy, the SFT checkpoint and
+    each round's), or only the last one."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_only(cls, value: Any) -> Any:
+        """`rounds: 2` is short for `rounds: {count: 2}`."""
+        return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _managed(self) -> RoundsSpec:
+        for section in ("sft", "dpo"):
+            given = getattr(self, section).model_fields_set & {"base_model", "revision", "method", "name", "output"}
+            if given:
+                field = sorted(given)[0]
+                raise FieldError((section, field), "set by the rounds (each round trains the previous checkpoint)")
+        return self
+
+
 class Recipe(Strict):
     """A whole recipe: prompts → references → samples → judgments → scores → pairs → export."""
 
@@ -407,6 +503,11 @@ class Recipe(Strict):
     """Dataset export."""
     train: TrainSettings | None = None
     """Settings for `factory train RECIPE` (SFT or DPO on this recipe's export); CLI overrides win."""
+    rounds: RoundsSpec | None = None
+    """Self-improvement rounds run by `factory build`: `rounds: 2`, or a mapping with SFT and DPO settings."""
+    eval: EvalSpec | None = None
+    """Held-out win rate of the policy (of every round's policy, with `rounds`), run by `factory build` after
+    the data, and by `factory eval`."""
 
     @property
     def labeler(self) -> str | None:
@@ -425,6 +526,18 @@ class Recipe(Strict):
             raise FieldError((given[0],), f"{given[0]} labels samples: add a 'samples' section")
         if self.samples is None and self.export.sft_reference is None:
             raise FieldError(("samples",), "nothing to build: add samples (and a labeler), or export.sft_reference")
+        if self.rounds is not None:
+            if self.samples is None:
+                raise FieldError(("rounds",), "rounds train on the policy's own pairs: add 'samples' and a labeler")
+            backend = self.models[self.samples.policy].backend if self.samples.policy in self.models else None
+            if backend is not None and backend not in TRAINABLE_BACKENDS:
+                raise FieldError(
+                    ("rounds",),
+                    f"rounds train the policy '{self.samples.policy}', but backend '{backend}' has no weights to "
+                    f"train; use one of {list(TRAINABLE_BACKENDS)}",
+                )
+        if self.eval is not None and self.samples is None:
+            raise FieldError(("eval",), "eval measures the policy: add a 'samples' section naming it")
         return self
 
     @model_validator(mode="after")
@@ -445,6 +558,8 @@ class Recipe(Strict):
             (("similarity", "reference"), self.similarity.reference if self.similarity else None),
             (("export", "sft_reference"), self.export.sft_reference),
         ]
+        if self.rounds is not None:
+            wanted.append((("rounds", "sft_reference"), self.rounds.sft_reference))
         for loc, name in wanted:
             if name and name not in names:
                 raise FieldError(loc, f"unknown reference '{name}'; known: {names}")
@@ -470,6 +585,10 @@ class Recipe(Strict):
             spec = getattr(self, section)
             if spec is not None and labeler.model_field is not None and labeler.role is not None:
                 uses.append(((section, labeler.model_field), getattr(spec, labeler.model_field), labeler.role))
+        if self.eval is not None:
+            uses.append((("eval", "judge"), self.eval.judge, "judge"))
+            if self.eval.baseline_model is not None:
+                uses.append((("eval", "baseline_model"), self.eval.baseline_model, "generate"))
         return uses
 
     def _roles_fit(self) -> None:
@@ -829,3 +948,25 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     if bad is not None:
         raise _field_error(path, node, *bad)
     return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)
+
+
+def with_eval_overrides(loaded: LoadedRecipe, **overrides: str | None) -> LoadedRecipe:
+    """The recipe with its `eval` section's fields replaced from the command line (`factory eval --judge`);
+    a recipe without that section, or an override the recipe rejects, is one clear error."""
+    r = loaded.recipe
+    if r.eval is None:
+        raise UserInputError(f"{loaded.path}: no 'eval' section; add one naming the held-out prompts and the judge")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return loaded
+    data = r.model_dump()
+    data["eval"].update(given)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        cause = err.get("ctx", {}).get("error")
+        message = str(cause) if isinstance(cause, FieldError) else _describe(err)
+        options = ", ".join(f"--{k} {clip_value(v)}" for k, v in given.items())
+        raise UserInputError(f"{options}: {message}") from None
+    return LoadedRecipe(recipe=recipe, path=loaded.path, text=loaded.text)

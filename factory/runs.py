@@ -72,8 +72,10 @@ class Run:
         pool: ModelPool,
         reporter: Reporter | None = None,
         recipe_path: str | None = None,
+        loop_round: int | None = None,
     ) -> None:
         self.wh = wh
+        self.round = loop_round
         self.recipe = recipe
         self.pool = pool
         self.reporter = reporter or Reporter()
@@ -87,6 +89,7 @@ class Run:
             "recipe_hash": recipe_hash,
             "recipe_path": recipe_path,
             "status": "running",
+            "round": loop_round,
         }
         self.calls = CallRunner(wh, self.run_id, recipe, pool, self.reporter)
         self._t0 = 0.0
@@ -187,7 +190,7 @@ class Run:
                 st.rows = st.rows or len(out.rows)
                 return out.rows
             for row in out.rows:
-                row.update(recipe=self.recipe, run_id=self.run_id, stage_key=key)
+                row.update(recipe=self.recipe, run_id=self.run_id, stage_key=key, round=self.round)
             self.wh.write_stage(table, unit, key, self.run_id, out.rows, out.complete)
             st.rows = len(out.rows)
             return out.rows

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from factory.errors import UserInputError
 from factory.recipe import (
     LoadedRecipe,
+    PromptSource,
     clip_value,
     decode_utf8,
     one_line,
@@ -157,9 +158,12 @@ def read_dataset(where: str, *, folder: Path | None, split: str | None, config: 
     return loaded.to_list()
 
 
-def read_rows(loaded: LoadedRecipe) -> tuple[str, list[dict[str, Any]]]:
-    """The raw rows of the recipe's prompt source, and a short name of the source for provenance."""
-    source = loaded.recipe.prompts
+def read_rows(
+    loaded: LoadedRecipe, source: PromptSource | None = None, loc: tuple[str, ...] = ("prompts",)
+) -> tuple[str, list[dict[str, Any]]]:
+    """The raw rows of a prompt source (the recipe's `prompts` unless given, found at `loc` in the recipe), and
+    a short name of the source for provenance."""
+    source = source or loaded.recipe.prompts
     if source.inline is not None:
         return "inline", list(source.inline)
     if source.dataset is not None:
@@ -170,7 +174,7 @@ def read_rows(loaded: LoadedRecipe) -> tuple[str, list[dict[str, Any]]]:
     kind = path_kind(path)
     suffix = path.suffix.lower()
     if kind == "missing":
-        raise UserInputError(f"{loaded.where('prompts', 'path')}: file not found: {path}")
+        raise UserInputError(f"{loaded.where(*loc, 'path')}: file not found: {path}")
     if kind == "folder":
         if suffix in DATA_SUFFIXES:  # named like a file: a dataset folder is not what the user meant
             raise UserInputError(f"{shown_path(path)}: is a folder; expected a {suffix} file")
@@ -183,7 +187,7 @@ def read_rows(loaded: LoadedRecipe) -> tuple[str, list[dict[str, Any]]]:
         rows = read_table_file(path, "Parquet" if suffix == ".parquet" else "CSV")
     else:
         raise UserInputError(
-            f"{loaded.where('prompts', 'path')} ({clip_value(path.name)}): unsupported file type {clip_value(suffix)} "
+            f"{loaded.where(*loc, 'path')} ({clip_value(path.name)}): unsupported file type {clip_value(suffix)} "
             "(expected .jsonl, .json, .parquet, .csv or a saved dataset folder)"
         )
     return str(source.path), rows

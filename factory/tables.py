@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-PROVENANCE = [("recipe", pa.string()), ("run_id", pa.string()), ("stage_key", pa.string())]
+PROVENANCE = [
+    ("recipe", pa.string()),
+    ("run_id", pa.string()),
+    ("stage_key", pa.string()),
+    ("round", pa.int64()),  # the self-improvement round that wrote the row (0: SFT); null outside rounds
+]
 TOP_LOGPROBS = pa.list_(pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())])))
 ACCOUNTING = [
     ("tokens_in", pa.int64()),
@@ -165,6 +170,68 @@ STAGE_TABLES["training_metrics"] = _schema(
     ("rewards_margins", pa.float64()),
 )
 
+# `factory eval` (and a recipe's `eval:` section): a policy's answers to held-out prompts, the baseline's
+# when a model writes it, each judged in both orders, and one result row per policy × baseline × judge.
+STAGE_TABLES["eval_outputs"] = _schema(
+    *PROVENANCE,
+    ("prompt_id", pa.string()),
+    ("role", pa.string()),  # policy | baseline
+    ("contender", pa.string()),  # the policy's label (a model name, or <recipe>.r<k> for a round's checkpoint)
+    ("model_hash", pa.string()),  # hash of the model's identity in request keys
+    ("text", pa.string()),
+    ("finish_reason", pa.string()),
+    ("request_key", pa.string()),
+    ("error", pa.string()),
+    *ACCOUNTING,
+)
+STAGE_TABLES["eval"] = _schema(
+    *PROVENANCE,
+    ("prompt_id", pa.string()),
+    ("contender", pa.string()),
+    ("baseline", pa.string()),  # the baseline column, or model:<name>
+    ("judge", pa.string()),
+    ("protocol", pa.string()),
+    ("reference_name", pa.string()),
+    ("order", pa.string()),  # policy_first (the policy is Output (a)) | baseline_first
+    ("raw_output", pa.string()),
+    ("verdict", pa.string()),  # a | b | null (never guessed)
+    ("p_a", pa.float64()),
+    ("p_policy", pa.float64()),  # P(the policy's output is better) read from this judgment; null if unparsed
+    ("p_source", pa.string()),
+    ("marker_tokens", pa.string()),
+    ("parse_status", pa.string()),
+    ("error", pa.string()),
+    ("len_policy", pa.int64()),  # characters
+    ("len_baseline", pa.int64()),
+    ("request_key", pa.string()),
+    *ACCOUNTING,
+)
+STAGE_TABLES["eval_results"] = _schema(
+    *PROVENANCE,
+    ("contender", pa.string()),
+    ("model_hash", pa.string()),
+    ("baseline", pa.string()),
+    ("judge", pa.string()),
+    ("protocol", pa.string()),
+    ("scoring", pa.string()),  # logprob | verdict
+    ("prompts", pa.int64()),  # held-out prompts
+    ("scored", pa.int64()),  # prompts with at least one parsed order (the rest are never guessed)
+    ("unparsed_judgments", pa.int64()),
+    ("win_rate", pa.float64()),  # percent: mean over scored prompts of P(policy better)
+    ("win_rate_low", pa.float64()),  # bootstrap percentile interval (95 %)
+    ("win_rate_high", pa.float64()),
+    ("lc_win_rate", pa.float64()),  # AlpacaEval 2 length-controlled win rate (length term set to zero)
+    ("lc_win_rate_low", pa.float64()),
+    ("lc_win_rate_high", pa.float64()),
+    ("length_coefficient", pa.float64()),  # the fitted weight of tanh(standardised length difference)
+    ("wins", pa.int64()),  # prompts whose every parsed verdict favours the policy
+    ("losses", pa.int64()),  # ... the baseline
+    ("ties", pa.int64()),  # prompts whose two verdicts split
+    ("avg_len_policy", pa.float64()),
+    ("avg_len_baseline", pa.float64()),
+    ("resamples", pa.int64()),
+)
+
 CALL_TABLES: dict[str, pa.Schema] = {
     "generation_calls": _schema(
         ("request_key", pa.string()),
@@ -230,6 +297,7 @@ RUNS = _schema(
     ("recipe_hash", pa.string()),
     ("recipe_path", pa.string()),
     ("status", pa.string()),  # running | ok | incomplete | failed | interrupted
+    ("round", pa.int64()),  # the self-improvement round (0: SFT); null outside rounds
     ("error", pa.string()),
     ("started_at", pa.timestamp("us", tz="UTC")),
     ("finished_at", pa.timestamp("us", tz="UTC")),

@@ -379,6 +379,7 @@ def train(
     wh: Any,
     reporter: Any = None,
     recipe_hash: str | None = None,
+    loop_round: int | None = None,
 ) -> dict[str, Any]:
     """Train on `source` (an export folder or a Hub dataset) in a run; returns the selected candidate's row.
 
@@ -419,7 +420,7 @@ def train(
     )
     marker = output / MARKER
     finished = marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == key
-    run = Run(wh, name, key[:16], ModelPool({}), reporter, recipe_path=str(source))
+    run = Run(wh, name, key[:16], ModelPool({}), reporter, recipe_path=str(source), loop_round=loop_round)
     metrics: list[dict[str, Any]] = []
 
     def compute(st: Any) -> StageOutput:

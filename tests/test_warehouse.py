@@ -21,6 +21,7 @@ def prompt_row(i: int, recipe: str = "r", stage_key: str = "k1") -> dict[str, An
         "recipe": recipe,
         "run_id": "run1",
         "stage_key": stage_key,
+        "round": None,
         "prompt_id": f"p{i}",
         "messages": f'[{{"role": "user", "content": "q{i}"}}]',
         "instruction": f"q{i}",

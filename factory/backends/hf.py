@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import io
 import os
 import shutil
 import tempfile
@@ -58,8 +59,10 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+        # The GGUF reader draws its own progress bar on stderr; a one-time conversion is not worth one.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
         # GGUF loading marks the model quantized although its weights are already de-quantized; a model
         # so marked refuses to train and saves a config vLLM rejects, so drop the marks before saving.
         model.hf_quantizer = None
