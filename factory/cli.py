@@ -201,7 +201,7 @@ def _register_plugins() -> None:
     """Commands that live in their own modules (kept light: they import heavy libraries when run)."""
     import importlib
 
-    for module in ("factory.cli_eval", "factory.cli_train"):
+    for module in ("factory.cli_eval", "factory.cli_train", "factory.cli_publish", "factory.cli_report"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

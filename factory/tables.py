@@ -232,6 +232,23 @@ STAGE_TABLES["eval_results"] = _schema(
     ("resamples", pa.int64()),
 )
 
+# `factory publish`: one row per upload of an export to the Hub (never the token).
+STAGE_TABLES["publications"] = _schema(
+    *PROVENANCE,
+    ("repo_id", pa.string()),
+    ("revision", pa.string()),  # the branch committed to
+    ("private", pa.bool_()),
+    ("commit_id", pa.string()),  # the Hub's commit id (null for --dry-run)
+    ("commit_url", pa.string()),
+    ("endpoint", pa.string()),  # the Hub endpoint (HF_ENDPOINT), so a stand-in or mirror is told apart
+    ("export_path", pa.string()),
+    ("export_hash", pa.string()),  # the export's content hash: which data went where
+    ("files", pa.string()),  # JSON list of the paths uploaded
+    ("rows", pa.string()),  # JSON {split: rows}
+    ("dry_run", pa.bool_()),
+    ("published_at", pa.timestamp("us", tz="UTC")),
+)
+
 CALL_TABLES: dict[str, pa.Schema] = {
     "generation_calls": _schema(
         ("request_key", pa.string()),
