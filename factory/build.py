@@ -39,8 +39,8 @@ def read_prompts(loaded: LoadedRecipe, loc: tuple[str, ...] = ("prompts",)) -> S
 
 def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool = True) -> None:
     """Every check that needs more than the recipe text, made before anything is written: a custom judge
-    template, local eval prompts, the API key variables (unless `keys` is off: a dry run spends nothing), and an export folder
-    that factory did not write."""
+    template, local eval prompts, the API key variables (unless `keys` is off: a dry run spends nothing), and
+    an export folder that factory did not write."""
     from factory.export import check_export_target, export_path
 
     r = loaded.recipe

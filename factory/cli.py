@@ -108,6 +108,15 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
 
         preflight(loaded, warehouse.resolve(), keys=False)
         print_plan(loaded.recipe.name, *plan(loaded))
+        r = loaded.recipe
+        if r.rounds is not None:
+            sft = f"SFT on '{r.rounds.sft_reference}', then " if r.rounds.sft_reference else ""
+            click.echo(
+                f"rounds: {sft}{r.rounds.count} round(s), each making these calls with the previous round's "
+                "checkpoint and one DPO training"
+            )
+        if r.eval is not None:
+            click.echo(f"eval: both orders of every held-out prompt, judge '{r.eval.judge}', {r.eval.protocol}")
         return
     wh = Warehouse(warehouse)
     r = loaded.recipe

@@ -16,6 +16,13 @@ from dataclasses import dataclass
 from factory.errors import UserInputError
 
 VERDICT_RE = re.compile(r"Output \((\S+)\)")
+BETTER_RE = re.compile(
+    r"Output \((\S+?)\)\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+)?(?:the\s+)?"
+    r"(?:better|best|preferred|superior)\b",
+    re.IGNORECASE,
+)
+CONCLUSION_RE = re.compile(r"\bTherefore,?\s+" + BETTER_RE.pattern, re.IGNORECASE)
+"""A reasoning answer's statement of its choice; CONCLUSION_RE is the closing sentence the cot protocol asks for."""
 PLACEHOLDERS = ("{instruction}", "{reference}", "{output_a}", "{output_b}")
 
 _ASK = 'Which output is better, Output (a) or Output (b)? Answer with exactly "Output (a)" or "Output (b)".'
@@ -151,7 +158,8 @@ class Protocol:
     prefill: str = "Output ("
     """Text the judge's answer starts with; empty for protocols that reason first."""
     last_match: bool = False
-    """Read the last verdict in the answer (chain of thought) rather than the first."""
+    """A reasoning answer (chain of thought): read its conclusion, not its first mention of an output
+    (`parse_verdict`)."""
     default_max_tokens: int = 8
     """The judge's token budget when a recipe or judge-eval leaves it unset."""
     description: str = ""
@@ -180,7 +188,8 @@ class Protocol:
         return parse_verdict(self.prefill, generated, tokens, top_logprobs, last_match=self.last_match)
 
 
-_REASONING = {"prefill": "", "last_match": True, "default_max_tokens": 256}
+# A reasoning answer needs room: 256 tokens cut many explanations before their conclusion.
+_REASONING = {"prefill": "", "last_match": True, "default_max_tokens": 1024}
 
 # In the order of the paper's Table 1: judge-eval reports them so.
 PROTOCOLS: dict[str, Protocol] = {
@@ -235,7 +244,7 @@ def custom_protocol(
         "{reference}" in template,
         prefill=prefill,
         last_match=last_match,
-        default_max_tokens=8 if prefill else 256,
+        default_max_tokens=8 if prefill else 1024,
         description="a user template",
     )
 
@@ -287,6 +296,23 @@ def soft_score(top_logprobs: Sequence[tuple[str, float]]) -> tuple[float, dict[s
     return 0.5, seen
 
 
+def _conclusion(text: str) -> re.Match[str] | None:
+    """A reasoning answer's verdict: the closing "Therefore, Output (x) is better" the cot protocol asks for,
+    else its first "Output (x) is better" statement, else its last non-empty line when that line names one
+    output and no other (a bare final answer such as "Output (b)")."""
+    stated = CONCLUSION_RE.search(text) or BETTER_RE.search(text)
+    if stated is not None:
+        return stated
+    lines = [(m.start(), m.group(0)) for m in re.finditer(r"[^\n]+", text) if m.group(0).strip()]
+    if not lines:
+        return None
+    start, line = lines[-1]
+    named = list(VERDICT_RE.finditer(line))
+    if len({m.group(1) for m in named}) != 1:
+        return None
+    return VERDICT_RE.search(text, start)
+
+
 def _token_at(tokens: Sequence[str], offset: int) -> int | None:
     """Index of the generated token whose characters cover `offset` (offsets count generated text only)."""
     pos = 0
@@ -308,21 +334,27 @@ def parse_verdict(
     """Read a judge's answer: the regex verdict, and the soft score at the verdict's marker token.
 
     `generated` is the text after `prefill`; `tokens[i]` is the i-th generated token and
-    `top_logprobs[i]` its top-k alternatives. With no regex match the first generated token is read.
+    `top_logprobs[i]` its top-k alternatives. A prefilled answer's verdict is its first `Output (x)`; with
+    no match the first generated token is read. A reasoning answer (`last_match`) mentions both outputs
+    while it argues, so its verdict is, as ReIFE reads one, the first statement that an output is better
+    ("Therefore, Output (a) is better than Output (b)." is a), else a final line naming one output alone;
+    an answer cut off before either has no verdict (never a guess).
     """
     text = prefill + generated
-    matches = list(VERDICT_RE.finditer(text))
+    match = _conclusion(text) if last_match else VERDICT_RE.search(text)
     step: int | None = None
-    if matches:
-        match = matches[-1] if last_match else matches[0]
+    if match is not None:
         marker = marker_of(match.group(1))
         verdict = marker
         status = "ok" if marker else "invalid_marker"
-        step = _token_at(tokens, match.start(1) - len(prefill))
+        offset = match.start(1) - len(prefill)
+        step = _token_at(tokens, offset)
         if step is not None and marker_of(tokens[step]) is None:
-            # Tokens did not line up with the text (tokenizer decode quirks): find the marker token instead.
+            # Tokens did not line up with the text (tokenizer decode quirks): take the marker token nearest
+            # to where the text says the verdict is.
+            starts = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
             candidates = [i for i, t in enumerate(tokens) if marker_of(t) is not None]
-            step = (candidates[-1] if last_match else candidates[0]) if candidates else None
+            step = min(candidates, key=lambda i: abs(starts[i] - offset)) if candidates else None
         p_source = "verdict_token"
     else:
         verdict, status, p_source = None, "no_match", "first_token"

@@ -252,7 +252,7 @@ class JudgmentsSpec(Strict):
     scoring: Literal["logprob", "verdict"] = "logprob"
     """`logprob`: soft win probability from the marker tokens; `verdict`: 1/0 from the parsed verdict."""
     max_tokens: int | None = Field(None, ge=1)
-    """Tokens the judge may generate: default 8 after the prefilled `Output (`, 256 for `cot` (it reasons first)."""
+    """Tokens the judge may generate: default 8 after the prefilled `Output (`, 1024 for `cot` (it reasons first)."""
     top_logprobs: int = Field(20, ge=2)
     """How many top log-probabilities to keep per generated token."""
 

@@ -185,7 +185,7 @@ def test_lookup_judge_accuracy_known_by_construction(tmp_path: Path, data_file: 
     assert {r["parse_status"] for r in result.rows} == {"ok", "no_match"}
 
 
-def test_cot_verdict_read_from_last_match(tmp_path: Path, data_file: Path) -> None:
+def test_cot_verdict_read_from_its_conclusion(tmp_path: Path, data_file: Path) -> None:
     def reason(r: JudgeRequest) -> JudgeOutput:
         assert r.prefill == "" and r.max_tokens == PROTOCOLS["cot"].default_max_tokens
         if shown_a(r).endswith("-3") or "good-3 " in shown_a(r):  # case 3: no verdict at all

@@ -134,7 +134,7 @@ def test_reference_protocols_refuse_to_render_without_a_reference(name: str) -> 
         PROTOCOLS[name].render(INSTRUCTION, OUTPUT_A, OUTPUT_B, None)
 
 
-def test_cot_reasons_first_and_reads_the_last_verdict() -> None:
+def test_cot_reasons_first_and_reads_its_conclusion() -> None:
     cot = PROTOCOLS["cot"]
     assert cot.prefill == "" and cot.last_match
     assert "Therefore, Output (a) is better." in render("cot")
@@ -282,7 +282,19 @@ def test_parse_without_logprobs_gives_no_soft_score() -> None:
     assert v.p_a is None and v.p_source == "none"
 
 
-COT_TOKENS = ["Output", " (", "a", ")", " looks fine but is wrong.", " Therefore,", " Output", " (", "b", ")", " is."]
+COT_TOKENS = [
+    "Output",
+    " (",
+    "a",
+    ")",
+    " looks fine but is wrong.",
+    " Therefore,",
+    " Output",
+    " (",
+    "b",
+    ")",
+    " is better.",
+]
 
 
 def cot_tops() -> list[list[tuple[str, float]]]:
@@ -292,7 +304,7 @@ def cot_tops() -> list[list[tuple[str, float]]]:
     return tops
 
 
-def test_cot_reads_the_last_match() -> None:
+def test_cot_reads_the_conclusion_not_the_first_mention() -> None:
     text = "".join(COT_TOKENS)
     v = parse_verdict("", text, COT_TOKENS, cot_tops(), last_match=True)
     assert (v.verdict, v.parse_status, v.p_source) == ("b", "ok", "verdict_token")
@@ -307,3 +319,38 @@ def test_reasoning_answer_without_a_verdict_has_no_soft_score() -> None:
     tops = [[("The", -0.1), ("a", -3.0), ("b", -4.0)], [(" first", -0.2)]]
     v = parse_verdict("", "The first output", tokens, tops, last_match=True)
     assert (v.verdict, v.p_a, v.parse_status, v.p_source) == (None, None, "no_match", "none")
+
+
+# How reasoning answers are read: the conclusion, not the last (or first) mention of an output. None means no
+# verdict: the answer was cut off or never chose, and nothing is guessed.
+COT_ANSWERS = [
+    ("Output (a) is concise and correct. Therefore, Output (a) is better than Output (b).", "a"),
+    ("Output (a) is better at format, but Output (b) is better at facts. Therefore, Output (b) is better.", "b"),
+    ("Output (b) is wrong about the date.\nTherefore Output (a) is better.", "a"),
+    ("Both are fine, but Output (b) is clearly better.", "b"),
+    ("Output (a) was the better of the two.", "a"),
+    ("therefore, output (b) is the better one", "b"),
+    ("Comparing Output (a) and Output (b): the second is right.\nOutput (b)", "b"),
+    ("Output (a) is longer. Output (b) is", None),  # cut off before a conclusion
+    ("Comparing Output (a) and Output (b), the second", None),
+    ("Output (a) and Output (b) are equally good.", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize(("answer", "expected"), COT_ANSWERS)
+def test_cot_answers_are_read_from_their_conclusion(answer: str, expected: str | None) -> None:
+    tokens = [answer] if answer else []
+    v = PROTOCOLS["cot"].parse(answer, tokens, [[("x", 0.0)]] * len(tokens))
+    assert v.verdict == expected
+    assert v.parse_status == ("ok" if expected else "no_match")
+    if expected is None:
+        assert v.p_a is None  # no soft score is read off an answer that never chose
+
+
+def test_cot_soft_score_is_read_at_the_concluding_marker() -> None:
+    tokens = ["Output (", "b", ") looks long, but ", "Therefore, Output (", "a", ") is better than Output (b)."]
+    tops = [[("x", 0.0)], [("b", -0.1), ("a", -3.0)], [("x", 0.0)], [("x", 0.0)], [("a", -0.2), ("b", -2.0)]]
+    tops.append([("x", 0.0)])
+    v = PROTOCOLS["cot"].parse("".join(tokens), tokens, tops)
+    assert v.verdict == "a" and v.p_source == "verdict_token" and v.p_a > 0.5
