@@ -78,10 +78,14 @@ STAGE_TABLES: dict[str, pa.Schema] = {
         ("raw_output", pa.string()),
         ("verdict", pa.string()),  # a | b | null
         ("p_a", pa.float64()),
+        ("p_a_exact", pa.float64()),  # the soft score counting only the tokens `a` and `b` (the paper's rule)
         ("p_source", pa.string()),
         ("marker_tokens", pa.string()),
         ("parse_status", pa.string()),  # ok | no_match | invalid_marker | error
         ("error", pa.string()),
+        ("prefill", pa.string()),  # the text the answer was prefilled with ("" for none)
+        ("markers", pa.string()),  # variants | exact: which tokens the soft score p_a counts
+        ("top_logprobs", pa.int64()),  # how many alternatives per token the judge returned
         ("request_key", pa.string()),
         *ACCOUNTING,
     ),
@@ -117,15 +121,20 @@ STAGE_TABLES["eval_judgments"] = _schema(
     ("judge", pa.string()),
     ("protocol", pa.string()),
     ("reference_name", pa.string()),  # null for protocols that show no reference
-    ("order", pa.string()),  # forward (output_1 shown as (a)) | swapped (output_2 shown as (a))
+    ("order", pa.string()),  # forward (output_1 shown as (a)) | swapped (output_2 shown as (a)) | swapped_blocks
+    # (output_1 stays (a), output_2 stays (b), and (b)'s block is shown first)
     ("prompt_hash", pa.string()),
     ("raw_output", pa.string()),
     ("verdict", pa.string()),  # a | b | null (never guessed)
     ("p_a", pa.float64()),
+    ("p_a_exact", pa.float64()),  # the soft score counting only the tokens `a` and `b` (the paper's rule)
     ("p_source", pa.string()),
     ("marker_tokens", pa.string()),
     ("parse_status", pa.string()),  # ok | no_match | invalid_marker | error
     ("error", pa.string()),
+    ("prefill", pa.string()),  # the text the answer was prefilled with ("" for none)
+    ("markers", pa.string()),  # variants | exact: which tokens the soft score p_a counts
+    ("top_logprobs", pa.int64()),  # how many alternatives per token the judge returned
     ("len_a", pa.int64()),  # characters of the output shown as (a)
     ("len_b", pa.int64()),
     ("request_key", pa.string()),
