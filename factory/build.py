@@ -173,7 +173,8 @@ def stages_for(loaded: LoadedRecipe) -> list[Stage]:
     if r.samples is not None and labeler is not None:
         found.append(Stage("samples", ("prompts",), _samples_spec, _samples, plan=_plan_samples))
         found += labeler.stages()
-        found.append(Stage("pairs", ("samples", "scores"), lambda ctx: ctx.recipe.pairs.model_dump(), _pairs))
+        # version 2: a sample whose text repeats another's is never chosen or rejected in its place.
+        found.append(Stage("pairs", ("samples", "scores"), lambda ctx: ctx.recipe.pairs.model_dump(), _pairs, 2))
     found.append(Stage("export", tuple(s.name for s in found), _export_spec, _export, sink=True))
     return found
 

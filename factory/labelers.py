@@ -55,7 +55,8 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
     j = loaded.recipe.judgments
     assert j is not None
     if j.protocol != CUSTOM:
-        return get_protocol(j.protocol)
+        protocol = get_protocol(j.protocol)
+        return protocol.unprefilled() if j.prefill == "none" else protocol
     assert j.template is not None
     path = loaded.resolve(j.template)
     from factory.recipe import read_input_text  # late: the recipe module imports this one
@@ -65,7 +66,7 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         text = read_input_text(path, "judge template file")
     except UserInputError as exc:
         raise UserInputError(f"{where}: {exc}") from None
-    protocol = custom_protocol(text, where=f"{where} ({path.name})")
+    protocol = custom_protocol(text, prefill="" if j.prefill == "none" else "Output (", where=f"{where} ({path.name})")
     if protocol.uses_reference != bool(j.reference_names):
         need = "uses {reference}, so set" if protocol.uses_reference else "has no {reference}, so remove"
         raise UserInputError(f"{loaded.where('judgments', 'reference')}: the template {need} 'judgments.reference'")
@@ -74,8 +75,9 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
 
 def _judgments_spec(ctx: Context) -> Any:
     j = ctx.recipe.judgments
-    # The template text is in the key, so editing a protocol's wording (or a custom file) re-judges.
-    return [j.model_dump(), judge_protocol(ctx.loaded).template, model_identity(ctx.recipe.models[j.judge])]
+    # The prompt text is in the key, so editing a protocol's wording (or a custom file) re-judges.
+    protocol = judge_protocol(ctx.loaded)
+    return [j.model_dump(), protocol.template, protocol.system, model_identity(ctx.recipe.models[j.judge])]
 
 
 def _judgments(ctx: Context, st: StageStats) -> StageOutput:
@@ -197,9 +199,21 @@ LABELERS: dict[str, Labeler] = {
         model_field="judge",
         role="judge",
         stages=lambda: [
-            Stage("judgments", ("prompts", "samples", "references"), _judgments_spec, _judgments, plan=_plan_judgments),
+            # version 2: identical samples merged, system turns, decoding switches recorded in rows.
             Stage(
-                "scores", ("samples", "judgments"), lambda ctx: {"scoring": ctx.recipe.judgments.scoring}, _judge_scores
+                "judgments",
+                ("prompts", "samples", "references"),
+                _judgments_spec,
+                _judgments,
+                version=2,
+                plan=_plan_judgments,
+            ),
+            Stage(
+                "scores",
+                ("samples", "judgments"),
+                lambda ctx: {"scoring": ctx.recipe.judgments.scoring},
+                _judge_scores,
+                version=2,
             ),
         ],
         provenance=_judge_provenance,

@@ -254,7 +254,14 @@ class JudgmentsSpec(Strict):
     max_tokens: int | None = Field(None, ge=1)
     """Tokens the judge may generate: default 8 after the prefilled `Output (`, 1024 for `cot` (it reasons first)."""
     top_logprobs: int = Field(20, ge=2)
-    """How many top log-probabilities to keep per generated token."""
+    """How many top log-probabilities to keep per generated token (the paper's code: 5)."""
+    prefill: Literal["output", "none"] = "output"
+    """`output`: the judge's answer starts with `Output (`, so its first token is the verdict; `none`: the
+    paper's decoding (no prefill, 16 greedy tokens, verdict by regex, soft score at its marker token).
+    Reasoning protocols (`cot`) never prefill."""
+    markers: Literal["variants", "exact"] = "variants"
+    """Which tokens the soft score counts: `variants` sums `a`, ` a`, `A`, `(a`, ...; `exact` counts only the
+    tokens `a` and `b` (the paper's rule). Only the reading changes: stored answers are re-read, not re-asked."""
 
     @model_validator(mode="after")
     def _reference_fits_protocol(self) -> JudgmentsSpec:
@@ -281,7 +288,9 @@ class JudgmentsSpec(Strict):
         """The judge's token budget, with the protocol's default when `max_tokens` is unset (a custom template
         gets the budget of its answer style: see `factory.protocols.custom_protocol`)."""
         protocol = PROTOCOLS.get(self.protocol)
-        return self.max_tokens or (protocol.default_max_tokens if protocol else 8)
+        if protocol is not None and self.prefill == "none":
+            protocol = protocol.unprefilled()
+        return self.max_tokens or (protocol.default_max_tokens if protocol else 8 if self.prefill == "output" else 16)
 
 
 class RewardsSpec(Strict):

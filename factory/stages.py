@@ -192,6 +192,16 @@ def sample_rows(calls: list[Call], results: dict[str, dict[str, Any]], spec: Sam
 # ---------------------------------------------------------------------------------------------- judgments
 
 
+def text_representatives(samples: list[dict[str, Any]]) -> dict[str, str]:
+    """For every good sample, the sample that stands for its text: the lowest sample index of the prompt's
+    samples with exactly that text. Identical samples are one candidate (as the paper keys candidates by
+    text): the text is judged and scored once, and a sample is never paired with its own copy."""
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in sorted((s for s in samples if s["error"] is None), key=lambda s: (s["prompt_id"], s["sample_index"])):
+        first.setdefault((s["prompt_id"], s["text"]), s)
+    return {s["sample_id"]: first[(s["prompt_id"], s["text"])]["sample_id"] for s in samples if s["error"] is None}
+
+
 def judge_calls(
     prompts: list[dict[str, Any]],
     samples: list[dict[str, Any]],
@@ -200,10 +210,12 @@ def judge_calls(
     protocol: Protocol,
     identity: dict[str, Any],
 ) -> tuple[list[Call], dict[str, Any]]:
-    """Every ordered pair of a prompt's good samples (or only a-before-b with `orders: forward`)."""
+    """Every ordered pair of a prompt's distinct good samples (or only a-before-b with `orders: forward`);
+    a sample whose text repeats an earlier one's is merged into it (`text_representatives`) and counted."""
+    representative = text_representatives(samples)
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
-        if s["error"] is None:
+        if s["error"] is None and representative[s["sample_id"]] == s["sample_id"]:
             by_prompt[s["prompt_id"]].append(s)
     names: list[str | None] = list(spec.reference_names) if protocol.uses_reference else [None]
     refs = {(r["reference_name"], r["prompt_id"]): r["text"] for r in references if r["status"] == "ok"}
@@ -233,28 +245,32 @@ def judge_calls(
                     reference_name=name,
                 )
                 calls.append(call)
-    return calls, {"prompts_without_reference": no_reference}  # counted once per missing reference
+    merged = sum(rep != sid for sid, rep in representative.items())
+    return calls, {"prompts_without_reference": no_reference, "merged_samples": merged}
 
 
-def verdict_fields(result: dict[str, Any], protocol: Protocol) -> dict[str, Any]:
-    """A judge call read into row fields: raw output, verdict, soft score, parse status (or the error)."""
+def verdict_fields(result: dict[str, Any], protocol: Protocol, markers: str = "variants") -> dict[str, Any]:
+    """A judge call read into row fields: raw output, verdict, soft score (under the `markers` rule, and under
+    the exact rule), parse status (or the error)."""
     if result.get("status") != "ok":
         # Every key a parsed row has, so downstream code reads an error row like any other (no verdict).
         return {
             "raw_output": None,
             "verdict": None,
             "p_a": None,
+            "p_a_exact": None,
             "p_source": "none",
             "marker_tokens": None,
             "parse_status": "error",
             "error": result.get("error") or "no result",
         }
     tops = [[(t["token"], t["logprob"]) for t in step] for step in result["top_logprobs"]]
-    v = protocol.parse(result["text"], result["tokens"], tops)
+    v = protocol.parse(result["text"], result["tokens"], tops, markers=markers)
     return {
         "raw_output": protocol.prefill + result["text"],
         "verdict": v.verdict,
         "p_a": v.p_a,
+        "p_a_exact": v.p_a_exact,
         "p_source": v.p_source,
         "marker_tokens": v.marker_tokens,
         "parse_status": v.parse_status,
@@ -273,11 +289,14 @@ def judgment_rows(
             "protocol": protocol.name,
             "judge": spec.judge,
             "request_key": c.key,
+            "prefill": protocol.prefill,
+            "markers": spec.markers,
+            "top_logprobs": spec.top_logprobs,
             "tokens_in": r.get("tokens_in"),
             "tokens_out": r.get("tokens_out"),
             "latency_s": r.get("latency_s"),
         }
-        row.update(verdict_fields(r, protocol))
+        row.update(verdict_fields(r, protocol, spec.markers))
         rows.append(row)
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
@@ -327,9 +346,11 @@ def score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], s
         probs[sample_b].append(1.0 - p)
         if winner is not None:
             wins[sample_a if winner == "a" else sample_b] += 1
+    representative = text_representatives(samples)
     rows = []
     for s in samples:
-        ps = probs.get(s["sample_id"])
+        rep = representative.get(s["sample_id"], s["sample_id"])  # a copy carries its text's score
+        ps = probs.get(rep)
         if not ps:
             continue
         rows.append(
@@ -339,7 +360,7 @@ def score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], s
                 "labeler": "judgments",
                 "score": sum(ps) / len(ps),
                 "n_comparisons": len(ps),
-                "wins": wins[s["sample_id"]],
+                "wins": wins[rep],
             }
         )
     return StageOutput(rows, {"unscored_samples": len(samples) - len(rows)})
@@ -392,10 +413,13 @@ def similarity_score_rows(
 def pair_rows(samples: list[dict[str, Any]], scores: list[dict[str, Any]], spec: PairsSpec) -> StageOutput:
     """Best-vs-worst per prompt, after dropping over-length samples; ties and thin prompts are counted."""
     sample_by_id = {s["sample_id"]: s for s in samples}
+    representative = text_representatives(samples)
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     over_length = 0
     for sc in scores:
         s = sample_by_id[sc["sample_id"]]
+        if representative.get(s["sample_id"], s["sample_id"]) != s["sample_id"]:
+            continue  # a copy of another sample's text: that sample stands for it
         if spec.max_tokens is not None and (s["n_prompt_tokens"] or 0) + (s["n_tokens"] or 0) > spec.max_tokens:
             over_length += 1
             continue

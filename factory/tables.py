@@ -205,6 +205,7 @@ STAGE_TABLES["eval"] = _schema(
     ("raw_output", pa.string()),
     ("verdict", pa.string()),  # a | b | null (never guessed)
     ("p_a", pa.float64()),
+    ("p_a_exact", pa.float64()),
     ("p_policy", pa.float64()),  # P(the policy's output is better) read from this judgment; null if unparsed
     ("p_source", pa.string()),
     ("marker_tokens", pa.string()),

@@ -34,15 +34,20 @@ OUTPUT_A = "The largest planet is Saturn."
 OUTPUT_B = "Jupiter is the largest planet, more than twice as massive as all the others combined."
 
 
-def render(name: str, **overrides: str) -> str:
-    """The one user message of a protocol's prompt for the fixed inputs (reference only where used)."""
+def messages(name: str, **overrides: str) -> list[dict[str, str]]:
+    """A protocol's whole message list for the fixed inputs (reference only where used)."""
     protocol = PROTOCOLS[name]
     values = {"instruction": INSTRUCTION, "output_a": OUTPUT_A, "output_b": OUTPUT_B}
     values["reference"] = REFERENCE if protocol.uses_reference else None
     values.update(overrides)
-    messages = protocol.render(values["instruction"], values["output_a"], values["output_b"], values["reference"])
-    assert [m["role"] for m in messages] == ["user"]
-    return messages[0]["content"]
+    return protocol.render(values["instruction"], values["output_a"], values["output_b"], values["reference"])
+
+
+def render(name: str, **overrides: str) -> str:
+    """The user message of a protocol's prompt for the fixed inputs (it follows the system turn)."""
+    turns = messages(name, **overrides)
+    assert [m["role"] for m in turns] == ["system", "user"]
+    return turns[1]["content"]
 
 
 # ------------------------------------------------------------------------------------------------ goldens
@@ -50,8 +55,9 @@ def render(name: str, **overrides: str) -> str:
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
 def test_rendered_prompt_matches_golden(name: str) -> None:
+    """The golden file shows every turn the judge receives, each under a `### role` line."""
     path = GOLDEN / f"{name}.txt"
-    text = render(name) + "\n"
+    text = "".join(f"### {m['role']}\n{m['content']}\n" for m in messages(name))
     if UPDATE:
         GOLDEN.mkdir(exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -180,7 +180,7 @@ def test_forward_order_judges_each_pair_once(n: int) -> None:
 
 def test_judge_call_shows_sample_a_as_output_a() -> None:
     calls, _ = calls_for(samples=[sample("p1", 0, "FIRST"), sample("p1", 1, "SECOND")])
-    by_order = {c.meta["order"]: c.request.messages[0]["content"] for c in calls}
+    by_order = {c.meta["order"]: c.request.messages[-1]["content"] for c in calls}
     forward, swapped = by_order["forward"], by_order["swapped"]
     assert forward.index("FIRST") < forward.index("# Output (b):") < forward.index("SECOND")
     assert swapped.index("SECOND") < swapped.index("# Output (b):") < swapped.index("FIRST")
