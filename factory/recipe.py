@@ -485,6 +485,18 @@ class RoundsSpec(Strict):
         return self
 
 
+class RunOptions(Strict):
+    """How a build runs, not what it makes: never part of a cache key."""
+
+    executor: Literal["local", "ray"] = "local"
+    """`local`: model calls run in this process; `ray`: model stages run as Ray actors (the `ray` extra),
+    on a local cluster or the one at `address`."""
+    address: str | None = None
+    """`ray`: the cluster to join (`auto`, `ray://host:10001`); unset starts a local cluster."""
+    workers: int | None = Field(None, ge=1, le=10_000)
+    """`ray`: actors per model (default: one per CPU for CPU backends, one per GPU for vLLM)."""
+
+
 class Recipe(Strict):
     """A whole recipe: prompts → references → samples → judgments → scores → pairs → export."""
 
@@ -512,6 +524,8 @@ class Recipe(Strict):
     """Dataset export."""
     train: TrainSettings | None = None
     """Settings for `factory train RECIPE` (SFT or DPO on this recipe's export); CLI overrides win."""
+    run: RunOptions = RunOptions()
+    """How the build runs (`executor: ray`); operational, so changing it reuses every finished stage."""
     rounds: RoundsSpec | None = None
     """Self-improvement rounds run by `factory build`: `rounds: 2`, or a mapping with SFT and DPO settings."""
     eval: EvalSpec | None = None
