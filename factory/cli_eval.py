@@ -16,6 +16,9 @@ from factory.cli_options import WAREHOUSE_OPTION, friendly
 from factory.errors import UserInputError
 from factory.protocols import PROTOCOLS
 
+PRESET_NAMES = ("llmbar-natural", "llmbar-adversarial", "mtbench", "instrusum", "href")
+"""`factory.evalsets.PRESETS` by name, repeated here so `--help` needs no import beyond click (a test checks)."""
+
 
 def write_files(folder: Path, files: dict[str, str]) -> list[Path]:
     """Write report files (CSV, Markdown) atomically into `folder`, which may lie outside the warehouse."""
@@ -42,6 +45,11 @@ SHORT = {
     "acc_forward": "fwd",
     "acc_swapped": "swapped",
     "acc_soft": "soft",
+    "acc_soft_exact": "soft (exact)",
+    "soft_unscored": "soft unscored",
+    "position_first_rate": "position: first shown",
+    "letter_a_rate": "letter: (a)",
+    "top_logprobs": "top-k",
     "consistency": "consistent",
     "first_position_rate": "first pos.",
     "parse_failure_rate": "unparsed",
@@ -54,18 +62,24 @@ SHORT = {
     "ci_high": "CI high",
 }
 TEXT_COLUMNS = ("dataset", "judge", "protocol", "judge_1", "judge_2")
+DECODING_COLUMNS = ("prefill", "markers", "top_logprobs")
+SECOND_ORDER = {"outputs": "swapped", "blocks": "blocks-swapped", "both": "2nd order"}
+"""The header of `acc_swapped` by --swap (with both, a protocol's +blocks row is blocks-swapped)."""
 
 
-def _print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], percent: bool) -> None:
-    """Rows as a rich table; with `percent`, rate columns are shown in percent."""
+def _print_rows(
+    title: str, columns: list[str], rows: list[dict[str, Any]], percent: bool, labels: dict[str, str] | None = None
+) -> None:
+    """Rows as a rich table; with `percent`, rate columns are shown in percent; `labels` rename headers."""
     from rich.table import Table
 
     from factory.evalstats import shown
 
+    names = {**SHORT, **(labels or {})}
     table = Table(title=title, header_style="bold")
     for c in columns:
         table.add_column(
-            SHORT.get(c, c), justify="left" if c in TEXT_COLUMNS else "right", no_wrap=c not in TEXT_COLUMNS
+            names.get(c, c), justify="left" if c in TEXT_COLUMNS else "right", no_wrap=c not in TEXT_COLUMNS
         )
     for r in rows:
         cells = [shown(c, r.get(c)) if percent else ("" if r.get(c) is None else str(r.get(c))) for c in columns]
@@ -80,7 +94,8 @@ def _print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], perc
     multiple=True,
     required=True,
     help="[NAME=]PATH of a labelled pairwise set (LLMBar format): JSONL, JSON, Parquet, a saved dataset "
-    "folder or a Hub name. Repeat for several sets.",
+    f"folder or a Hub name; or a preset of the paper's Table 1 ({', '.join(PRESET_NAMES)}) loaded from the Hub, "
+    "or PRESET=FILE for a local file in that preset's Hub layout. Repeat for several sets.",
 )
 @click.option(
     "--references",
@@ -133,9 +148,47 @@ def _print_rows(title: str, columns: list[str], rows: list[dict[str, Any]], perc
     default=None,
     help="Judge tokens for protocols that reason first [default: the protocol's].",
 )
-@click.option("--top-logprobs", type=click.IntRange(min=2), default=20, show_default=True)
+@click.option(
+    "--top-logprobs",
+    type=click.IntRange(min=2),
+    default=20,
+    show_default=True,
+    help="Top log-probabilities kept per generated token (the paper's code: 5).",
+)
+@click.option(
+    "--prefill",
+    type=click.Choice(["output", "none"]),
+    default="output",
+    show_default=True,
+    help="output: answers start with `Output (`; none: the paper's decoding (no prefill, 16 tokens, verdict by "
+    "regex, soft score at its marker token).",
+)
+@click.option(
+    "--markers",
+    type=click.Choice(["variants", "exact"]),
+    default="variants",
+    show_default=True,
+    help="Tokens the soft score p_a counts: marker variants (a, ' a', A, ...) or exactly a/b (the paper's rule). "
+    "Only re-reads stored answers; both rules are reported.",
+)
+@click.option(
+    "--swap",
+    type=click.Choice(["outputs", "blocks", "both"]),
+    default="outputs",
+    show_default=True,
+    help="Second order: swap the outputs under fixed letters, or show (b)'s block first with each output keeping "
+    "its letter (variant PROTOCOL+blocks); both: position and letter bias apart.",
+)
+@click.option(
+    "--unparsed",
+    type=click.Choice(["random", "wrong", "half"]),
+    default="random",
+    show_default=True,
+    help="How an unparsed or tied verdict counts in accuracy: a seeded random winner (the literature's rule), "
+    "wrong, or ½. The parse-failure rate is always reported.",
+)
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="CI resamples.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and of --unparsed random.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -160,6 +213,10 @@ def judge_eval(
     max_tokens: int | None,
     cot_max_tokens: int | None,
     top_logprobs: int,
+    prefill: str,
+    markers: str,
+    swap: str,
+    unparsed: str,
     bootstrap: int,
     seed: int,
     out: Path | None,
@@ -171,8 +228,8 @@ def judge_eval(
     Judgments are stored in the `eval_judgments` table and every call is cached: a rerun makes no model
     call. Prints Table 1 and the full metrics, and writes them as CSV and Markdown.
     """
-    from factory.evalsets import read_eval_set, split_named
-    from factory.evalstats import METRIC_COLUMNS, build_report
+    from factory.evalsets import data_source, read_eval_set, split_named
+    from factory.evalstats import BIAS_COLUMNS, METRIC_COLUMNS, build_report
     from factory.metaeval import (
         DEFAULT_PROTOCOLS,
         EvalSettings,
@@ -188,6 +245,10 @@ def judge_eval(
         max_tokens=max_tokens,
         cot_max_tokens=cot_max_tokens,
         top_logprobs=top_logprobs,
+        prefill=prefill,  # type: ignore[arg-type]
+        markers=markers,  # type: ignore[arg-type]
+        swap=swap,  # type: ignore[arg-type]
+        unparsed=unparsed,  # type: ignore[arg-type]
         limit=limit,
         bootstrap=bootstrap,
         seed=seed,
@@ -196,11 +257,12 @@ def judge_eval(
         raise UserInputError("--references goes with one --data; for several sets, keep references in a column")
     sets = []
     for value in data:
-        named = split_named(value)
+        named = data_source(value)
         sets.append(
             read_eval_set(
                 named.path,
                 name=named.name,
+                preset=named.preset,
                 reference_columns=list(reference_columns) or None,
                 reference_files=[split_named(f) for f in reference_files],
                 split=split,
@@ -221,13 +283,30 @@ def judge_eval(
         run = run_judge_eval(
             sets, judge_specs, chosen, settings, wh, explicit_protocols=bool(protocols), reporter=reporter
         )
-    report = build_report(run.rows, settings.bootstrap, settings.seed)
-    _print_rows("judge accuracy (%), both orders averaged", report.table1_columns, report.table1, percent=False)
-    accuracy = ["dataset", "judge", "protocol", "cases", "accuracy", "ci_low", "ci_high", "acc_forward"]
-    accuracy += ["acc_swapped", "acc_soft"]
-    _print_rows("accuracy (%) with bootstrap 95% CI", accuracy, report.metrics, percent=True)
-    rest = [c for c in METRIC_COLUMNS if c not in accuracy]
+    report = build_report(run.rows, settings.bootstrap, settings.seed, settings.unparsed)
+    rule = report.rule.describe()
+    table1_title = f"judge accuracy (%), both orders averaged; {rule}; unparsed: parse-failure rate (%)"
+    _print_rows(table1_title, report.table1_columns, report.table1, percent=False)
+    accuracy = ["dataset", "judge", "protocol", "cases", "accuracy", "ci_low", "ci_high", "parse_failure_rate"]
+    accuracy += ["acc_forward", "acc_swapped", "acc_soft", "acc_soft_exact"]
+    decoding = f"prefill {prefill}, top-{top_logprobs}, swap {swap}"
+    _print_rows(
+        f"accuracy (%) with bootstrap 95% CI; {rule}; soft accuracy under both marker rules; {decoding}",
+        accuracy,
+        report.metrics,
+        percent=True,
+        labels={"acc_swapped": SECOND_ORDER[swap], "acc_soft": f"soft ({markers})"},
+    )
+    rest = [c for c in METRIC_COLUMNS if c not in accuracy and c not in ("unparsed", "swap", *DECODING_COLUMNS)]
     _print_rows("bias, parsing, lengths (chars) and cost", ["protocol", *rest], report.metrics, percent=True)
+    if report.bias:
+        _print_rows(
+            "position bias vs letter bias (%; 50 = none): first-shown block chosen (forward vs blocks-swapped), "
+            "(a) chosen (outputs-swapped vs blocks-swapped); first pos.: the outputs-swapped rate, which mixes both",
+            list(BIAS_COLUMNS),
+            report.bias,
+            percent=True,
+        )
     if report.agreement:
         _print_rows("agreement between judges (%)", list(report.agreement[0]), report.agreement, percent=True)
     for note in run.notes:
@@ -241,7 +320,9 @@ def judge_eval(
     )
     click.echo(f"report: {', '.join(str(p) for p in paths)}")
     if run.status != "ok":
-        click.echo("some calls failed (counted as wrong); run the same command again to retry them", err=True)
+        click.echo(
+            f"some calls failed (counted by --unparsed {unparsed}); run the same command again to retry them", err=True
+        )
         sys.exit(1)
 
 
@@ -250,8 +331,15 @@ def judge_eval(
 @click.option("--protocol-b", required=True, help="The other protocol variant (e.g. reffree).")
 @click.option("--judge", default=None, help="The judge (needed when the table holds several).")
 @click.option("--dataset", "datasets", multiple=True, help="Data set(s) to compare on [default: all].")
+@click.option(
+    "--unparsed",
+    type=click.Choice(["random", "wrong", "half"]),
+    default="random",
+    show_default=True,
+    help="How an unparsed or tied verdict counts (as in judge-eval).",
+)
 @click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True, help="CI resamples.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and of --unparsed random.")
 @WAREHOUSE_OPTION
 @friendly
 def judge_compare(
@@ -259,6 +347,7 @@ def judge_compare(
     protocol_b: str,
     judge: str | None,
     datasets: tuple[str, ...],
+    unparsed: str,
     bootstrap: int,
     seed: int,
     warehouse: Path,
@@ -266,9 +355,10 @@ def judge_compare(
     """Compare two protocols on the same judge and cases, from the stored eval judgments.
 
     Exact McNemar test on per-judgment correctness (each case in each order) and a paired bootstrap 95% CI
-    of the accuracy difference (cases resampled with both orders together).
+    of the accuracy difference (cases resampled with both orders together). A protocol judged with
+    `--swap blocks` is the variant PROTOCOL+blocks.
     """
-    from factory.evalstats import compare_stored
+    from factory.evalstats import Unparsed, compare_stored
 
     if protocol_a == protocol_b:
         raise UserInputError("--protocol-a and --protocol-b are the same")
@@ -278,7 +368,7 @@ def judge_compare(
     if not wh.root.is_dir():
         raise UserInputError(f"{wh.root}: no warehouse here (run `factory judge-eval` first)")
     rows = wh.current_rows("eval_judgments")
-    results, notes = compare_stored(rows, protocol_a, protocol_b, judge, list(datasets), bootstrap, seed)
+    results, notes = compare_stored(rows, protocol_a, protocol_b, judge, list(datasets), bootstrap, seed, unparsed)
     columns = [
         "dataset",
         "cases",
@@ -298,7 +388,8 @@ def judge_compare(
             r[k] = None if r[k] is None else f"{100 * r[k]:.1f}"
         r["p_value"] = f"{c.p_value:.4g}"
         shown_rows.append(r)
-    title = f"{results[0].judge}: {protocol_a} (A) vs {protocol_b} (B); accuracies in %"
+    rule = Unparsed(unparsed, seed).describe()
+    title = f"{results[0].judge}: {protocol_a} (A) vs {protocol_b} (B); accuracies in %; {rule}"
     _print_rows(title, columns, shown_rows, percent=False)
     for note in notes:
         click.echo(f"note: {note}")

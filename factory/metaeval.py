@@ -3,7 +3,9 @@
 The same machinery as a build: request keys as in the `judgments` stage, the `judge_calls` cache (a rerun
 makes no model call), batches flushed as they finish, and one stage-style table, `eval_judgments`, with a
 row per (case, order) judgment. A unit of work is one (data set, judge, protocol, reference); each unit is a
-versioned table file, so runs over other protocols or judges add to the table instead of replacing it.
+versioned table file, so runs over other protocols or judges add to the table instead of replacing it. The
+decoding switches (prefill, markers, top-k) and the second order (`swap`) are in every row and in the unit's
+stage key: a run with other switches makes its own version of the unit current.
 
 Like the build's stages, the pure halves (`unit_calls`, `unit_rows`) touch no file and no model.
 """
@@ -17,7 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,6 +27,7 @@ from factory.backends import BACKENDS, Backend, backends_for, load_backend, mode
 from factory.calls import ModelPool, Reporter
 from factory.errors import UserInputError
 from factory.evalsets import EvalCase, EvalSet
+from factory.evalstats import BLOCKS
 from factory.keys import stable_hash
 from factory.pipeline import StageOutput, StageStats
 from factory.protocols import PROTOCOLS, Protocol, custom_protocol
@@ -37,7 +40,7 @@ from factory.warehouse import Warehouse
 TABLE = "eval_judgments"
 PURPOSE = "meta-eval"
 RECIPE = "judge-eval"
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 """Bump when this module changes what it writes: it is part of every unit's stage key."""
 DEFAULT_PROTOCOLS = tuple(PROTOCOLS)
 """Every registered protocol, in the registry's order (the paper's Table 1)."""
@@ -49,19 +52,37 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     max_tokens: int | None = Field(None, ge=1)
-    """Tokens a judge may generate after the prefilled `Output (` (protocols that answer directly); unset:
-    each protocol's own default."""
+    """Tokens a judge may generate in protocols that answer directly; unset: each protocol's own default (8
+    after the prefilled `Output (`, 16 with `prefill: none`)."""
     cot_max_tokens: int | None = Field(None, ge=1)
     """Tokens for protocols that reason before answering (cot; custom templates with an empty prefill);
     unset: each protocol's own default."""
     top_logprobs: int = Field(20, ge=2)
-    """Top log-probabilities kept per generated token (the soft score reads the marker tokens among them)."""
+    """Top log-probabilities kept per generated token (the soft score reads the marker tokens among them);
+    the paper's code keeps 5."""
+    prefill: Literal["output", "none"] = "output"
+    """`output`: answers start with `Output (`; `none`: the paper's decoding (`Protocol.unprefilled`: no
+    prefill, 16 tokens, the verdict by regex, the soft score at its marker token)."""
+    markers: Literal["variants", "exact"] = "variants"
+    """Which tokens `p_a` counts: marker variants (`a`, ` a`, `A`, ...) or only `a` and `b` (the paper's rule).
+    Only the reading changes: the stored answers are re-read, no model call is made."""
+    swap: Literal["outputs", "blocks", "both"] = "outputs"
+    """The second order: swap the outputs under fixed letters (`swapped`), move each output's block with its
+    letter (`swapped_blocks`), or both (position and letter bias apart)."""
+    unparsed: Literal["random", "wrong", "half"] = "random"
+    """How an unparsed or tied verdict counts in accuracy (a report rule: no model call, not in the stage key)."""
     limit: int | None = Field(None, ge=1)
     """Judge only the first N cases of each data set."""
     bootstrap: int = Field(1000, ge=0)
     """Bootstrap resamples for confidence intervals (0: none)."""
     seed: int = 0
-    """Seed of the bootstrap."""
+    """Seed of the bootstrap and of the random winner of unparsed verdicts."""
+
+    @property
+    def orders(self) -> tuple[str, ...]:
+        """The orders each case is judged in: forward, then the second order(s)."""
+        second = {"outputs": ("swapped",), "blocks": (BLOCKS,), "both": ("swapped", BLOCKS)}[self.swap]
+        return ("forward", *second)
 
 
 class CustomTemplate(BaseModel):
@@ -95,13 +116,16 @@ class EvalProtocol:
 
 
 def builtin_protocol(name: str, settings: EvalSettings) -> EvalProtocol:
-    """A registered protocol, with the token budget its answer style needs."""
+    """A registered protocol, decoded as `settings.prefill` says, with the token budget its answer style needs."""
     if name not in PROTOCOLS:
         raise UserInputError(
             f"unknown judge protocol {clip_value(name)}; known: {list(PROTOCOLS)} (or --custom-template)"
         )
     p = PROTOCOLS[name]
-    return EvalProtocol(p, (settings.max_tokens if p.prefill else settings.cot_max_tokens) or p.default_max_tokens)
+    budget = settings.max_tokens if p.prefill else settings.cot_max_tokens  # by the registered answer style
+    if settings.prefill == "none":
+        p = p.unprefilled()
+    return EvalProtocol(p, budget or p.default_max_tokens)
 
 
 def load_custom_template(path: str | Path, settings: EvalSettings) -> EvalProtocol:
@@ -122,6 +146,8 @@ def load_custom_template(path: str | Path, settings: EvalSettings) -> EvalProtoc
     protocol = custom_protocol(spec.template, prefill=spec.prefill, last_match=spec.last_match, where=str(path))
     protocol = dataclasses.replace(protocol, name=f"custom:{spec.name}")
     default = settings.max_tokens if spec.prefill else settings.cot_max_tokens
+    if settings.prefill == "none":
+        protocol = protocol.unprefilled()
     return EvalProtocol(protocol, spec.max_tokens or default or protocol.default_max_tokens)
 
 
@@ -244,13 +270,26 @@ def plan_units(
 
 
 def _ordered(case: EvalCase, order: str) -> tuple[str, str]:
-    return (case.output_1, case.output_2) if order == "forward" else (case.output_2, case.output_1)
+    """(Output (a), Output (b)) in an order: only `swapped` gives output_2 the letter (a)."""
+    return (case.output_2, case.output_1) if order == "swapped" else (case.output_1, case.output_2)
 
 
-def unit_calls(unit: Unit, identity: dict[str, Any], top_logprobs: int) -> tuple[list[Call], int]:
-    """Two calls per case (forward: output_1 shown as (a); swapped), keyed exactly as build judgments are.
+def check_swappable(protocols: list[EvalProtocol], settings: EvalSettings) -> None:
+    """With blocks-swapping, every protocol's template must have the two standard output blocks (one line
+    naming the protocol otherwise), found before any judging."""
+    if BLOCKS not in settings.orders:
+        return
+    for p in protocols:
+        p.protocol.render("i", "a", "b", "r" if p.protocol.uses_reference else None, swap_blocks=True)
 
-    Cases without the unit's reference are left out; their count is returned.
+
+def unit_calls(unit: Unit, identity: dict[str, Any], settings: EvalSettings) -> tuple[list[Call], int]:
+    """One call per case and order (forward: output_1 shown as (a); then `settings.orders`' second order(s)),
+    keyed exactly as build judgments are.
+
+    `swapped` gives output_2 the letter (a); `swapped_blocks` keeps the letters (output_1 is (a)) and shows
+    (b)'s block first, so a verdict `a` still names output_1. Cases without the unit's reference are left out;
+    their count is returned.
     """
     p = unit.protocol
     calls: list[Call] = []
@@ -260,9 +299,9 @@ def unit_calls(unit: Unit, identity: dict[str, Any], top_logprobs: int) -> tuple
         if unit.reference and reference is None:
             missing += 1
             continue
-        for order in ("forward", "swapped"):
+        for order in settings.orders:
             a, b = _ordered(case, order)
-            messages = p.protocol.render(case.instruction, a, b, reference)
+            messages = p.protocol.render(case.instruction, a, b, reference, swap_blocks=order == BLOCKS)
             meta = {"case_id": case.case_id, "case_index": case.index, "label": case.label, "order": order}
             calls.append(
                 judge_call(
@@ -270,7 +309,7 @@ def unit_calls(unit: Unit, identity: dict[str, Any], top_logprobs: int) -> tuple
                     messages,
                     p.protocol.prefill,
                     p.max_tokens,
-                    top_logprobs,
+                    settings.top_logprobs,
                     **meta,
                     len_a=len(a),
                     len_b=len(b),
@@ -279,8 +318,11 @@ def unit_calls(unit: Unit, identity: dict[str, Any], top_logprobs: int) -> tuple
     return calls, missing
 
 
-def unit_rows(unit: Unit, calls: list[Call], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per call: the parsed verdict and soft score; a failed call is a row with parse_status error."""
+def unit_rows(
+    unit: Unit, calls: list[Call], results: dict[str, dict[str, Any]], settings: EvalSettings
+) -> list[dict[str, Any]]:
+    """One row per call: the parsed verdict and soft scores (under `settings.markers`, and exact) and the
+    decoding switches; a failed call is a row with parse_status error."""
     protocol = unit.protocol.protocol
     rows = []
     for c in calls:
@@ -293,17 +335,22 @@ def unit_rows(unit: Unit, calls: list[Call], results: dict[str, dict[str, Any]])
             "protocol": protocol.name,
             "reference_name": unit.reference,
             "request_key": c.key,
+            "prefill": protocol.prefill,
+            "markers": settings.markers,
+            "top_logprobs": settings.top_logprobs,
             "tokens_in": r.get("tokens_in"),
             "tokens_out": r.get("tokens_out"),
             "latency_s": r.get("latency_s"),
         }
-        row.update(verdict_fields(r, protocol))
+        row.update(verdict_fields(r, protocol, settings.markers))
         rows.append(row)
     return rows
 
 
-def unit_key(unit: Unit, calls: list[Call]) -> str:
-    """The unit's stage key: the code version, the names in its rows, and every call's key and fields."""
+def unit_key(unit: Unit, calls: list[Call], settings: EvalSettings) -> str:
+    """The unit's stage key: the code version, the names and switches in its rows, and every call's key and
+    fields. Prefill and top-k reach the request keys too; the marker rule only changes how the stored answers
+    are read, so it is here and not in the request keys."""
     return stable_hash(
         {
             "stage": TABLE,
@@ -312,6 +359,10 @@ def unit_key(unit: Unit, calls: list[Call]) -> str:
             "judge": unit.judge,
             "protocol": unit.protocol.name,
             "reference": unit.reference,
+            "prefill": unit.protocol.protocol.prefill,
+            "markers": settings.markers,
+            "top_logprobs": settings.top_logprobs,
+            "swap": settings.swap,
             "calls": [(c.key, c.meta) for c in calls],
         }
     )
@@ -362,18 +413,18 @@ class JudgeEval:
 
     def _one(self, run: Run, unit: Unit) -> list[dict[str, Any]]:
         identity = model_identity(self.judges[unit.judge])
-        calls, missing = unit_calls(unit, identity, self.settings.top_logprobs)
+        calls, missing = unit_calls(unit, identity, self.settings)
         if missing:
             self.notes.append(f"{unit.title}: {missing} case(s) without reference '{unit.reference}' left out")
 
         def compute(st: StageStats) -> StageOutput:
             # Similar lengths in one batch waste less padding; results are keyed, so order is free.
             ordered = sorted(calls, key=lambda c: len(json.dumps(c.request.messages)))
-            rows = unit_rows(unit, calls, run.call(unit.judge, unit.title, ordered, st))
+            rows = unit_rows(unit, calls, run.call(unit.judge, unit.title, ordered, st), self.settings)
             errors = sum(r["parse_status"] == "error" for r in rows)
             return StageOutput(rows, {"errors": errors, "cases_without_reference": missing}, complete=not errors)
 
-        key = unit_key(unit, calls)
+        key = unit_key(unit, calls, self.settings)
         run.materialize(TABLE, key, compute, unit=unit.folder, label=unit.title)
         return self.wh.read_stage(TABLE, unit.folder, key)  # the report reads exactly what is stored
 
@@ -406,16 +457,19 @@ def run_judge_eval(
     reporter: Reporter | None = None,
     loader: Callable[[ModelSpec], Backend] | None = None,
 ) -> EvalRun:
-    """Judge every case of every set with every judge × protocol (× reference), in both orders."""
+    """Judge every case of every set with every judge × protocol (× reference), forward and in the second
+    order(s) of `settings.swap`."""
     names = [p.name for p in protocols]
     if len(set(names)) != len(names):
         raise UserInputError(f"protocols must be unique, got {names}")
     data_names = [d.name for d in datasets]
     if len(set(data_names)) != len(data_names):
         raise UserInputError(f"data set names must be unique, got {data_names}; name them with NAME=PATH")
+    check_swappable(protocols, settings)
     units, notes = plan_units(datasets, judges, protocols, explicit_protocols)
     if not units:
         raise UserInputError("nothing to judge: " + "; ".join(notes) if notes else "nothing to judge")
     runner = JudgeEval(wh, settings, judges, reporter, loader)
+    runner.notes.extend(note for ds in datasets for note in ds.notes)
     runner.notes.extend(notes)
     return runner.execute(units)

@@ -259,6 +259,10 @@ class JudgmentsSpec(Strict):
     """`output`: the judge's answer starts with `Output (`, so its first token is the verdict; `none`: the
     paper's decoding (no prefill, 16 greedy tokens, verdict by regex, soft score at its marker token).
     Reasoning protocols (`cot`) never prefill."""
+    schedule: Literal["all-pairs", "adaptive"] = "all-pairs"
+    """Which ordered pairs are judged: `all-pairs` (every one, n(n−1) per prompt: the paper's way) or
+    `adaptive` (tournaments for the best and the worst sample, both orders, then more comparisons only where
+    the soft scores leave the choice uncertain; far fewer calls, docs/BENCHMARKS.md)."""
     markers: Literal["variants", "exact"] = "variants"
     """Which tokens the soft score counts: `variants` sums `a`, ` a`, `A`, `(a`, ...; `exact` counts only the
     tokens `a` and `b` (the paper's rule). Only the reading changes: stored answers are re-read, not re-asked."""

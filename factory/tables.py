@@ -87,6 +87,8 @@ STAGE_TABLES: dict[str, pa.Schema] = {
         ("markers", pa.string()),  # variants | exact: which tokens the soft score p_a counts
         ("top_logprobs", pa.int64()),  # how many alternatives per token the judge returned
         ("request_key", pa.string()),
+        ("schedule", pa.string()),  # all-pairs | adaptive
+        ("schedule_round", pa.int64()),  # the round of the schedule that asked for this comparison (from 1)
         *ACCOUNTING,
     ),
     "scores": _schema(

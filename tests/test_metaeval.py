@@ -2,7 +2,8 @@
 
 The metric tests judge a small hand-made LLMBar-format set with scripted backends whose answers are fixed
 by construction, so every expected number is known without any model; the warehouse, cache and DuckDB are
-the real ones. One `model` test runs the embedded judge end to end.
+the real ones. The decoding switches (--prefill, --markers, --top-logprobs), the --unparsed rules and the
+--swap kinds are tested the same way. One `model` test runs the embedded judge end to end.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from factory.evalsets import NamedPath, read_eval_set
 from factory.evalstats import (
     CaseResult,
     Judged,
+    Unparsed,
     Variant,
     bootstrap_ci,
     build_report,
+    coin,
     compare,
     compare_stored,
     mcnemar_exact,
@@ -79,11 +82,22 @@ def answer(letter: str | None, p_a: float = 0.8) -> JudgeOutput:
     return JudgeOutput(f"{letter})", [letter, ")"], tops, tokens_in=50, tokens_out=2)
 
 
-def shown_a(request: JudgeRequest) -> str:
-    """The text shown as Output (a) in a rendered judge prompt."""
-    m = re.search(r"# Output \(a\):\n(.*?)\n\n# Output \(b\):", request.messages[-1]["content"], re.S)
+def shown(request: JudgeRequest, letter: str) -> str:
+    """The text shown as Output (a) or (b) in a rendered judge prompt, wherever its block stands."""
+    m = re.search(rf"# Output \({letter}\):\n(.*?)\n\n# ", request.messages[-1]["content"], re.S)
     assert m is not None
     return m.group(1)
+
+
+def shown_a(request: JudgeRequest) -> str:
+    """The text shown as Output (a)."""
+    return shown(request, "a")
+
+
+def blocks_swapped(request: JudgeRequest) -> bool:
+    """Whether (b)'s block comes before (a)'s in the prompt."""
+    text = request.messages[-1]["content"]
+    return text.index("# Output (b):") < text.index("# Output (a):")
 
 
 class Scripted:
@@ -92,9 +106,11 @@ class Scripted:
     def __init__(self, policy: Callable[[JudgeRequest], JudgeOutput]) -> None:
         self.policy = policy
         self.calls = 0
+        self.requests: list[JudgeRequest] = []
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]:
         self.calls += len(requests)
+        self.requests.extend(requests)
         return [self.policy(r) for r in requests]
 
     def close(self) -> None:
@@ -103,6 +119,24 @@ class Scripted:
 
 def always_a(_: JudgeRequest) -> JudgeOutput:
     return answer("a")
+
+
+def first_shown(r: JudgeRequest) -> JudgeOutput:
+    """A pure position judge: names whichever block the prompt shows first."""
+    return answer("b" if blocks_swapped(r) else "a")
+
+
+def unprefilled(policy: Callable[[JudgeRequest], JudgeOutput]) -> Callable[[JudgeRequest], JudgeOutput]:
+    """The same judge, writing `Output (` itself when the request has no prefill (`--prefill none`)."""
+
+    def wrapped(r: JudgeRequest) -> JudgeOutput:
+        out = policy(r)
+        if r.prefill:
+            return out
+        tops = [[("Output (", 0.0)], *out.top_logprobs]
+        return JudgeOutput("Output (" + out.text, ["Output (", *out.tokens], tops, out.tokens_in, out.tokens_out + 1)
+
+    return wrapped
 
 
 def oracle(behaviour: dict[int, str]) -> Callable[[JudgeRequest], JudgeOutput]:
@@ -129,17 +163,19 @@ def run(
     data: Path,
     policy: Callable[[JudgeRequest], JudgeOutput],
     protocols: Sequence[str] = ("reffree",),
+    settings: EvalSettings = SETTINGS,
     **read: Any,
 ) -> tuple[Any, Scripted]:
     backend = Scripted(policy)
     ds = read_eval_set(str(data), **read)
-    chosen = [builtin_protocol(p, SETTINGS) for p in protocols]
-    result = run_judge_eval([ds], JUDGE, chosen, SETTINGS, wh, loader=lambda spec: backend)
+    chosen = [builtin_protocol(p, settings) for p in protocols]
+    result = run_judge_eval([ds], JUDGE, chosen, settings, wh, loader=lambda spec: backend)
     return result, backend
 
 
-def metric_of(rows: list[dict[str, Any]], protocol: str) -> dict[str, Any]:
-    report = build_report(rows, SETTINGS.bootstrap, SETTINGS.seed)
+def metric_of(rows: list[dict[str, Any]], protocol: str, unparsed: str = "wrong") -> dict[str, Any]:
+    """One variant's metrics; `wrong` by default, so the expected numbers below need no coin."""
+    report = build_report(rows, SETTINGS.bootstrap, SETTINGS.seed, unparsed)
     (m,) = [m for m in report.metrics if m["protocol"] == protocol]
     return m
 
@@ -230,10 +266,10 @@ def test_multi_reference_vote(tmp_path: Path) -> None:
     assert acc == {"refeval@reference": 1.0, "refeval@ref_bad": 0.0, "refeval@third": 1.0, "refeval@vote": 1.0}
     vote_sql = docs_sql("vote")
     assert wh.query(vote_sql).to_pylist()[0]["accuracy"] == pytest.approx(1.0)
-    # with only the good and the bad reference, every vote ties: no verdict, all wrong
+    # with only the good and the bad reference, every vote ties: no verdict, counted by the rule (½ here)
     two = [r for r in result.rows if r["reference_name"] != "third"]
-    vote = next(m for m in build_report(two, 100, 0).metrics if m["protocol"] == "refeval@vote")
-    assert vote["accuracy"] == 0.0 and vote["parse_failure_rate"] == 1.0
+    vote = next(m for m in build_report(two, 100, 0, "half").metrics if m["protocol"] == "refeval@vote")
+    assert vote["accuracy"] == 0.5 and vote["parse_failure_rate"] == 1.0
 
 
 def test_mcnemar_exact_known_tables() -> None:
@@ -306,6 +342,200 @@ def test_agreement_between_judges(tmp_path: Path, data_file: Path) -> None:
     assert report.table1[-1]["judge"] == "mean over judges"
 
 
+# ------------------------------------------------------------------------------ switches and rules
+
+
+def test_unparsed_rules_on_known_unparsed_answers(tmp_path: Path, data_file: Path) -> None:
+    # as in the lookup test: case 5 (label 2) unparsed in both orders; cases 5 and 6 tie on the soft score
+    result, _ = run(Warehouse(tmp_path / "wh"), data_file, oracle({0: "wrong", 5: "none", 6: "a"}))
+    wrong, half, rnd = (metric_of(result.rows, "reffree", rule) for rule in ("wrong", "half", "random"))
+    assert (wrong["unparsed"], half["unparsed"], rnd["unparsed"]) == ("wrong", "half", "random")
+    assert wrong["parse_failure_rate"] == half["parse_failure_rate"] == rnd["parse_failure_rate"] == 0.1
+    assert wrong["accuracy"] == pytest.approx(0.75)
+    assert half["accuracy"] == pytest.approx(0.75 + 2 * 0.5 / 20)
+    assert (half["acc_forward"], half["acc_swapped"]) == (pytest.approx(0.75), pytest.approx(0.85))
+    # random: the seeded coin of (data set, case, order) names output 1 or 2; right when it names the label
+    draws = [coin(SETTINGS.seed, "toy", "c5", o) for o in ("forward", "swapped")]
+    assert rnd["accuracy"] == pytest.approx(0.75 + sum(d == 2 for d in draws) / 20)
+    assert rnd["acc_forward"] == pytest.approx(0.7 + (draws[0] == 2) / 10)
+    # soft ties (cases 5 and 6, both label 2) count by the same rule, with the coin of the order `soft`
+    assert wrong["acc_soft"] == pytest.approx(0.7) and half["acc_soft"] == pytest.approx(0.8)
+    soft_draws = [coin(SETTINGS.seed, "toy", c, "soft") for c in ("c5", "c6")]
+    assert rnd["acc_soft"] == pytest.approx(0.7 + sum(d == 2 for d in soft_draws) / 10)
+    # deterministic per case and order, and a function of the seed
+    assert [coin(0, "toy", "c5", o) for o in ("forward", "swapped")] == draws
+    assert {coin(s, "toy", "c5", "forward") for s in range(16)} == {1, 2}
+
+
+def test_a_judge_that_never_parses(tmp_path: Path, data_file: Path) -> None:
+    result, _ = run(Warehouse(tmp_path / "wh"), data_file, lambda r: answer(None))
+    expected = sum(
+        coin(0, "toy", f"c{i}", o) == label for i, label in enumerate(LABELS) for o in ("forward", "swapped")
+    )
+    got = {rule: metric_of(result.rows, "reffree", rule) for rule in ("wrong", "half", "random")}
+    assert got["wrong"]["accuracy"] == 0.0 and got["half"]["accuracy"] == 0.5
+    assert got["random"]["accuracy"] == pytest.approx(expected / 20)
+    assert all(m["parse_failure_rate"] == 1.0 for m in got.values())
+    # the rule is named in the report's caption and in the Markdown files
+    report = build_report(result.rows, 50, 7, "random")
+    assert "random winner (seed 7)" in report.caption
+    assert report.files()["table1.md"].startswith(report.caption)
+    assert "count as wrong" in build_report(result.rows, 50, 0, "wrong").files()["metrics.md"].splitlines()[0]
+    assert "count ½" in Unparsed("half").describe()
+    with pytest.raises(UserInputError, match="unknown --unparsed rule"):
+        Unparsed("coin")
+
+
+def test_compare_under_half_keeps_half_credits_out_of_mcnemar() -> None:
+    a = _variant("A", {f"c{i}": (True, True) for i in range(4)})
+    b = _variant("B", {f"c{i}": (True, True) for i in range(4)})
+    for cid in ("c0", "c1"):  # B has no verdict in the forward order of two cases
+        b.cases[cid].judged["forward"] = Judged(None, None, "no_match", 1, 1)
+    c = compare(a, b, resamples=100, seed=0, unparsed="half")
+    assert (c.only_a_right, c.only_b_right) == (0, 0) and c.acc_b == pytest.approx(1 - 2 * 0.5 / 8)
+    w = compare(a, b, resamples=100, seed=0, unparsed="wrong")
+    assert (w.only_a_right, w.only_b_right) == (2, 0) and w.acc_b == pytest.approx(0.75)
+
+
+def variant_marker_judge(r: JudgeRequest) -> JudgeOutput:
+    """Right by content, but its winning marker comes mostly as a variant token (` A`): the variants rule reads
+    the right side, the exact rule (only `a` and `b`) the wrong one."""
+    right = "a" if shown_a(r).startswith("good") else "b"
+    other = "b" if right == "a" else "a"
+    tops = [[(right, math.log(0.2)), (f" {right.upper()}", math.log(0.5)), (other, math.log(0.3))], [(")", 0.0)]]
+    return JudgeOutput(f"{right})", [right, ")"], tops, tokens_in=50, tokens_out=2)
+
+
+def test_markers_switch_rereads_stored_answers(tmp_path: Path, data_file: Path) -> None:
+    wh = Warehouse(tmp_path / "wh")
+    first, b1 = run(wh, data_file, variant_marker_judge)
+    exact = EvalSettings(bootstrap=200, markers="exact")
+    again, b2 = run(wh, data_file, variant_marker_judge, settings=exact)
+    assert b1.calls == 20 and b2.calls == 0 and again.cached_calls == 20  # only the reading changed
+    assert {r["markers"] for r in first.rows} == {"variants"} and {r["markers"] for r in again.rows} == {"exact"}
+    keys = {r["stage_key"] for r in first.rows}, {r["stage_key"] for r in again.rows}
+    assert len(keys[0]) == len(keys[1]) == 1 and keys[0] != keys[1]
+    assert {r["request_key"] for r in first.rows} == {r["request_key"] for r in again.rows}
+    row = next(r for r in first.rows if r["order"] == "forward" and r["label"] == 1)
+    assert row["p_a"] == pytest.approx(0.7) and row["p_a_exact"] == pytest.approx(0.4)
+    assert all(r["p_a"] == r["p_a_exact"] for r in again.rows)
+    # both marker rules, side by side, in either run
+    m = metric_of(first.rows, "reffree")
+    assert (m["acc_soft"], m["acc_soft_exact"], m["markers"]) == (1.0, 0.0, "variants")
+    m = metric_of(again.rows, "reffree")
+    assert (m["acc_soft"], m["acc_soft_exact"], m["markers"]) == (0.0, 0.0, "exact")
+
+
+def test_top_logprobs_and_prefill_are_recorded_and_keyed(tmp_path: Path, data_file: Path) -> None:
+    wh = Warehouse(tmp_path / "wh")
+    base, _ = run(wh, data_file, unprefilled(oracle({})))
+    top5, b5 = run(wh, data_file, unprefilled(oracle({})), settings=EvalSettings(bootstrap=200, top_logprobs=5))
+    assert b5.calls == 20 and {r.top_logprobs for r in b5.requests} == {5}  # other requests
+    assert {r["top_logprobs"] for r in base.rows} == {20} and {r["top_logprobs"] for r in top5.rows} == {5}
+    none, bn = run(wh, data_file, unprefilled(oracle({})), settings=EvalSettings(bootstrap=200, prefill="none"))
+    assert bn.calls == 20 and {(r.prefill, r.max_tokens) for r in bn.requests} == {("", 16)}
+    assert {r["prefill"] for r in base.rows} == {"Output ("} and {r["prefill"] for r in none.rows} == {""}
+    assert all(r["raw_output"].startswith("Output (") and r["p_source"] == "verdict_token" for r in none.rows)
+    assert metric_of(none.rows, "reffree")["accuracy"] == 1.0
+    assert metric_of(none.rows, "reffree")["prefill"] == ""
+    keys = [{r["stage_key"] for r in x.rows} for x in (base, top5, none)]
+    assert all(len(k) == 1 for k in keys) and len(set.union(*keys)) == 3
+    # cot never prefills: --prefill none leaves it as it is
+    assert builtin_protocol("cot", EvalSettings(prefill="none")).protocol == PROTOCOLS["cot"]
+    assert builtin_protocol("reffree", EvalSettings(prefill="none", max_tokens=12)).max_tokens == 12
+
+
+def test_swap_blocks_shows_b_first_and_maps_verdicts_back(tmp_path: Path, data_file: Path) -> None:
+    wh = Warehouse(tmp_path / "wh")
+    outputs, _ = run(wh, data_file, oracle({}))
+    blocks = EvalSettings(bootstrap=200, swap="blocks")
+    result, backend = run(wh, data_file, oracle({}), settings=blocks)
+    assert backend.calls == 10 and result.cached_calls == 10  # the forward calls are the same requests
+    assert {r["order"] for r in result.rows} == {"forward", "swapped_blocks"}
+    assert {r["stage_key"] for r in result.rows} != {r["stage_key"] for r in outputs.rows}
+    cases = {r["id"]: r for r in make_rows()}
+    for req in backend.requests:
+        assert blocks_swapped(req)  # (b)'s block comes first, and each output keeps its letter
+        i = int(re.search(r"-(\d+)", shown_a(req)).group(1))  # type: ignore[union-attr]
+        assert (shown_a(req), shown(req, "b")) == (cases[f"c{i}"]["output_1"], cases[f"c{i}"]["output_2"])
+    for r in result.rows:  # a verdict `a` still names output_1
+        assert r["verdict"] == ("a" if r["label"] == 1 else "b")
+        if r["order"] == "swapped_blocks":
+            assert r["len_a"] == len(cases[r["case_id"]]["output_1"])
+    m = metric_of(result.rows, "reffree+blocks")
+    assert (m["accuracy"], m["consistency"], m["swap"]) == (1.0, 1.0, "blocks")
+    # a judge that always names the block shown first: right in one order of every case, and always first
+    pos, _ = run(Warehouse(tmp_path / "wh2"), data_file, first_shown, settings=blocks)
+    m = metric_of(pos.rows, "reffree+blocks")
+    assert (m["accuracy"], m["first_position_rate"], m["consistency"]) == (0.5, 1.0, 0.0)
+    assert {(r["order"], r["verdict"]) for r in pos.rows} == {("forward", "a"), ("swapped_blocks", "b")}
+
+
+@pytest.mark.parametrize(
+    ("policy", "position", "letter"),
+    [(first_shown, 1.0, 0.5), (always_a, 0.5, 1.0), (oracle({}), 0.5, 0.5)],
+)
+def test_swap_both_separates_position_and_letter_bias(
+    tmp_path: Path, data_file: Path, policy: Callable[[JudgeRequest], JudgeOutput], position: float, letter: float
+) -> None:
+    both = EvalSettings(bootstrap=100, swap="both")
+    result, backend = run(Warehouse(tmp_path / "wh"), data_file, policy, settings=both)
+    assert backend.calls == 30 and {r["order"] for r in result.rows} == {"forward", "swapped", "swapped_blocks"}
+    report = build_report(result.rows, 100, 0, "wrong")
+    assert [m["protocol"] for m in report.metrics] == ["reffree", "reffree+blocks"]
+    (b,) = report.bias
+    assert (b["protocol"], b["cases"]) == ("reffree", 10)
+    assert (b["position_first_rate"], b["letter_a_rate"]) == (position, letter)
+    # the outputs swap alone cannot tell the two apart: both biased judges always pick (a), shown first
+    assert b["first_position_rate"] == (0.5 if policy not in (first_shown, always_a) else 1.0)
+    assert "bias.csv" in report.files()
+
+
+def test_blocks_need_the_standard_output_blocks(tmp_path: Path, data_file: Path) -> None:
+    text = tmp_path / "inline.txt"
+    text.write_text("Task: {instruction}\nA: {output_a}\nB: {output_b}\nWhich is better, Output (a) or Output (b)?")
+    blocks = EvalSettings(swap="blocks")
+    p = load_custom_template(text, blocks)
+    backend = Scripted(always_a)
+    ds = read_eval_set(str(data_file))
+    with pytest.raises(UserInputError, match="cannot be swapped"):
+        run_judge_eval([ds], JUDGE, [p], blocks, Warehouse(tmp_path / "wh"), loader=lambda s: backend)
+    assert backend.calls == 0
+
+
+def test_cli_states_the_rules_and_writes_bias(tmp_path: Path, data_file: Path, monkeypatch: Any) -> None:
+    import factory.metaeval
+    from factory.cli import main
+
+    backend = Scripted(oracle({5: "none"}))
+    monkeypatch.setattr(factory.metaeval, "load_backend", lambda spec: backend)
+    out = tmp_path / "report"
+    args = ["judge-eval", "--data", f"toy={data_file}", "--protocol", "reffree", "-w", str(tmp_path / "wh")]
+    args += ["--out", str(out), "-q", "--bootstrap", "50", "--swap", "both"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "random winner (seed 0)" in flat and "position bias vs letter bias" in flat
+    assert "prefill output, top-20, swap both" in flat and "soft (variants)" in flat and "soft (exact)" in flat
+    assert (out / "table1.md").read_text().startswith("Accuracy (%), both orders averaged; unparsed or tied")
+    assert (out / "bias.csv").is_file()
+    import csv
+
+    with open(out / "metrics.csv", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    assert {(r["protocol"], r["unparsed"], r["swap"], r["markers"], r["top_logprobs"]) for r in written} == {
+        ("reffree", "random", "outputs", "variants", "20"),
+        ("reffree+blocks", "random", "blocks", "variants", "20"),
+    }
+    again = CliRunner().invoke(main, [*args, "--unparsed", "wrong", "--seed", "3"])
+    assert again.exit_code == 0 and "model calls 0" in again.output
+    assert "count as wrong" in " ".join(again.output.split())
+    compare_args = ["judge-compare", "--protocol-a", "reffree", "--protocol-b", "reffree+blocks"]
+    compared = CliRunner().invoke(main, [*compare_args, "-w", str(tmp_path / "wh"), "--unparsed", "half"])
+    assert compared.exit_code == 0, compared.output
+    assert "count ½" in " ".join(compared.output.split())
+
+
 # ----------------------------------------------------------------------------------- cache and storage
 
 
@@ -365,7 +595,10 @@ def docs_sql(name: str) -> str:
     return m.group(1)
 
 
-def test_printed_numbers_equal_sql_over_the_table(tmp_path: Path, data_file: Path, monkeypatch: Any) -> None:
+@pytest.mark.parametrize(("rule", "swap"), [("random", "outputs"), ("wrong", "outputs"), ("half", "blocks")])
+def test_printed_numbers_equal_sql_over_the_table(
+    tmp_path: Path, data_file: Path, monkeypatch: Any, rule: str, swap: str
+) -> None:
     import factory.metaeval
     from factory.cli import main
 
@@ -373,17 +606,23 @@ def test_printed_numbers_equal_sql_over_the_table(tmp_path: Path, data_file: Pat
     monkeypatch.setattr(factory.metaeval, "load_backend", lambda spec: backend)
     wh_dir, out = tmp_path / "wh", tmp_path / "report"
     args = ["judge-eval", "--data", f"toy={data_file}", "--protocol", "reffree", "--protocol", "refeval"]
+    args += ["--unparsed", rule, "--swap", swap]
     result = CliRunner().invoke(main, [*args, "-w", str(wh_dir), "--out", str(out), "-q", "--bootstrap", "100"])
     assert result.exit_code == 0, result.output
     assert backend.calls == 40
-    sql_rows = Warehouse(wh_dir).query(docs_sql("metrics")).to_pylist()
+    second = "swapped_blocks" if swap == "blocks" else "swapped"
+    sql = docs_sql("metrics").replace(
+        "'random' AS unparsed, 'swapped' AS second", f"'{rule}' AS unparsed, '{second}' AS second"
+    )
+    sql_rows = Warehouse(wh_dir).query(sql).to_pylist()
     assert len(sql_rows) == 2
     import csv
 
     with open(out / "metrics.csv", encoding="utf-8") as f:
         written = {r["protocol"]: r for r in csv.DictReader(f)}
+    suffix = "+blocks" if swap == "blocks" else ""
     for s in sql_rows:
-        w = written[s["protocol"]]
+        w = written[s["protocol"] + suffix]
         assert int(w["cases"]) == s["cases"] == 10
         for col in (
             "acc_forward",

@@ -223,7 +223,9 @@ class TransformersBackend:
         device, batch = self.spec.device, len(requests)
         cache = None
         if shared:
-            prefix = self._forward(None, input_ids=torch.tensor([ids[0][:shared]], device=device))
+            # Only the cache is needed from the prefix: logits for all its positions would be prefix × vocabulary
+            # floats (a 1,500-token prefix: 300 MB), the largest buffer of a judge batch.
+            prefix = self._forward(None, input_ids=torch.tensor([ids[0][:shared]], device=device), logits_to_keep=1)
             cache = getattr(prefix, self._cache_arg)
             cache.batch_repeat_interleave(batch)
         suffixes = [x[shared:] for x in ids]

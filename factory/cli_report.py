@@ -1,0 +1,67 @@
+"""`factory report` (one HTML page about a warehouse) and `factory show` (one prompt's decision, in the terminal).
+
+`factory.cli` registers `COMMANDS`; only click is imported at load time (matplotlib and rich load when run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from factory.cli_options import WAREHOUSE_OPTION, friendly
+
+
+@click.command(name="report")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("report.html"),
+    show_default=True,
+    help="The HTML file to write (one self-contained page: plots inline, no scripts).",
+)
+@WAREHOUSE_OPTION
+@friendly
+def report(out: Path, warehouse: Path) -> None:
+    """Write one self-contained HTML page of plots and tables about the warehouse.
+
+    Score distribution, chosen vs rejected length, position bias and consistency, agreement between judges,
+    protocols and references, parse failures, calls, tokens, time and cost per stage and run, judge-eval's
+    Table 1 and held-out win rates: each section where its data exists, else a line saying what is missing.
+    """
+    from factory.report import write_report
+    from factory.warehouse import Warehouse
+
+    wh = Warehouse(warehouse)
+    written = write_report(wh, out)
+    warning = wh.skipped_warning()
+    if warning:
+        click.echo(warning, err=True)
+    shown = len(written.sections) - len(written.missing)
+    click.echo(f"report: {out} ({written.plots} plots in {shown} of {len(written.sections)} sections)")
+    if written.missing:
+        click.echo("no data for: " + ", ".join(s.title for s in written.missing))
+
+
+@click.command(name="show")
+@click.argument("prompt_id")
+@WAREHOUSE_OPTION
+@click.option("--recipe", default=None, help="Only this recipe's rows (default: every recipe with the prompt).")
+@friendly
+def show(prompt_id: str, warehouse: Path, recipe: str | None) -> None:
+    """Audit one decision: PROMPT_ID's instruction, references, scored samples, every judgment and its pair.
+
+    PROMPT_ID may be any unambiguous prefix of the id (`factory sql "SELECT prompt_id, instruction FROM
+    prompts"` lists them).
+    """
+    from factory.show import show_prompt
+    from factory.warehouse import Warehouse
+
+    wh = Warehouse(warehouse)
+    show_prompt(wh, prompt_id, recipe)
+    warning = wh.skipped_warning()
+    if warning:
+        click.echo(warning, err=True)
+
+
+COMMANDS = [report, show]
