@@ -4,15 +4,20 @@ the warehouse as it finishes. Used by every run (factory.runs).
 Only transient failures become error rows (docs/DESIGN.md, "No silent failure"): a `TransientError` raised
 for a batch, or a `RequestFailed` returned in place of one request's result. Any other exception stops the
 run: recording it as a failed call would make the build "incomplete, run again" forever.
+
+Where the batches run is an `Executor`'s business: `LocalExecutor` calls the backend in this process (the
+default); `factory.executors.RayExecutor` runs them on Ray actors (docs/SCALING.md). Either way the rows come
+back here and only this process writes them, so caching, resume and the runs table do not depend on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from factory.backends import BACKENDS, Backend, load_backend
 from factory.errors import FactoryError
@@ -57,33 +62,110 @@ class Reporter:
         """Something the user should know that does not stop the run (e.g. corrupt call files set aside)."""
 
 
-class ModelPool:
-    """Backends loaded lazily, once per model per run: an unchanged rebuild never loads a model."""
+class Executor(Protocol):
+    """Where a stage's batches of calls run: `map` yields each batch with its call rows as it finishes, in
+    any order. The rows are made by `call_batch` wherever the backend lives; the caller alone writes them."""
 
-    def __init__(self, specs: dict[str, ModelSpec], loader: Callable[[ModelSpec], Backend] = load_backend) -> None:
+    name: str
+
+    def map(
+        self, pool: ModelPool, kind: CallKind, model: str, base: dict[str, Any], batches: list[list[Call]]
+    ) -> Iterator[tuple[list[Call], list[dict[str, Any]]]]:
+        """Run every batch with model `model` of `pool`; `base` holds the row fields every call row shares."""
+        ...
+
+    def release(self, model: str) -> None:
+        """Free what runs `model` (its workers); a later `map` starts them again."""
+        ...
+
+    def close(self) -> None:
+        """Free everything; a later `map` starts again."""
+        ...
+
+
+class LocalExecutor:
+    """Batches run one after another in this process, on the pool's loaded backend."""
+
+    name = "local"
+
+    def map(
+        self, pool: ModelPool, kind: CallKind, model: str, base: dict[str, Any], batches: list[list[Call]]
+    ) -> Iterator[tuple[list[Call], list[dict[str, Any]]]]:
+        backend = pool.get(model, kind.role)
+        for batch in batches:
+            yield batch, call_batch(kind, backend, model, batch, base)
+
+    def release(self, model: str) -> None:
+        """Nothing beyond the pool's own backends (the pool releases those)."""
+
+    def close(self) -> None:
+        """Nothing beyond the pool's own backends."""
+
+
+_scoped_executor: Executor | None = None
+
+
+@contextlib.contextmanager
+def executor_scope(executor: Executor) -> Iterator[Executor]:
+    """Every `ModelPool` made inside runs its calls with `executor` (the CLI's `build --executor ray` covers
+    the build, its rounds and its eval this way); a pool's close frees the executor's workers, not the
+    executor, which starts them again when a later pool needs them."""
+    global _scoped_executor
+    previous, _scoped_executor = _scoped_executor, executor
+    try:
+        yield executor
+    finally:
+        _scoped_executor = previous
+
+
+class ModelPool:
+    """Backends loaded lazily, once per model per run: an unchanged rebuild never loads a model.
+
+    The pool's `executor` decides where calls run (`LocalExecutor` unless given one or made inside an
+    `executor_scope`); closing the pool closes the executor's workers as well as the local backends.
+    """
+
+    def __init__(
+        self,
+        specs: dict[str, ModelSpec],
+        loader: Callable[[ModelSpec], Backend] = load_backend,
+        executor: Executor | None = None,
+    ) -> None:
         self.specs = specs
         self.loader = loader
         self.backends: dict[str, Backend] = {}
+        self.executor: Executor = executor or _scoped_executor or LocalExecutor()
 
-    def get(self, name: str, role: Role | None = None) -> Backend:
-        """The backend for a named model, loading it on first use; `role` is checked against the registry."""
+    def check(self, name: str, role: Role | None = None) -> ModelSpec:
+        """The spec of a named model; `role` is checked against the backend registry."""
         spec = self.specs[name]
         if role is not None and spec.backend in BACKENDS and role not in BACKENDS[spec.backend].roles:
             raise FactoryError(f"model '{name}' (backend '{spec.backend}') cannot {role}")
+        return spec
+
+    def get(self, name: str, role: Role | None = None) -> Backend:
+        """The backend for a named model, loading it on first use; `role` is checked against the registry."""
+        spec = self.check(name, role)
         if name not in self.backends:
-            self.backends[name] = self.loader(self.specs[name])
+            self.backends[name] = self.loader(spec)
         return self.backends[name]
 
     def release(self, name: str) -> None:
-        """Release one model (judge-eval keeps one judge in memory at a time)."""
+        """Release one model (judge-eval keeps one judge in memory at a time), here and in the executor."""
         backend = self.backends.pop(name, None)
-        if backend is not None:
-            backend.close()
+        try:
+            if backend is not None:
+                backend.close()
+        finally:
+            self.executor.release(name)
 
     def close(self) -> None:
-        """Release every loaded model."""
-        for name in list(self.backends):
-            self.release(name)
+        """Release every loaded model and the executor's workers."""
+        try:
+            for name in list(self.backends):
+                self.release(name)
+        finally:
+            self.executor.close()
 
 
 def now() -> datetime:
@@ -115,10 +197,10 @@ class CallRunner:
         self.reporter.stage_started(stage, len(missing))
         if not missing:
             return results
-        backend = self.pool.get(model, kind.role)
-        size = self.pool.specs[model].batch_size
-        for batch in self._batches(kind, missing, size):
-            rows = self._call_batch(kind, backend, model, batch)
+        self.pool.check(model, kind.role)
+        batches = list(self._batches(kind, missing, self.pool.specs[model].batch_size))
+        base = {"recipe": self.recipe, "run_id": self.run_id, "model": model}
+        for _, rows in self.pool.executor.map(self.pool, kind, model, base, batches):
             self.wh.append_calls(kind.table, self.run_id, rows)
             for row in rows:
                 st.model_calls += 1
@@ -132,6 +214,8 @@ class CallRunner:
                 else:
                     st.failed_calls += 1
             self.reporter.calls_done(stage, len(rows), sum(r.get("tokens_out") or 0 for r in rows))
+        if self.pool.executor.name != "local":
+            st.notes.setdefault("executor", self.pool.executor.name)
         return results
 
     @staticmethod
@@ -149,41 +233,7 @@ class CallRunner:
             yield [c for g in chunk for c in g]
 
     def _call_batch(self, kind: CallKind, backend: Any, model: str, batch: list[Call]) -> list[dict[str, Any]]:
-        base = {"recipe": self.recipe, "run_id": self.run_id, "model": model}
-        t0 = time.perf_counter()
-        try:
-            if kind.role == "judge":
-                flat: list[dict[str, Any] | Exception] = [
-                    o if isinstance(o, Exception) else _judge_fields(o)
-                    for o in backend.judge([c.request for c in batch])
-                ]
-            elif kind.role == "reward":
-                flat = [
-                    o if isinstance(o, Exception) else {"reward": o.reward, "tokens_in": o.tokens_in, "tokens_out": 0}
-                    for o in backend.reward([c.request for c in batch])
-                ]
-            else:
-                flat = self._generate(backend, batch)
-            error: TransientError | None = None
-        except TransientError as exc:  # the whole batch failed transiently: error rows, retried next build
-            flat, error = [], exc
-        latency = (time.perf_counter() - t0) / max(len(batch), 1)
-        created = now()
-        if error is not None:
-            return [_failed_row(base, c.key, error, latency, created) for c in batch]
-        if len(flat) != len(batch):
-            raise FactoryError(f"backend of model '{model}' returned {len(flat)} results for {len(batch)} requests")
-        rows = []
-        for c, out in zip(batch, flat, strict=True):
-            if isinstance(out, RequestFailed):
-                rows.append(_failed_row(base, c.key, out, latency, created))
-            elif isinstance(out, Exception):  # a non-transient failure returned in place: stop, do not record
-                raise out
-            else:
-                rows.append(
-                    {**base, **out, "request_key": c.key, "status": "ok", "latency_s": latency, "created_at": created}
-                )
-        return rows
+        return call_batch(kind, backend, model, batch, {"recipe": self.recipe, "run_id": self.run_id, "model": model})
 
     @staticmethod
     def _generate(backend: Backend, batch: list[Call]) -> list[dict[str, Any] | Exception]:
@@ -215,6 +265,46 @@ class CallRunner:
             for c, g in zip(cs, gens, strict=True):
                 by_key[c.key] = asdict(g)
         return [by_key[c.key] for c in batch]
+
+
+def call_batch(
+    kind: CallKind, backend: Any, model: str, batch: list[Call], base: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One batch's call rows from `backend` (in this process or on a worker): a transient failure becomes
+    error rows; any other exception propagates and stops the run. `base` holds recipe, run_id and model."""
+    t0 = time.perf_counter()
+    try:
+        if kind.role == "judge":
+            flat: list[dict[str, Any] | Exception] = [
+                o if isinstance(o, Exception) else _judge_fields(o) for o in backend.judge([c.request for c in batch])
+            ]
+        elif kind.role == "reward":
+            flat = [
+                o if isinstance(o, Exception) else {"reward": o.reward, "tokens_in": o.tokens_in, "tokens_out": 0}
+                for o in backend.reward([c.request for c in batch])
+            ]
+        else:
+            flat = CallRunner._generate(backend, batch)
+        error: TransientError | None = None
+    except TransientError as exc:  # the whole batch failed transiently: error rows, retried next build
+        flat, error = [], exc
+    latency = (time.perf_counter() - t0) / max(len(batch), 1)
+    created = now()
+    if error is not None:
+        return [_failed_row(base, c.key, error, latency, created) for c in batch]
+    if len(flat) != len(batch):
+        raise FactoryError(f"backend of model '{model}' returned {len(flat)} results for {len(batch)} requests")
+    rows = []
+    for c, out in zip(batch, flat, strict=True):
+        if isinstance(out, RequestFailed):
+            rows.append(_failed_row(base, c.key, out, latency, created))
+        elif isinstance(out, Exception):  # a non-transient failure returned in place: stop, do not record
+            raise out
+        else:
+            rows.append(
+                {**base, **out, "request_key": c.key, "status": "ok", "latency_s": latency, "created_at": created}
+            )
+    return rows
 
 
 def _judge_fields(o: Any) -> dict[str, Any]:

@@ -87,21 +87,38 @@ def validate(recipe: Path, warehouse: Path) -> None:
 @WAREHOUSE_OPTION
 @click.option("--quiet", "-q", is_flag=True, help="No progress display; print only the summary.")
 @click.option("--dry-run", is_flag=True, help="Print the model calls each stage plans, then stop (loads no model).")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where model calls run: local (this process) or ray (Ray actors; the `ray` extra). "
+    "Default: the recipe's run.executor, else local.",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="With ray: the cluster to join (`auto`, `ray://HOST:10001`). Default: the recipe's run.address, else a "
+    "local cluster is started.",
+)
 @friendly
-def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
+def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool, executor: str | None, address: str | None) -> None:
     """Build RECIPE: prompts → references → samples → judgments → scores → pairs → export.
 
     With a `rounds` section, the self-improvement loop: [SFT →] (build → DPO) × rounds; with an `eval`
     section, then the win rate of the policy (of every round's policy) on held-out prompts.
     Finished work is reused: an unchanged rebuild makes no model calls, and an interrupted build resumes
-    with only the calls that were not yet written.
+    with only the calls that were not yet written. `--executor ray` runs the model calls on a Ray cluster
+    (docs/SCALING.md); the results, cache and resume are the same.
     """
-    from factory.build import Build
-    from factory.progress import RichReporter, print_summary
     from factory.recipe import load_recipe
     from factory.warehouse import Warehouse
 
     loaded = load_recipe(recipe)
+    kind = executor or loaded.recipe.run.executor
+    if address is not None and kind != "ray":
+        from factory.errors import UserInputError
+
+        raise UserInputError("--address goes with --executor ray")
     if dry_run:
         from factory.build import plan, preflight
         from factory.progress import print_plan
@@ -117,8 +134,31 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool) -> None:
             )
         if r.eval is not None:
             click.echo(f"eval: both orders of every held-out prompt, judge '{r.eval.judge}', {r.eval.protocol}")
+        if kind == "ray":
+            where = address or r.run.address or "a local cluster"
+            workers = r.run.workers or "one per CPU (per GPU for GPU models)"
+            click.echo(f"executor: ray on {where}, workers per model: {workers}")
         return
-    wh = Warehouse(warehouse)
+    if kind == "ray":
+        from factory.calls import executor_scope
+        from factory.executors import executor_for
+
+        # Without the `ray` extra: one line naming it (exit 2), before anything is written.
+        ray_executor = executor_for(loaded.recipe.run, kind, address)
+        try:
+            with executor_scope(ray_executor):
+                _build(loaded, Warehouse(warehouse), quiet)
+        finally:
+            ray_executor.shutdown()
+        return
+    _build(loaded, Warehouse(warehouse), quiet)
+
+
+def _build(loaded: Any, wh: Any, quiet: bool) -> None:
+    """The build command's work after its options are settled: one build, or the rounds loop; then eval."""
+    from factory.build import Build
+    from factory.progress import RichReporter, print_summary
+
     r = loaded.recipe
     if r.rounds is not None:
         from factory.progress import print_eval, print_loop
