@@ -87,15 +87,59 @@ def _judgments(ctx: Context, st: StageStats) -> StageOutput:
     calls, notes = stages.judge_calls(
         ctx.rows["prompts"], ctx.rows["samples"], ctx.rows["references"], j, protocol, identity
     )
-    results = ctx.call(j.judge, "judgments", calls, st)
-    out = stages.judgment_rows(calls, results, j, protocol)
+    if j.schedule == "adaptive":
+        out = _adaptive_judgments(ctx, st, calls, protocol)
+    else:
+        out = stages.judgment_rows(calls, ctx.call(j.judge, "judgments", calls, st), j, protocol)
+        for row in out.rows:
+            row.update(schedule="all-pairs", schedule_round=1)
     out.notes.update(notes)
     out.complete = not out.notes["parse_status"].get("error", 0)
     return out
 
 
+def _adaptive_judgments(ctx: Context, st: StageStats, calls: list[Any], protocol: Any) -> StageOutput:
+    """Judge round by round, every prompt's schedule in lockstep: each round's calls go to the judge as one
+    batch, and its answers decide the next round's pairs (`factory.schedule.Adaptive`)."""
+    from factory.schedule import Adaptive
+
+    j = ctx.recipe.judgments
+    by_pair: dict[tuple[str, str], list[Any]] = {}
+    for c in calls:  # all-pairs calls in both orders; the schedule picks among them (one per reference)
+        by_pair.setdefault((c.meta["sample_a"], c.meta["sample_b"]), []).append(c)
+    schedules = {
+        pid: Adaptive(ids, seed=stages.schedule_seed(pid))
+        for pid, ids in stages.distinct_samples(ctx.rows["samples"]).items()
+    }
+    rows: list[dict[str, Any]] = []
+    while True:
+        asked = [(s, a, b) for s in schedules.values() for a, b in s.next_round()]
+        if not asked:
+            break
+        batch = [c for _, a, b in asked for c in by_pair.get((a, b), [])]
+        answered = stages.judgment_rows(batch, ctx.call(j.judge, "judgments", batch, st), j, protocol).rows
+        votes: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in answered:
+            votes.setdefault((row["sample_a"], row["sample_b"]), []).append(row)
+        for schedule, a, b in asked:
+            for row in votes.get((a, b), []):
+                row.update(schedule="adaptive", schedule_round=schedule.round)
+            found = votes.get((a, b))
+            schedule.record(a, b, stages.pair_probability(found, j.scoring)[0] if found else None)
+        rows += answered
+    asked_calls = len(rows)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["parse_status"]] = counts.get(row["parse_status"], 0) + 1
+    notes = {"parse_status": counts, "schedule": "adaptive", "all_pairs_calls": len(calls), "asked": asked_calls}
+    return StageOutput(rows, notes)
+
+
 def _judge_scores(ctx: Context, st: StageStats) -> StageOutput:
-    return stages.score_rows(ctx.rows["samples"], ctx.rows["judgments"], ctx.recipe.judgments.scoring)
+    j = ctx.recipe.judgments
+    if j.schedule == "adaptive":
+        return stages.adaptive_score_rows(ctx.rows["samples"], ctx.rows["judgments"], j.scoring)
+    return stages.score_rows(ctx.rows["samples"], ctx.rows["judgments"], j.scoring)
 
 
 def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
@@ -118,6 +162,8 @@ def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
     # Without the instructions at hand (a Hub dataset) the estimate counts everything but them.
     approx = None if per is None else int(per * (each + (chars or 0) / 4))
     note = f"{pairs} ordered pairs per prompt, protocol {j.protocol}"
+    if j.schedule == "adaptive":
+        note = f"at most {pairs} ordered pairs per prompt (adaptive asks fewer), protocol {j.protocol}"
     note += "" if chars is not None else "; input tokens exclude the instructions"
     return [PlannedStage("judgments", j.judge, per, None if per is None else per * j.generation_tokens, approx, note)]
 
@@ -132,7 +178,13 @@ def _judge_card_line(r: Recipe) -> str:
     protocol = j.protocol if j.protocol == CUSTOM else f"{j.protocol} ({get_protocol(j.protocol).description})"
     return (
         f"- Judge: `{j.judge}` ({r.models[j.judge].model}), protocol `{protocol}`, reference "
-        f"`{j.reference}`, orders `{j.orders}`, scoring `{j.scoring}`"
+        f"`{j.reference}`, orders `{j.orders}`, scoring `{j.scoring}`, schedule `{j.schedule}`, prefill "
+        f"`{j.prefill}`, markers `{j.markers}`, top-{j.top_logprobs} log-probabilities"
+        + (
+            " (adaptive scores estimate each sample's all-pairs score from fewer comparisons)"
+            if j.schedule == "adaptive"
+            else ""
+        )
     )
 
 
@@ -211,7 +263,7 @@ LABELERS: dict[str, Labeler] = {
             Stage(
                 "scores",
                 ("samples", "judgments"),
-                lambda ctx: {"scoring": ctx.recipe.judgments.scoring},
+                lambda ctx: {"scoring": ctx.recipe.judgments.scoring, "schedule": ctx.recipe.judgments.schedule},
                 _judge_scores,
                 version=2,
             ),

@@ -276,6 +276,8 @@ class JudgmentsSpec(Strict):
             raise FieldError(("reference",), f"protocol '{self.protocol}' needs 'reference' (a name from 'references')")
         if protocol is not None and not protocol.uses_reference and self.reference:
             raise FieldError(("reference",), f"protocol '{self.protocol}' shows no reference; remove 'reference'")
+        if self.schedule == "adaptive" and self.orders == "forward":
+            raise FieldError(("orders",), "the adaptive schedule asks both orders of every comparison: use 'both'")
         if (self.protocol == "custom") != (self.template is not None):
             raise FieldError(("template",), "give 'template' (a file) exactly when protocol is 'custom'")
         return self

@@ -449,3 +449,66 @@ def pair_rows(samples: list[dict[str, Any]], scores: list[dict[str, Any]], spec:
         )
     notes = {"over_length_samples": over_length, "too_few_samples": too_few, "ties_or_small_margin": ties}
     return StageOutput(rows, notes)
+
+
+# ------------------------------------------------------------------------------------- adaptive schedule
+
+
+def schedule_seed(prompt_id: str) -> int:
+    """A prompt's schedule seed: its own id, so every build draws the same first round for it."""
+    return int(stable_hash(prompt_id, 8), 16)
+
+
+def distinct_samples(samples: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per prompt, the ids of its distinct good samples (`text_representatives`) in sample-index order."""
+    representative = text_representatives(samples)
+    out: dict[str, list[str]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: (s["prompt_id"], s["sample_index"])):
+        if s["error"] is None and representative[s["sample_id"]] == s["sample_id"]:
+            out[s["prompt_id"]].append(s["sample_id"])
+    return out
+
+
+def replay_schedules(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], scoring: str) -> dict[str, Any]:
+    """Each prompt's adaptive schedule, replayed from its stored judgments (the pairs a schedule asks depend
+    only on its samples, its seed and the answers, so the replay asks exactly what the build asked)."""
+    from factory.schedule import Adaptive
+
+    votes: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for j in judgments:
+        votes[(j["sample_a"], j["sample_b"])].append(j)
+    out = {}
+    for prompt_id, ids in distinct_samples(samples).items():
+        schedule = Adaptive(ids, seed=schedule_seed(prompt_id))
+        while pairs := schedule.next_round():
+            for a, b in pairs:
+                found = votes.get((a, b))
+                schedule.record(a, b, pair_probability(found, scoring)[0] if found else None)
+        out[prompt_id] = schedule
+    return out
+
+
+def adaptive_score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], scoring: str) -> StageOutput:
+    """Scores under the adaptive schedule: each sample's estimate of its all-pairs score (its judged
+    comparisons plus predictions for those not asked; `factory.schedule`), so best-vs-worst picks the pair
+    the schedule settled on. A copy of another sample's text takes that sample's score."""
+    schedules = replay_schedules(samples, judgments, scoring)
+    representative = text_representatives(samples)
+    rows = []
+    for s in samples:
+        rep = representative.get(s["sample_id"])
+        schedule = schedules.get(s["prompt_id"])
+        score = schedule.scores().get(rep) if schedule is not None and rep is not None else None
+        if score is None or not score.n_comparisons:
+            continue
+        rows.append(
+            {
+                "sample_id": s["sample_id"],
+                "prompt_id": s["prompt_id"],
+                "labeler": "judgments",
+                "score": score.score,
+                "n_comparisons": score.n_comparisons,
+                "wins": score.wins,
+            }
+        )
+    return StageOutput(rows, {"unscored_samples": len(samples) - len(rows), "schedule": "adaptive"})
