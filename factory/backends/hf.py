@@ -78,6 +78,8 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
 
 
 MIN_SHARED_PREFIX = 32
+PREFILL_TOKENS = 2048
+"""Prompt tokens (counted once per sample) one generate() call takes in: memory, not speed, sets it."""
 """Requests share a KV cache only when their common token prefix is at least this long."""
 
 
@@ -165,7 +167,12 @@ class TransformersBackend:
             p = r.params
             groups.setdefault((p.temperature, p.top_p, p.max_tokens, len(r.sample_indices)), []).append(i)
         out: dict[int, list[Generation]] = {}
-        for (temperature, top_p, max_tokens, n), idx in groups.items():
+        chunks = [
+            (key, chunk)
+            for key, idx in groups.items()
+            for chunk in self._prefill_chunks([requests[i] for i in idx], idx, key[3])
+        ]
+        for (temperature, top_p, max_tokens, n), idx in chunks:
             batch = [requests[i] for i in idx]
             enc = self._encode([r.messages for r in batch], [""] * len(batch))
             # One seed per batch, derived from its requests: resumed builds draw fresh, reproducible noise.
@@ -193,6 +200,24 @@ class TransformersBackend:
                     gens.append(Generation(text, reason, int(lengths[j]), len(ids)))
                 out[req_i] = gens
         return [out[i] for i in range(len(requests))]
+
+    def _prefill_chunks(self, batch: list[GenerationRequest], idx: list[int], n: int) -> list[list[int]]:
+        """`idx` split so that each chunk's prompts, times the n samples generate() expands them to, stay
+        within PREFILL_TOKENS: the prompt pass of a batch of long prompts is the build's largest buffer
+        (8 long LLMBar prompts × 4 samples at once peaked at 2.1 GB, one at a time at 1.3 GB)."""
+        chunks: list[list[int]] = []
+        width = 0
+        for r, i in zip(batch, idx, strict=True):
+            text = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+            length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            # Prompts are padded to the longest: a chunk costs its rows × samples × its widest prompt.
+            if chunks and n * (len(chunks[-1]) + 1) * max(width, length) <= PREFILL_TOKENS:
+                chunks[-1].append(i)
+                width = max(width, length)
+            else:
+                chunks.append([i])
+                width = length
+        return chunks
 
     def _judge_ids(self, r: JudgeRequest) -> list[int]:
         text = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) + r.prefill
