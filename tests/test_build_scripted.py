@@ -43,7 +43,12 @@ RECIPE: dict[str, Any] = {
 
 def recipe(tmp_path: Path, filename: str = "r.yaml", **changes: Any) -> Path:
     """The scripted recipe with dotted-path edits (`{"judgments.protocol": "refmatch"}`; None deletes)."""
-    data = copy.deepcopy(RECIPE)
+    return write_edited(RECIPE, tmp_path / filename, **changes)
+
+
+def write_edited(base: dict[str, Any], path: Path, **changes: Any) -> Path:
+    """`base` with dotted-path edits (None deletes the key), written to `path` as YAML; returns `path`."""
+    data = copy.deepcopy(base)
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")
         node = data
@@ -53,7 +58,6 @@ def recipe(tmp_path: Path, filename: str = "r.yaml", **changes: Any) -> Path:
             node.pop(last, None)
         else:
             node[last] = value
-    path = tmp_path / filename
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 

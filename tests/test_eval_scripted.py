@@ -4,14 +4,13 @@ The win-rate arithmetic itself is tested on hand-made rows in test_winrate.py.""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from click.testing import CliRunner, Result
+from test_build_scripted import write_edited
 
 from factory.cli import main
 from factory.warehouse import Warehouse
@@ -50,19 +49,7 @@ RECIPE: dict[str, Any] = {
 
 def recipe(tmp_path: Path, filename: str = "r.yaml", **changes: Any) -> Path:
     """The recipe with dotted-path edits (`{"eval.protocol": "llmbar-base"}`; None deletes the key)."""
-    data = copy.deepcopy(RECIPE)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    path = tmp_path / filename
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
+    return write_edited(RECIPE, tmp_path / filename, **changes)
 
 
 def cli(*args: str | Path) -> Result:

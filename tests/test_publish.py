@@ -18,6 +18,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from hub_standin import HubStandIn
+from test_build_scripted import RECIPE
 
 from factory.build import Build
 from factory.cli import main
@@ -28,23 +29,6 @@ from factory.warehouse import Warehouse
 TOKEN = "hf_FactoryStandInToken0123456789abcdef"
 REPO = "factory-tests/scripted-prefs"
 SHARDS = ["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"]
-RECIPE: dict[str, Any] = {
-    "name": "scripted",
-    "models": {"m": {"backend": "scripted", "batch_size": 4}},
-    "prompts": {
-        "inline": [
-            {"instruction": "Name a color.", "ref": "Blue."},
-            {"instruction": "Say hi.", "ref": "Hi."},
-            {"instruction": "Name a fruit.", "ref": "Apple."},
-            {"instruction": "What is 2+2?", "ref": "4"},
-        ],
-        "reference_fields": ["ref"],
-    },
-    "references": [{"name": "human", "kind": "column"}],
-    "samples": {"policy": "m", "n": 3, "params": {"max_tokens": 12}},
-    "judgments": {"judge": "m", "protocol": "refeval", "reference": "human"},
-    "export": {"test_fraction": 0.25},
-}
 
 
 @pytest.fixture(scope="module")
