@@ -23,7 +23,7 @@ for a given share of calls, when all-pairs' own picks are this noisy.
     python bench/adaptive.py                                    # simulation, n = 5 and 16, 2000 prompts each
     python bench/adaptive.py --accuracy 0.9                     # another judge
     python bench/adaptive.py --sweep --oracle                   # agreement / calls for several confidences
-    python bench/adaptive.py --warehouse WH --recipe quickstart      # plus the replay
+    python bench/adaptive.py --warehouse WH --recipe quickstart  # plus the replay
 """
 
 from __future__ import annotations
