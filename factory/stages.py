@@ -492,13 +492,13 @@ def adaptive_score_rows(samples: list[dict[str, Any]], judgments: list[dict[str,
     """Scores under the adaptive schedule: each sample's estimate of its all-pairs score (its judged
     comparisons plus predictions for those not asked; `factory.schedule`), so best-vs-worst picks the pair
     the schedule settled on. A copy of another sample's text takes that sample's score."""
-    schedules = replay_schedules(samples, judgments, scoring)
+    # One fit per prompt: `scores()` refits the schedule's model each time it is called.
+    by_prompt = {pid: schedule.scores() for pid, schedule in replay_schedules(samples, judgments, scoring).items()}
     representative = text_representatives(samples)
     rows = []
     for s in samples:
         rep = representative.get(s["sample_id"])
-        schedule = schedules.get(s["prompt_id"])
-        score = schedule.scores().get(rep) if schedule is not None and rep is not None else None
+        score = by_prompt.get(s["prompt_id"], {}).get(rep) if rep is not None else None
         if score is None or not score.n_comparisons:
             continue
         rows.append(

@@ -5,7 +5,6 @@ identical samples judged once, and the paper recipes' settings. Fast: the script
 from __future__ import annotations
 
 import glob
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -148,4 +147,4 @@ def test_paper_recipes_use_the_papers_settings(path: str) -> None:
         j = r.judgments
         assert (j.prefill, j.markers, j.top_logprobs, j.generation_tokens) == ("none", "exact", 5, 16)
     assert r.train is not None and r.train.preset == "paper"
-    assert json.loads(json.dumps(r.eval.model_dump()))["baseline"] == "output"
+    assert r.eval is not None and r.eval.baseline == "output"
