@@ -57,9 +57,9 @@ def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool =
             )
     if wh_root is not None:
         path = export_path(loaded, wh_root)
-        check_export_target(path)
+        check_export_target(path, wh_root)
         if r.export.sft_reference is not None:
-            check_export_target(path.with_name(path.name + "-sft"))
+            check_export_target(path.with_name(path.name + "-sft"), wh_root)
 
 
 # ------------------------------------------------------------------------------------------ core stages

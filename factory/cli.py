@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from factory.cli_options import WAREHOUSE_OPTION, friendly
+from factory.cli_options import MEMORY_SIZE, WAREHOUSE_OPTION, friendly
+from factory.terminal import clean, one_line
 
 
 class FactoryGroup(click.Group):
     """click's group, except that a usage error (a bad option value, a missing argument) is one `error:`
-    line with exit code 2, like every other input error, instead of click's three-line usage block."""
+    line with exit code 2, like every other input error, instead of click's three-line usage block. The line
+    quotes the bad value with its control characters made visible (`factory.terminal`)."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standalone = kwargs.pop("standalone_mode", True)
@@ -27,13 +28,12 @@ class FactoryGroup(click.Group):
             if not standalone:
                 raise
             command = f"factory {exc.ctx.info_name}" if exc.ctx and exc.ctx.parent else "factory"
-            message = " ".join(exc.format_message().split())
-            click.echo(f"error: {message} (see `{command} --help`)", err=True)
+            click.echo(f"error: {one_line(exc.format_message())} (see `{command} --help`)", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             if not standalone:
                 raise
-            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            click.echo(f"error: {one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
             if not standalone:
@@ -42,11 +42,30 @@ class FactoryGroup(click.Group):
             sys.exit(1)
 
 
+SET_OPTION = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one recipe field (repeatable): a dotted key, the value read as YAML and validated like the file, "
+    "e.g. --set judgments.template=/abs/path/refeval.txt. A relative path is read from the recipe's folder, as in "
+    "the file.",
+)
+
+
+def _load(recipe: Path, overrides: tuple[str, ...]) -> Any:
+    """The recipe with its `--set` overrides applied (parsed as `factory train --set` parses its own)."""
+    from factory.recipe import load_recipe
+    from factory.train import parse_overrides
+
+    return load_recipe(recipe, parse_overrides(list(overrides)))
+
+
 def _warn_skipped(wh: Any) -> None:
     """Name, on stderr, the unreadable call files a command had to skip."""
     warning = wh.skipped_warning()
     if warning:
-        click.echo(warning, err=True)
+        click.echo(clean(warning), err=True)  # it names files, and a file name can hold anything
 
 
 @click.group(cls=FactoryGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,14 +81,14 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @WAREHOUSE_OPTION
+@SET_OPTION
 @friendly
-def validate(recipe: Path, warehouse: Path) -> None:
+def validate(recipe: Path, warehouse: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe, its prompt data when it is local, its template files, API key variables and export
     folder, without building anything."""
     from factory.build import preflight, read_prompts
-    from factory.recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = _load(recipe, overrides)
     r = loaded.recipe
     prompts = "prompts from a Hub dataset (not read)"
     if r.prompts.dataset is None:
@@ -77,8 +96,10 @@ def validate(recipe: Path, warehouse: Path) -> None:
     preflight(loaded, warehouse.resolve())
     samples = f"{r.samples.n} samples per prompt, labeler {r.labeler}" if r.samples else "no samples (SFT export)"
     click.echo(
-        f"ok: recipe '{r.name}': {prompts}, {len(r.models)} model(s), {len(r.references)} reference source(s), "
-        f"{samples}"
+        clean(
+            f"ok: recipe '{r.name}': {prompts}, {len(r.models)} model(s), {len(r.references)} reference source(s), "
+            f"{samples}"
+        )
     )
 
 
@@ -100,20 +121,29 @@ def validate(recipe: Path, warehouse: Path) -> None:
     help="With ray: the cluster to join (`auto`, `ray://HOST:10001`). Default: the recipe's run.address, else a "
     "local cluster is started.",
 )
+@SET_OPTION
 @friendly
-def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool, executor: str | None, address: str | None) -> None:
+def build(
+    recipe: Path,
+    warehouse: Path,
+    quiet: bool,
+    dry_run: bool,
+    executor: str | None,
+    address: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Build RECIPE: prompts → references → samples → judgments → scores → pairs → export.
 
     With a `rounds` section, the self-improvement loop: [SFT →] (build → DPO) × rounds; with an `eval`
     section, then the win rate of the policy (of every round's policy) on held-out prompts.
     Finished work is reused: an unchanged rebuild makes no model calls, and an interrupted build resumes
     with only the calls that were not yet written. `--executor ray` runs the model calls on a Ray cluster
-    (docs/SCALING.md); the results, cache and resume are the same.
+    (docs/SCALING.md); the results, cache and resume are the same. `--set KEY=VALUE` changes one field for
+    this build only (`--set judgments.template=PATH`: the judge's wording from a prompt file).
     """
-    from factory.recipe import load_recipe
     from factory.warehouse import Warehouse
 
-    loaded = load_recipe(recipe)
+    loaded = _load(recipe, overrides)
     kind = executor or loaded.recipe.run.executor
     if address is not None and kind != "ray":
         from factory.errors import UserInputError
@@ -129,15 +159,17 @@ def build(recipe: Path, warehouse: Path, quiet: bool, dry_run: bool, executor: s
         if r.rounds is not None:
             sft = f"SFT on '{r.rounds.sft_reference}', then " if r.rounds.sft_reference else ""
             click.echo(
-                f"rounds: {sft}{r.rounds.count} round(s), each making these calls with the previous round's "
-                "checkpoint and one DPO training"
+                clean(
+                    f"rounds: {sft}{r.rounds.count} round(s), each making these calls with the previous round's "
+                    "checkpoint and one DPO training"
+                )
             )
         if r.eval is not None:
-            click.echo(f"eval: both orders of every held-out prompt, judge '{r.eval.judge}', {r.eval.protocol}")
+            click.echo(clean(f"eval: both orders of every held-out prompt, judge '{r.eval.judge}', {r.eval.protocol}"))
         if kind == "ray":
             where = address or r.run.address or "a local cluster"
             workers = r.run.workers or "one per CPU (per GPU for GPU models)"
-            click.echo(f"executor: ray on {where}, workers per model: {workers}")
+            click.echo(clean(f"executor: ray on {where}, workers per model: {workers}"))
         return
     if kind == "ray":
         from factory.calls import executor_scope
@@ -197,31 +229,43 @@ def _build(loaded: Any, wh: Any, quiet: bool) -> None:
 @WAREHOUSE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="Rows shown in table format.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=60,
+    show_default=True,
+    help="Stop the query after this many seconds (0: no limit).",
+)
+@click.option(
+    "--memory-limit",
+    "memory",
+    type=MEMORY_SIZE,
+    default="2GB",
+    show_default=True,
+    help="Memory the query may use (e.g. 500MB, 8GB, 4GiB); the rows it returns may use as much again.",
+)
 @friendly
-def sql(query: str, warehouse: Path, fmt: str, limit: int) -> None:
-    """Run one read-only SQL QUERY over the warehouse's tables (DuckDB dialect)."""
-    from factory.progress import print_table
-    from factory.warehouse import Warehouse
+def sql(query: str, warehouse: Path, fmt: str, limit: int, timeout: float, memory: tuple[int, str]) -> None:
+    """Run one read-only SQL QUERY over the warehouse's tables (DuckDB dialect).
+
+    Ctrl-C stops the query at once. Values are printed as text, control characters made visible; csv keeps
+    them exact unless stdout is a terminal.
+    """
+    from factory.progress import print_csv, print_json, print_table
+    from factory.warehouse import SqlLimits, Warehouse
 
     wh = Warehouse(warehouse)
     wh.require()
-    result = wh.query(query)
+    limits = SqlLimits(seconds=timeout or None, memory=memory[0], memory_text=memory[1])
+    # In table format only the rows shown are kept (the rest are counted): a big result costs no memory.
+    result = wh.run_sql(query, limits, keep=limit if fmt == "table" else None)
     _warn_skipped(wh)
     if fmt == "csv":
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
-        # CSV has no nested values: lists, structs and maps are written as JSON text.
-        for i, column in enumerate(result.schema):
-            if pa.types.is_nested(column.type):
-                text = [None if v is None else json.dumps(v, default=str) for v in result.column(i).to_pylist()]
-                result = result.set_column(i, column.name, pa.array(text, pa.string()))
-        pacsv.write_csv(result, sys.stdout.buffer)
+        print_csv(result.table)
     elif fmt == "json":
-        for row in result.to_pylist():
-            click.echo(json.dumps(row, default=str, ensure_ascii=False))
+        print_json(result.table)
     else:
-        print_table(result, limit)
+        print_table(result.table, limit, result.rows)
 
 
 @main.command(name="ls")

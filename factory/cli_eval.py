@@ -15,20 +15,61 @@ import click
 from factory.cli_options import WAREHOUSE_OPTION, friendly
 from factory.errors import UserInputError
 from factory.protocols import PROTOCOLS
+from factory.terminal import clean
 
 PRESET_NAMES = ("llmbar-natural", "llmbar-adversarial", "mtbench", "instrusum", "href")
 """`factory.evalsets.PRESETS` by name, repeated here so `--help` needs no import beyond click (a test checks)."""
+JUDGE_PRESET_NAMES = ("reife",)
+"""`factory.metaeval.PRESETS` by name, for `--preset` (a test checks they agree)."""
+PRESET_OPTIONS = ("prefill", "max_tokens", "cot_max_tokens", "top_logprobs", "markers", "swap", "unparsed")
+"""The options a `--preset` sets: giving one of them beside it is refused."""
 
 
-def write_files(folder: Path, files: dict[str, str]) -> list[Path]:
-    """Write report files (CSV, Markdown) atomically into `folder`, which may lie outside the warehouse."""
-    from factory.warehouse import atomic_write_bytes
+REPORT_FOLDER_MARKER = ".factory-judge-eval.json"
 
-    out = []
-    for name, text in files.items():
-        atomic_write_bytes(folder / name, text.encode("utf-8"))
-        out.append(folder / name)
-    return out
+
+def report_folder_kind() -> Any:
+    """judge-eval's report folder as factory recognises it (its marker lists the files it wrote)."""
+    from factory.owned import FolderKind
+
+    return FolderKind("judge-eval report folder", REPORT_FOLDER_MARKER, "--out")
+
+
+LEGACY_REPORT_FILES = frozenset(
+    f"{name}.{ext}" for name in ("table1", "metrics", "agreement", "bias") for ext in ("csv", "md")
+)
+
+
+def adopt_legacy_report_folder(folder: Path) -> None:
+    """Mark the default report folder of a release that wrote no marker as factory's, when it holds nothing but
+    the files judge-eval writes: it lies inside the warehouse and factory wrote it, so it stays replaceable."""
+    from factory.owned import seal
+
+    if folder.is_symlink() or not folder.is_dir() or (folder / REPORT_FOLDER_MARKER).exists():
+        return
+    entries = list(folder.iterdir())
+    if entries and all(p.is_file() and not p.is_symlink() and p.name in LEGACY_REPORT_FILES for p in entries):
+        seal(folder, report_folder_kind(), {"files_written_by": "factory judge-eval (an earlier release)"})
+
+
+def write_files(folder: Path, files: dict[str, str], wh_root: Path) -> list[Path]:
+    """Write the report files (CSV, Markdown) as one folder, built beside `folder` and renamed into place; an
+    existing folder is replaced only when an earlier judge-eval wrote it (docs/RELIABILITY.md)."""
+    from factory.owned import discard, new_folder_beside, replace_folder, seal, sweep_leftovers
+    from factory.warehouse import folder_lock
+
+    kind = report_folder_kind()
+    with folder_lock(folder, kind.what):
+        sweep_leftovers(folder)
+        built = new_folder_beside(folder)
+        try:
+            for name, text in files.items():
+                (built / name).write_text(text, encoding="utf-8")
+            seal(built, kind, {"files_written_by": "factory judge-eval"})
+            replace_folder(built, folder, kind, wh_root)
+        finally:
+            discard(built)
+    return [folder / name for name in files]
 
 
 def _console() -> Any:
@@ -70,20 +111,22 @@ SECOND_ORDER = {"outputs": "swapped", "blocks": "blocks-swapped", "both": "2nd o
 def _print_rows(
     title: str, columns: list[str], rows: list[dict[str, Any]], percent: bool, labels: dict[str, str] | None = None
 ) -> None:
-    """Rows as a rich table; with `percent`, rate columns are shown in percent; `labels` rename headers."""
+    """Rows as a rich table; with `percent`, rate columns are shown in percent; `labels` rename headers. Cells
+    and the title are rich Text: a judge's or data set's name is printed literally, never as markup."""
     from rich.table import Table
 
     from factory.evalstats import shown
+    from factory.terminal import text
 
     names = {**SHORT, **(labels or {})}
-    table = Table(title=title, header_style="bold")
+    table = Table(title=text(title), header_style="bold")
     for c in columns:
         table.add_column(
-            names.get(c, c), justify="left" if c in TEXT_COLUMNS else "right", no_wrap=c not in TEXT_COLUMNS
+            text(names.get(c, c)), justify="left" if c in TEXT_COLUMNS else "right", no_wrap=c not in TEXT_COLUMNS
         )
     for r in rows:
         cells = [shown(c, r.get(c)) if percent else ("" if r.get(c) is None else str(r.get(c))) for c in columns]
-        table.add_row(*cells)
+        table.add_row(*map(text, cells))
     _console().print(table)
 
 
@@ -187,6 +230,14 @@ def _print_rows(
     help="How an unparsed or tied verdict counts in accuracy: a seeded random winner (the literature's rule), "
     "wrong, or ½. The parse-failure rate is always reported.",
 )
+@click.option(
+    "--preset",
+    type=click.Choice(JUDGE_PRESET_NAMES),
+    default=None,
+    help="Judge and count as a named meta-evaluation does. reife: ReIFE's (no prefill, 64 tokens, 1024 for cot, "
+    "top-4, exact markers, --swap blocks, its regex verdict, --unparsed random). It sets --prefill --max-tokens "
+    "--cot-max-tokens --top-logprobs --markers --swap --unparsed, which are refused beside it.",
+)
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True, help="CI resamples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and of --unparsed random.")
 @click.option(
@@ -217,6 +268,7 @@ def judge_eval(
     markers: str,
     swap: str,
     unparsed: str,
+    preset: str | None,
     bootstrap: int,
     seed: int,
     out: Path | None,
@@ -236,23 +288,35 @@ def judge_eval(
         builtin_protocol,
         load_custom_template,
         parse_judges,
+        preset_settings,
         run_judge_eval,
     )
     from factory.progress import RichReporter
     from factory.warehouse import Warehouse
 
-    settings = EvalSettings(
-        max_tokens=max_tokens,
-        cot_max_tokens=cot_max_tokens,
-        top_logprobs=top_logprobs,
-        prefill=prefill,  # type: ignore[arg-type]
-        markers=markers,  # type: ignore[arg-type]
-        swap=swap,  # type: ignore[arg-type]
-        unparsed=unparsed,  # type: ignore[arg-type]
-        limit=limit,
-        bootstrap=bootstrap,
-        seed=seed,
-    )
+    if preset is None:
+        settings = EvalSettings(
+            max_tokens=max_tokens,
+            cot_max_tokens=cot_max_tokens,
+            top_logprobs=top_logprobs,
+            prefill=prefill,  # type: ignore[arg-type]
+            markers=markers,  # type: ignore[arg-type]
+            swap=swap,  # type: ignore[arg-type]
+            unparsed=unparsed,  # type: ignore[arg-type]
+            limit=limit,
+            bootstrap=bootstrap,
+            seed=seed,
+        )
+    else:
+        # Refused rather than overridden: a table that names a preset must have been made with all of it.
+        ctx = click.get_current_context()
+        given = [n for n in PRESET_OPTIONS if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+        if given:
+            shown = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise UserInputError(f"--preset {preset} sets {shown} itself; give the preset or the options, not both")
+        settings = preset_settings(preset, limit=limit, bootstrap=bootstrap, seed=seed)
+        max_tokens, cot_max_tokens, top_logprobs = settings.max_tokens, settings.cot_max_tokens, settings.top_logprobs
+        prefill, markers, swap, unparsed = settings.prefill, settings.markers, settings.swap, settings.unparsed
     if reference_files and len(data) > 1:
         raise UserInputError("--references goes with one --data; for several sets, keep references in a column")
     sets = []
@@ -271,21 +335,25 @@ def judge_eval(
             )
         )
     judge_specs = parse_judges(list(judges), batch_size=batch_size, threads=threads)
-    if out is not None:
-        from factory.warehouse import check_folder
-
-        check_folder(out.resolve())  # a report folder under a file is found now, not after the judging
     names = list(protocols) if (protocols or custom_templates) else list(DEFAULT_PROTOCOLS)
     chosen = [builtin_protocol(n, settings) for n in dict.fromkeys(names)]
     chosen += [load_custom_template(p, settings) for p in custom_templates]
     wh = Warehouse(warehouse)
+    folder = (out or wh.root / "judge-eval").resolve()
+    from factory.owned import check_replaceable
+
+    if out is None:
+        adopt_legacy_report_folder(folder)
+    check_replaceable(folder, report_folder_kind(), wh.root)  # a folder it may not replace is refused before judging
     with RichReporter(quiet=quiet) as reporter:
         run = run_judge_eval(
             sets, judge_specs, chosen, settings, wh, explicit_protocols=bool(protocols), reporter=reporter
         )
-    report = build_report(run.rows, settings.bootstrap, settings.seed, settings.unparsed)
+    report = build_report(run.rows, settings.bootstrap, settings.seed, settings.unparsed, settings.preset)
     rule = report.rule.describe()
     table1_title = f"judge accuracy (%), both orders averaged; {rule}; unparsed: parse-failure rate (%)"
+    if settings.preset:
+        table1_title += f"; preset {settings.preset}"
     _print_rows(table1_title, report.table1_columns, report.table1, percent=False)
     accuracy = ["dataset", "judge", "protocol", "cases", "accuracy", "ci_low", "ci_high", "parse_failure_rate"]
     accuracy += ["acc_forward", "acc_swapped", "acc_soft", "acc_soft_exact"]
@@ -310,15 +378,14 @@ def judge_eval(
     if report.agreement:
         _print_rows("agreement between judges (%)", list(report.agreement[0]), report.agreement, percent=True)
     for note in run.notes:
-        click.echo(f"note: {note}")
-    folder = out or wh.root / "judge-eval"
-    paths = write_files(folder, report.files())
+        click.echo(clean(f"note: {note}"))
+    paths = write_files(folder, report.files(), wh.root)
     tokens_out = sum(s.tokens_out for s in run.stats)
     click.echo(
         f"run {run.run_id}: {run.status}; model calls {run.model_calls}, cached {run.cached_calls}, "
         f"new tokens out {tokens_out}; {len(run.rows)} judgments in table eval_judgments"
     )
-    click.echo(f"report: {', '.join(str(p) for p in paths)}")
+    click.echo(clean(f"report: {', '.join(str(p) for p in paths)}"))
     if run.status != "ok":
         click.echo(
             f"some calls failed (counted by --unparsed {unparsed}); run the same command again to retry them", err=True
@@ -368,6 +435,9 @@ def judge_compare(
     if not wh.root.is_dir():
         raise UserInputError(f"{wh.root}: no warehouse here (run `factory judge-eval` first)")
     rows = wh.current_rows("eval_judgments")
+    warning = wh.skipped_warning()  # a damaged unit is left out: say so rather than compare quietly without it
+    if warning:
+        click.echo(clean(warning), err=True)
     results, notes = compare_stored(rows, protocol_a, protocol_b, judge, list(datasets), bootstrap, seed, unparsed)
     columns = [
         "dataset",
@@ -392,7 +462,7 @@ def judge_compare(
     title = f"{results[0].judge}: {protocol_a} (A) vs {protocol_b} (B); accuracies in %; {rule}"
     _print_rows(title, columns, shown_rows, percent=False)
     for note in notes:
-        click.echo(f"note: {note}")
+        click.echo(clean(f"note: {note}"))
 
 
 COMMANDS = [judge_eval, judge_compare]

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from factory.cli_options import WAREHOUSE_OPTION, friendly
+from factory.terminal import clean
 
 
 @click.command(name="publish")
@@ -67,16 +68,16 @@ def publish(
     staged, row = done.staged, done.row
     total = sum(staged.rows.values())
     if done.folder is not None:
-        click.echo(f"dry run: {len(staged.files)} file(s) for {repo_id} ({revision}) written to {done.folder}")
+        click.echo(clean(f"dry run: {len(staged.files)} file(s) for {repo_id} ({revision}) written to {done.folder}"))
     else:
-        click.echo(f"published {total} rows to {repo_id} ({revision}): commit {row['commit_id']}")
-        click.echo(f"commit: {row['commit_url']}")
+        click.echo(clean(f"published {total} rows to {repo_id} ({revision}): commit {row['commit_id']}"))
+        click.echo(clean(f"commit: {row['commit_url']}"))
     for split, paths in staged.shards.items():
-        click.echo("\n".join(f"  {path}  (split {split})" for path in paths))
+        click.echo(clean("\n".join(f"  {path}  (split {split})" for path in paths)))
     click.echo("  README.md  (dataset card)")
-    click.echo(f"rows: {', '.join(f'{split} {n}' for split, n in staged.rows.items())}, {total} in all")
+    click.echo(clean(f"rows: {', '.join(f'{split} {n}' for split, n in staged.rows.items())}, {total} in all"))
     for split in staged.left_out:
-        click.echo(f"split '{split}' has no rows: left out (the Hub cannot load an empty split)")
+        click.echo(clean(f"split '{split}' has no rows: left out (the Hub cannot load an empty split)"))
     click.echo(f'dataset hash {row["export_hash"]}  (factory sql "SELECT * FROM publications")')
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from factory.cli_options import WAREHOUSE_OPTION, friendly
+from factory.errors import UserInputError
+from factory.terminal import clean
 
 
 @click.command(name="report")
@@ -36,9 +38,9 @@ def report(out: Path, warehouse: Path) -> None:
     written = write_report(wh, out)
     warning = wh.skipped_warning()
     if warning:
-        click.echo(warning, err=True)
+        click.echo(clean(warning), err=True)
     shown = len(written.sections) - len(written.missing)
-    click.echo(f"report: {out} ({written.plots} plots in {shown} of {len(written.sections)} sections)")
+    click.echo(clean(f"report: {out} ({written.plots} plots in {shown} of {len(written.sections)} sections)"))
     if written.missing:
         click.echo("no data for: " + ", ".join(s.title for s in written.missing))
 
@@ -47,21 +49,52 @@ def report(out: Path, warehouse: Path) -> None:
 @click.argument("prompt_id")
 @WAREHOUSE_OPTION
 @click.option("--recipe", default=None, help="Only this recipe's rows (default: every recipe with the prompt).")
+@click.option(
+    "--messages",
+    is_flag=True,
+    help="Also print every judgment's messages as the judge received them (system and user turns, the prefill), "
+    "rebuilt from the stored rows and the recipe's protocol, and checked against the stored prompt hash.",
+)
+@click.option(
+    "--recipe-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --messages: the recipe to read the protocol and template from (default: the file the build recorded).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --messages: a `--set` the build was given (e.g. judgments.template=PATH), applied over that recipe.",
+)
 @friendly
-def show(prompt_id: str, warehouse: Path, recipe: str | None) -> None:
+def show(
+    prompt_id: str,
+    warehouse: Path,
+    recipe: str | None,
+    messages: bool,
+    recipe_file: Path | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Audit one decision: PROMPT_ID's instruction, references, scored samples, every judgment and its pair.
 
     PROMPT_ID may be any unambiguous prefix of the id (`factory sql "SELECT prompt_id, instruction FROM
-    prompts"` lists them).
+    prompts"` lists them). `--messages` adds the exact prompt of every judgment, so a template (yours or the
+    paper authors') can be checked on a small build before a large one.
     """
-    from factory.show import show_prompt
+    from factory.show import MessageOptions, show_prompt
+    from factory.train import parse_overrides
     from factory.warehouse import Warehouse
 
+    if (recipe_file is not None or overrides) and not messages:
+        raise UserInputError("--recipe-file and --set go with --messages")
+    options = MessageOptions(recipe_file, parse_overrides(list(overrides))) if messages else None
     wh = Warehouse(warehouse)
-    show_prompt(wh, prompt_id, recipe)
+    show_prompt(wh, prompt_id, recipe, messages=options)
     warning = wh.skipped_warning()
     if warning:
-        click.echo(warning, err=True)
+        click.echo(clean(warning), err=True)
 
 
 COMMANDS = [report, show]

@@ -12,6 +12,7 @@ import click
 
 from factory.cli_options import WAREHOUSE_OPTION, friendly
 from factory.errors import UserInputError
+from factory.terminal import clean
 
 
 @click.command(name="train")
@@ -23,7 +24,7 @@ from factory.errors import UserInputError
     default=None,
     help="A YAML file of train settings (the fields of a recipe's `train:` section).",
 )
-@click.option("--preset", type=click.Choice(["paper", "cpu"]), default=None, help="Start from a preset.")
+@click.option("--preset", type=click.Choice(["paper", "paper-text", "cpu"]), default=None, help="Start from a preset.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one setting (repeatable).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Model folder.")
 @WAREHOUSE_OPTION
@@ -47,13 +48,13 @@ def train(
     """
     from factory.progress import RichReporter
     from factory.recipe import read_yaml
-    from factory.train import parse_overrides, settings_from
+    from factory.train import held_out_for, parse_overrides, settings_from
     from factory.train import train as run_training
     from factory.warehouse import Warehouse
 
     wh = Warehouse(warehouse)
     layers: list[tuple[str, dict]] = []
-    source, recipe_hash = data, None
+    source, recipe_hash, held_out = data, None, None
     if data.endswith((".yaml", ".yml")):
         from factory.export import export_path
         from factory.recipe import load_recipe
@@ -67,6 +68,7 @@ def train(
         if not Path(source).is_dir():
             raise UserInputError(f"{data}: its export {source} does not exist yet; run `factory build {data}` first")
         recipe_hash = Run.hash_of(r.model_dump(mode="json"))
+        held_out = held_out_for(loaded)  # `select: eval` (a β sweep's default) with the recipe's `eval:` section
         if r.train is not None:
             layers.append((f"{data} (train)", r.train.model_dump(exclude_unset=True)))
     if config_file is not None:
@@ -82,13 +84,34 @@ def train(
     layers.append(("--set", extra))
     settings = settings_from(layers)
     with RichReporter(quiet=quiet) as reporter:
-        row = run_training(source, settings, wh, reporter, recipe_hash)
-    click.echo(
-        f"trained {row['method']} '{row['training_name']}': {row['steps']} steps, final train loss "
-        f"{row['final_train_loss']:.4f}, validation loss "
-        f"{'n/a' if row['val_loss'] is None else format(row['val_loss'], '.4f')}, β {row['beta']}"
-    )
-    click.echo(f'model: {row["output"]}  (factory sql "SELECT * FROM training_metrics")')
+        rows = run_training(source, settings, wh, reporter, recipe_hash, held_out=held_out)
+    for line in summary_lines(rows):
+        click.echo(clean(line))
+
+
+def _number(value: Any, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What `factory train` prints: one line per candidate, the rule that kept the model, where it is."""
+    first = rows[0]
+    rule = first.get("selected_by") or "only"
+    how = "" if rule == "only" else f", selected by {rule}"
+    lines = [f"trained {first['method']} '{first['training_name']}'{how}"]
+    for row in rows:
+        beta = "" if row["beta"] is None else f"β {row['beta']:g}: "
+        figures = [
+            f"{row['steps']} steps, final train loss {_number(row['final_train_loss'])}",
+            f"kept step {row.get('best_step')} (validation loss {_number(row.get('best_val_loss'))}"
+            + (f", accuracy {_number(row['val_accuracy'], '.3f')}" if row.get("val_accuracy") is not None else "")
+            + (f", win rate {_number(row['eval_win_rate'], '.1f')}" if row.get("eval_win_rate") is not None else "")
+            + ")",
+        ]
+        where = f"  → {row['output']}" if row["selected"] else ""
+        lines.append(f"  {beta}" + "; ".join(figures) + where)
+    lines.append('every step and evaluation: factory sql "SELECT * FROM training_metrics"')
+    return lines
 
 
 def _policy_contender(policy: str, like: Any, recipe: Path, models: list[str]) -> Any:
@@ -157,9 +180,9 @@ def eval_(
     with RichReporter(quiet=quiet) as reporter:
         row, results = evaluate(loaded, wh, [contender], reporter, alpaca_eval_out=alpaca_eval_out)
     print_eval(results)
-    click.echo(f"judgments: factory sql \"SELECT * FROM eval WHERE contender = '{contender.label}'\"")
+    click.echo(clean(f"judgments: factory sql \"SELECT * FROM eval WHERE contender = '{contender.label}'\""))
     if alpaca_eval_out is not None:
-        click.echo(f"alpaca_eval outputs: {alpaca_eval_out}")
+        click.echo(clean(f"alpaca_eval outputs: {alpaca_eval_out}"))
     if row["status"] != "ok":
         click.echo(f"error: the evaluation ended {row['status']}; run the same command again to retry", err=True)
         raise SystemExit(1)

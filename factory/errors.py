@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
+RUN_ATTRIBUTE = "factory_run_id"  # set by `mark_recorded` on an exception a runs row records
+
 
 class FactoryError(Exception):
     """An error the user can fix; `exit_code` is what the CLI returns."""
@@ -25,3 +29,16 @@ class MissingExtraError(FactoryError):
             f"{purpose} needs the Python package '{package}', which is not installed; "
             f"install it with: pip install 'factory[{extra}]'"
         )
+
+
+def mark_recorded(exc: BaseException, run_id: str) -> None:
+    """Note on an exception that ended a run that the runs table records it (with status failed or
+    interrupted): the CLI's message says so only then, since most commands (sql, ls, show) record no run."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, RUN_ATTRIBUTE, run_id)
+
+
+def recorded_run(exc: BaseException) -> str | None:
+    """The run that recorded this exception (`mark_recorded`), or None when no run did."""
+    run_id = getattr(exc, RUN_ATTRIBUTE, None)
+    return run_id if isinstance(run_id, str) else None

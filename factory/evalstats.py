@@ -678,18 +678,24 @@ class Report:
     agreement: list[dict[str, Any]]
     bias: list[dict[str, Any]] = field(default_factory=list)
     rule: Unparsed = field(default_factory=Unparsed)
+    preset: str | None = None
+    """The judge-eval preset the judgments were made and read with (None: the options one by one)."""
 
     @property
     def caption(self) -> str:
         """The rules every accuracy in the report was computed with, in one line."""
-        return f"Accuracy (%), both orders averaged; {self.rule.describe()}; `unparsed` is the parse-failure rate (%)."
+        text = f"Accuracy (%), both orders averaged; {self.rule.describe()}; `unparsed` is the parse-failure rate (%)."
+        return text + (f" Preset: {self.preset}." if self.preset else "")
 
     def files(self) -> dict[str, str]:
         """File name → content: Table 1 and the full metrics as CSV and Markdown, judge agreement, and position vs
         letter bias. The Markdown files open with the rules; the CSV files carry them in columns."""
         head = self.caption + "\n\n"
+        # With a preset, table1.csv names it in a last column (the Markdown files in their caption).
+        t1_columns = [*self.table1_columns, "preset"] if self.preset else self.table1_columns
+        t1_rows = [{**r, "preset": self.preset} for r in self.table1] if self.preset else self.table1
         out = {
-            "table1.csv": to_csv(self.table1_columns, self.table1),
+            "table1.csv": to_csv(t1_columns, t1_rows),
             "table1.md": head + to_markdown(self.table1_columns, self.table1),
             "metrics.csv": to_csv(METRIC_COLUMNS, self.metrics),
             "metrics.md": head + to_markdown(METRIC_COLUMNS, self.metrics, percent=True),
@@ -705,15 +711,20 @@ class Report:
 
 
 def build_report(
-    rows: Iterable[dict[str, Any]], resamples: int = 1000, seed: int = 0, unparsed: str = "random"
+    rows: Iterable[dict[str, Any]],
+    resamples: int = 1000,
+    seed: int = 0,
+    unparsed: str = "random",
+    preset: str | None = None,
 ) -> Report:
     """Metrics per judge × protocol variant × data set, Table 1, agreement between judges, and position vs
-    letter bias where both kinds of second order were judged."""
+    letter bias where both kinds of second order were judged. `preset` names the judge-eval preset the rows
+    were made with, for the captions and table1.csv."""
     rule = Unparsed(unparsed, seed)
     vs = variants(rows)
     metric_rows = [metrics(v, resamples, seed, unparsed) for v in vs]
     columns, t1 = table1(metric_rows)
-    return Report(metric_rows, columns, t1, agreement(vs), bias(vs), rule)
+    return Report(metric_rows, columns, t1, agreement(vs), bias(vs), rule, preset)
 
 
 def _pooled(vs: Sequence[Variant]) -> Variant:

@@ -13,6 +13,7 @@ hash) is evaluated anew:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -101,14 +102,19 @@ def evaluate(
     *,
     loop_round: int | None = None,
     alpaca_eval_out: Path | None = None,
+    run: Run | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate each contender in one run; returns the runs row and one `eval_results` row per contender."""
+    """Evaluate each contender in one run; returns the runs row and one `eval_results` row per contender.
+
+    `run`: a run already open (a training choosing among its β runs by win rate) whose stages these become."""
     from factory.build import read_prompts
 
     r = loaded.recipe
     e = r.eval
     assert e is not None
     reporter = reporter or Reporter()
+    if alpaca_eval_out is not None:
+        check_alpaca_eval_out(alpaca_eval_out, wh.root)  # before any model call, not after them
     prompts = read_prompts(loaded, ("eval", "prompts")).rows
     held_out_check(loaded, prompts, reporter)
     references = {p["prompt_id"]: json.loads(p["reference_fields"]) for p in prompts}
@@ -118,9 +124,13 @@ def evaluate(
     specs = {**r.models, **{c.label: c.spec for c in contenders}}
     name = f"{r.name}.eval"
     run_hash = Run.hash_of([e.model_dump(mode="json"), [model_identity(c.spec) for c in contenders]])
-    run = Run(wh, name, run_hash, ModelPool(specs), reporter, str(loaded.path), loop_round)
+    own = run is None
+    if run is None:
+        run = Run(wh, name, run_hash, ModelPool(specs), reporter, str(loaded.path), loop_round)
+    else:
+        run.pool.specs.update(specs)
     results: list[dict[str, Any]] = []
-    with run:
+    with run if own else contextlib.nullcontext():
         if e.baseline_model is not None:
             spec = r.models[e.baseline_model]
             key, compute = _generations(prompts, e.baseline_model, spec, "baseline", loaded, run)
@@ -209,7 +219,7 @@ def evaluate(
 
             results += run.materialize("eval_results", result_key, figures, unit=unit, label=f"eval_results[{c.label}]")
             if alpaca_eval_out is not None:
-                write_alpaca_eval(alpaca_eval_out, prompts, policy, c.label, r.name)
+                write_alpaca_eval(alpaca_eval_out, prompts, policy, c.label, r.name, wh.root)
     return run.row, results
 
 
@@ -228,8 +238,28 @@ def held_out_check(loaded: LoadedRecipe, prompts: list[dict[str, Any]], reporter
         )
 
 
+ALPACA_EVAL_KEYS = frozenset({"instruction", "output", "generator", "dataset"})
+
+
+def is_alpaca_eval_file(path: Path) -> bool:
+    """Whether `path` holds exactly what `write_alpaca_eval` writes: a JSON list of records with its four keys
+    and nothing else (so an earlier --alpaca-eval-out is replaced, and any other file is left alone)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(records, list) and all(isinstance(x, dict) and set(x) == ALPACA_EVAL_KEYS for x in records)
+
+
+def check_alpaca_eval_out(path: Path, wh_root: Path) -> None:
+    """Refuse an --alpaca-eval-out that would replace a file factory did not write, or a warehouse file."""
+    from factory.owned import check_output_file
+
+    check_output_file(path, "--alpaca-eval-out", is_alpaca_eval_file, wh_root)
+
+
 def write_alpaca_eval(
-    path: Path, prompts: list[dict[str, Any]], outputs: dict[str, str], label: str, dataset: str
+    path: Path, prompts: list[dict[str, Any]], outputs: dict[str, str], label: str, dataset: str, wh_root: Path
 ) -> None:
     """The policy's answers in the format `alpaca_eval --model_outputs` reads: a JSON list of
     {instruction, output, generator, dataset}. Prompts without an answer are left out."""
@@ -240,4 +270,5 @@ def write_alpaca_eval(
         for p in prompts
         if p["prompt_id"] in outputs
     ]
+    check_alpaca_eval_out(path, wh_root)  # again, just before writing: the file may have appeared meanwhile
     atomic_write_bytes(path, json.dumps(records, ensure_ascii=False, indent=2).encode())

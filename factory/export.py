@@ -8,16 +8,22 @@ and README.md. The folder is built beside its target and renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.labelers import labeler_of
+from factory.owned import (
+    FolderKind,
+    check_replaceable,
+    discard,
+    new_folder_beside,
+    replace_folder,
+    seal,
+    sweep_leftovers,
+)
 from factory.pipeline import Context
 from factory.warehouse import check_folder, folder_lock
 
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
     from factory.recipe import LoadedRecipe
 
 MARKER = ".factory-export.json"
+EXPORT_FOLDER = FolderKind("export folder", MARKER, "export.path")
 # Chat-template control tokens that must never survive into exported text: a trainer's tokenizer parses them
 # as special tokens, so the template's own BOS/EOS would be doubled and DPO would learn from a broken turn.
 # (`<s>` and `</s>` are left out: they are also ordinary text, HTML strikethrough for one.)
@@ -185,13 +192,6 @@ def _is_current(path: Path, stage_key: str) -> bool:
     return marker is not None and marker.get("stage_key") == stage_key and marker.get("complete", True) is True
 
 
-def _sweep(path: Path) -> None:
-    """Remove what an export killed mid-write left beside its folder (held under the folder's lock)."""
-    for stale in (*path.parent.glob(f".{path.name}-*"), *path.parent.glob(f".{path.name}.old-*")):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
     """Where a recipe's preference dataset goes: `export.path`, else `<warehouse>/exports/<name>` (its SFT
     data goes beside it, with `-sft` appended)."""
@@ -199,16 +199,10 @@ def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
     return loaded.resolve(r.export.path) if r.export.path else wh_root / "exports" / r.name
 
 
-def check_export_target(path: Path) -> None:
+def check_export_target(path: Path, wh_root: Path | None = None) -> None:
     """Refuse to export over anything factory did not write: an export replaces only its own folders."""
     check_folder(path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise UserInputError(f"export path {path} exists and is not a folder; choose another export.path")
-    if path.is_dir() and _marker(path) is None and any(path.iterdir()):
-        raise UserInputError(
-            f"export path {path} is a folder that factory did not write (no {MARKER} in it); "
-            "remove it or choose another export.path"
-        )
+    check_replaceable(path, EXPORT_FOLDER, wh_root)
 
 
 def write_dataset_folder(
@@ -224,8 +218,7 @@ def write_dataset_folder(
     import datasets
 
     check_export_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp = new_folder_beside(path)
     try:
         dd = datasets.DatasetDict(
             {
@@ -241,23 +234,16 @@ def write_dataset_folder(
         for split, ds in dd.items():
             ds.to_parquet(str(tmp / "data" / f"{split}.parquet"))
         (tmp / "README.md").write_text(readme, encoding="utf-8")
-        (tmp / MARKER).write_text(json.dumps({"stage_key": stage_key, "run_id": run_id, "complete": complete}))
-        if path.exists():
-            check_export_target(path)  # again, just before the swap: nothing but our own folder is replaced
-            old = path.with_name(f".{path.name}.old-{run_id}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        seal(tmp, EXPORT_FOLDER, {"stage_key": stage_key, "run_id": run_id, "complete": complete})
+        replace_folder(tmp, path, EXPORT_FOLDER)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
 
 
 def export_dataset(path: Path, ctx: Context, pairs: list[dict[str, Any]], stage_key: str) -> ExportResult:
     """Write the preference dataset folder at `path` (skipped when it already holds this export stage key)."""
     with folder_lock(path, "export"):
-        _sweep(path)
+        sweep_leftovers(path)
         if _is_current(path, stage_key):
             return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
         import datasets  # heavy; only when something is written
@@ -312,7 +298,7 @@ def export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
 
 
 def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
-    _sweep(path)
+    sweep_leftovers(path)
     if _is_current(path, stage_key):
         return ExportResult(0, {"skipped": True, "path": str(path)})
     import datasets

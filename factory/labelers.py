@@ -12,13 +12,14 @@ import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from factory import stages
 from factory.backends import model_identity
 from factory.errors import UserInputError
 from factory.pipeline import Context, PlannedStage, Stage, StageOutput, StageStats
-from factory.protocols import CUSTOM, Protocol, custom_protocol, get_protocol
+from factory.protocols import CUSTOM, Protocol, custom_protocol, get_protocol, with_template
 from factory.requests import Role
 
 if TYPE_CHECKING:
@@ -51,13 +52,13 @@ class Labeler:
 
 
 def judge_protocol(loaded: LoadedRecipe) -> Protocol:
-    """The recipe's judge protocol; a `custom` one is read from its template file (checked up front)."""
+    """The recipe's judge protocol (checked up front): a built-in one, a `custom` one read from its template
+    file, or a built-in one worded by its template file (`factory.protocols.with_template`)."""
     j = loaded.recipe.judgments
     assert j is not None
-    if j.protocol != CUSTOM:
+    if j.template is None:
         protocol = get_protocol(j.protocol)
         return protocol.unprefilled() if j.prefill == "none" else protocol
-    assert j.template is not None
     path = loaded.resolve(j.template)
     from factory.recipe import read_input_text  # late: the recipe module imports this one
 
@@ -66,7 +67,11 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         text = read_input_text(path, "judge template file")
     except UserInputError as exc:
         raise UserInputError(f"{where}: {exc}") from None
-    protocol = custom_protocol(text, prefill="" if j.prefill == "none" else "Output (", where=f"{where} ({path.name})")
+    named = f"{where} ({path.name})"
+    if j.protocol != CUSTOM:
+        protocol = with_template(get_protocol(j.protocol), text, named)
+        return protocol.unprefilled() if j.prefill == "none" else protocol
+    protocol = custom_protocol(text, prefill="" if j.prefill == "none" else "Output (", where=named)
     if protocol.uses_reference != bool(j.reference_names):
         need = "uses {reference}, so set" if protocol.uses_reference else "has no {reference}, so remove"
         raise UserInputError(f"{loaded.where('judgments', 'reference')}: the template {need} 'judgments.reference'")
@@ -139,7 +144,17 @@ def _judge_scores(ctx: Context, st: StageStats) -> StageOutput:
     j = ctx.recipe.judgments
     if j.schedule == "adaptive":
         return stages.adaptive_score_rows(ctx.rows["samples"], ctx.rows["judgments"], j.scoring)
+    if j.pooling == "paper":
+        return stages.paper_score_rows(ctx.rows["samples"], ctx.rows["judgments"], j.scoring)
     return stages.score_rows(ctx.rows["samples"], ctx.rows["judgments"], j.scoring)
+
+
+def _scores_spec(ctx: Context) -> dict[str, str]:
+    j = ctx.recipe.judgments
+    spec = {"scoring": j.scoring, "schedule": j.schedule}
+    if j.pooling != "merged":  # only when set, so the key of a recipe that leaves it unset is unchanged
+        spec["pooling"] = j.pooling
+    return spec
 
 
 def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
@@ -164,6 +179,8 @@ def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
     note = f"{pairs} ordered pairs per prompt, protocol {j.protocol}"
     if j.schedule == "adaptive":
         note = f"at most {pairs} ordered pairs per prompt (adaptive asks fewer), protocol {j.protocol}"
+    if j.template is not None:
+        note += f", worded by {Path(j.template).name}"
     note += "" if chars is not None else "; input tokens exclude the instructions"
     return [PlannedStage("judgments", j.judge, per, None if per is None else per * j.generation_tokens, approx, note)]
 
@@ -176,10 +193,13 @@ def _judge_provenance(r: Recipe) -> dict[str, str | None]:
 def _judge_card_line(r: Recipe) -> str:
     j = r.judgments
     protocol = j.protocol if j.protocol == CUSTOM else f"{j.protocol} ({get_protocol(j.protocol).description})"
+    if j.template is not None:
+        protocol += f", worded by the template file {Path(j.template).name}"
     return (
         f"- Judge: `{j.judge}` ({r.models[j.judge].model}), protocol `{protocol}`, reference "
         f"`{j.reference}`, orders `{j.orders}`, scoring `{j.scoring}`, schedule `{j.schedule}`, prefill "
         f"`{j.prefill}`, markers `{j.markers}`, top-{j.top_logprobs} log-probabilities"
+        + (" (pooling `paper`: scores averaged as the paper's data_processing.py does)" if j.pooling == "paper" else "")
         + (
             " (adaptive scores estimate each sample's all-pairs score from fewer comparisons)"
             if j.schedule == "adaptive"
@@ -263,7 +283,7 @@ LABELERS: dict[str, Labeler] = {
             Stage(
                 "scores",
                 ("samples", "judgments"),
-                lambda ctx: {"scoring": ctx.recipe.judgments.scoring, "schedule": ctx.recipe.judgments.schedule},
+                _scores_spec,
                 _judge_scores,
                 version=2,
             ),

@@ -77,12 +77,69 @@ class EvalSettings(BaseModel):
     """Bootstrap resamples for confidence intervals (0: none)."""
     seed: int = 0
     """Seed of the bootstrap and of the random winner of unparsed verdicts."""
+    verdict_rule: Literal["factory", "reife"] = "factory"
+    """How the verdict is read from an answer: factory's parser (docs/DESIGN.md §4), or ReIFE's (`reife_verdict`)."""
+    preset: Literal["reife"] | None = None
+    """The named preset (`PRESETS`) these settings came from; the report says so."""
 
     @property
     def orders(self) -> tuple[str, ...]:
         """The orders each case is judged in: forward, then the second order(s)."""
         second = {"outputs": ("swapped",), "blocks": (BLOCKS,), "both": ("swapped", BLOCKS)}[self.swap]
         return ("forward", *second)
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings as run records and keys hash them: the verdict rule and the preset only when set, so
+        runs without them keep the keys they had before these settings existed."""
+        data = self.model_dump()
+        for name in ("verdict_rule", "preset"):
+            if data[name] == EvalSettings.model_fields[name].default:
+                del data[name]
+        return data
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ReIFE (yale-nlp/ReIFE), the meta-evaluation the paper's Table 1 follows: configs/default/*.yaml,
+    # ReIFE/methods/base_pairwise.py, ReIFE/evaluator.py, meta_eval.py. docs/JUDGE_EVAL.md lists the sources.
+    "reife": {
+        "prefill": "none",  # the prompt files end with the user turn; the answer is generated whole
+        "max_tokens": 64,  # configs/default/pairwise_base.yaml:3 (and pairwise_reference.yaml:3)
+        "cot_max_tokens": 1024,  # configs/default/pairwise_cot.yaml:3
+        "top_logprobs": 4,  # configs/default/pairwise_base.yaml:2 (logprobs: 4)
+        "markers": "exact",  # its logprob parser looks up the tokens `a` and `b` exactly (base_pairwise.py:215-217)
+        "swap": "blocks",  # pairwise_base_swap.yaml:15 -> prompts/pairwise_vanilla_swap.txt:19-23
+        "unparsed": "random",  # base_pairwise.py:47,53 (random winner), evaluator.py:162 (seeded)
+        "verdict_rule": "reife",  # base_pairwise.py:38-48; pairwise_base.yaml:14, pairwise_cot.yaml:12,14
+    },
+}
+"""judge-eval's `--preset` values: the settings each one fixes (the CLI refuses them given beside it)."""
+
+
+def preset_settings(name: str, **rest: Any) -> EvalSettings:
+    """Settings of a named preset, with `rest` (limit, bootstrap, seed: what a preset leaves open)."""
+    if name not in PRESETS:
+        raise UserInputError(f"unknown judge-eval preset {clip_value(name)}; known: {list(PRESETS)}")
+    clash = sorted(set(rest) & set(PRESETS[name]))
+    if clash:
+        raise UserInputError(f"preset {name} sets {clash} itself")
+    return EvalSettings(**PRESETS[name], **rest, preset=name)
+
+
+REIFE_VERDICT_RE = re.compile(r"Output \((\S+)\)")
+"""ReIFE's verdict pattern (configs/default/pairwise_base.yaml:14)."""
+REIFE_BETTER_RE = re.compile(r"Output \((\S+)\) is better")
+"""ReIFE's pattern for answers that reason first (configs/default/pairwise_cot.yaml:14)."""
+
+
+def reife_verdict(answer: str, reasoning: bool) -> tuple[str | None, str]:
+    """(verdict, parse_status) as ReIFE reads an answer (base_pairwise.py:36-57): the first match of its
+    pattern, anywhere in the answer (a reasoning answer: the first "Output (x) is better", not its closing
+    statement), whose marker must be exactly `a` or `b`; anything else is unparsed."""
+    match = (REIFE_BETTER_RE if reasoning else REIFE_VERDICT_RE).search(answer)
+    if match is None:
+        return None, "no_match"
+    marker = match.group(1)
+    return (marker, "ok") if marker in ("a", "b") else (None, "invalid_marker")
 
 
 class CustomTemplate(BaseModel):
@@ -343,6 +400,9 @@ def unit_rows(
             "latency_s": r.get("latency_s"),
         }
         row.update(verdict_fields(r, protocol, settings.markers))
+        if settings.verdict_rule == "reife" and row["parse_status"] != "error":
+            # Only the verdict is ReIFE's: the soft scores stay factory's reading (ReIFE's configs keep none).
+            row["verdict"], row["parse_status"] = reife_verdict(row["raw_output"], protocol.last_match)
         rows.append(row)
     return rows
 
@@ -364,6 +424,8 @@ def unit_key(unit: Unit, calls: list[Call], settings: EvalSettings) -> str:
             "top_logprobs": settings.top_logprobs,
             "swap": settings.swap,
             "calls": [(c.key, c.meta) for c in calls],
+            # Only when set: the key of a unit read with factory's verdict rule is what it was before the rule.
+            **({"verdict_rule": settings.verdict_rule} if settings.verdict_rule != "factory" else {}),
         }
     )
 
@@ -430,7 +492,7 @@ class JudgeEval:
 
     def execute(self, units: list[Unit]) -> EvalRun:
         """Run every unit; the run is recorded in the runs table and the DuckDB views are refreshed."""
-        recipe_hash = Run.hash_of({"settings": self.settings.model_dump(), "units": [u.folder for u in units]})
+        recipe_hash = Run.hash_of({"settings": self.settings.recorded(), "units": [u.folder for u in units]})
         run = Run(self.wh, RECIPE, recipe_hash, self.pool, self.reporter)
         result = EvalRun(run.run_id, stats=run.stats, notes=self.notes)
         try:

@@ -11,10 +11,12 @@ import dataclasses
 import json
 import math
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from factory.errors import UserInputError
+from factory.terminal import one_line
 
 VERDICT_RE = re.compile(r"Output \((\S+)\)")
 BETTER_RE = re.compile(
@@ -115,16 +117,14 @@ when an output fails what the instruction requires.
 # Which output is more similar to the reference, Output (a) or Output (b)? Answer with exactly \
 "Output (a)" or "Output (b)"."""
 
-_LLMBAR_INTRO = """\
-You evaluate AI outputs for an instruction. Select the output, Output (a) or Output (b), that is better for \
-the instruction. Two different AI chatbots wrote them.
-
+_LLMBAR_RULES = """\
 Rules:
 1. First, prefer the output that honestly, precisely and closely carries out the instruction.
 2. Then weigh helpfulness, accuracy, level of detail and harmlessness.
 3. An output should contain neither more nor less than the instruction asks for.
-4. Be objective: the order of the outputs must not affect your choice.
+4. Be objective: the order of the outputs must not affect your choice."""
 
+_BLOCKS = """\
 # Instruction:
 {instruction}
 
@@ -134,6 +134,19 @@ Rules:
 # Output (b):
 {output_b}
 """
+
+# LLMBar's structure: task, rules, an instruction to answer with the marker alone (no explanation, never "both"
+# or "neither"), then the instruction and the outputs, then the question.
+_LLMBAR_INTRO = f"""\
+You evaluate AI outputs for an instruction. Select the output, Output (a) or Output (b), that is better for \
+the instruction. Two different AI chatbots wrote them.
+
+{_LLMBAR_RULES}
+
+Give no explanation for your choice, and do not say that both or neither output is good. Reply with only \
+"Output (a)" or "Output (b)", and no other words.
+
+{_BLOCKS}"""
 
 LLMBAR_BASE = _LLMBAR_INTRO + f"\n# {_ASK}"
 
@@ -162,24 +175,21 @@ that merely copies it.
 
 # {_ASK}"""
 
+# ReIFE's chain-of-thought structure (the paper's CoT): LLMBar's task and rules, reasoning before the choice,
+# and a fixed closing sentence that the parser reads (`CONCLUSION_RE`).
 COT = f"""\
-You are a careful, impartial judge. Two AI assistants answered the instruction below. Decide which output \
-is better.
+You evaluate AI outputs for an instruction. Explain your evaluation briefly, then select the output, Output (a) \
+or Output (b), that is better for the instruction. Two different AI chatbots wrote them.
 
-Rules:
-{_COMMON_RULES}
+{_LLMBAR_RULES}
 
-# Instruction:
-{{instruction}}
+Reason first: do not open with "Output (a) is better" or "Output (b) is better". Do not say that both or \
+neither output is good. Always end with exactly "Therefore, Output (a) is better." or "Therefore, Output (b) \
+is better.", and write nothing after it.
 
-# Output (a):
-{{output_a}}
-
-# Output (b):
-{{output_b}}
-
-# Explain your reasoning in a few sentences, then end with exactly "Therefore, Output (a) is better." or \
-"Therefore, Output (b) is better.\""""
+{_BLOCKS}
+# Decision (a brief explanation, calling the outputs "Output (a)" and "Output (b)", then exactly \
+"Therefore, Output (a) is better." or "Therefore, Output (b) is better." as the last sentence):"""
 
 
 @dataclass(frozen=True)
@@ -267,7 +277,13 @@ PROTOCOLS: dict[str, Protocol] = {
     for p in (
         Protocol("llmbar-base", LLMBAR_BASE, False, description="LLMBar's vanilla rules, no reference"),
         Protocol("reffree", REFFREE, False, description="reference-free judge (the paper's baseline)"),
-        Protocol("cot", COT, False, **_REASONING, description="reference-free, explains first, then concludes"),
+        Protocol(
+            "cot",
+            COT,
+            False,
+            **_REASONING,
+            description="LLMBar's rules, no reference; explains first, then concludes (ReIFE's chain of thought)",
+        ),
         Protocol(
             "llmbar-ref",
             LLMBAR_REF,
@@ -313,18 +329,11 @@ def custom_protocol(
 ) -> Protocol:
     """A user template with the placeholders {instruction}, {reference}, {output_a}, {output_b}; or a prompt
     file in the format of the paper's code and ReIFE (`chatml_turns`), whose system turn is kept."""
-    system = None
-    if CHATML_START in template:
-        turns = chatml_turns(template, where)
-        system = turns.get("system")
-        template = turns["user"]
-    missing = [p for p in ("{instruction}", "{output_a}", "{output_b}") if p not in template]
-    if missing:
-        raise UserInputError(f"{where}: lacks the placeholder(s) {missing}")
+    system, user = template_turns(template, where)
     return Protocol(
         CUSTOM,
-        template,
-        "{reference}" in template,
+        user,
+        "{reference}" in user,
         prefill=prefill,
         last_match=last_match,
         default_max_tokens=8 if prefill else 1024,
@@ -333,27 +342,126 @@ def custom_protocol(
     )
 
 
+def with_template(protocol: Protocol, text: str, where: str) -> Protocol:
+    """A built-in protocol worded by a template file (`judgments.template` beside a built-in `protocol`): the
+    file's turns replace the wording, system turn included (none when the file has no system turn), while the
+    protocol keeps its facts: prefill, how its answer is read, its token budget and its reference rule. So the
+    authors' `refeval.txt` runs as `refeval` and ReIFE's `pairwise_cot.txt` as `cot`, each read as theirs."""
+    system, user = template_turns(text, where)
+    if ("{reference}" in user) != protocol.uses_reference:
+        need = (
+            "shows a reference, but the template has no"
+            if protocol.uses_reference
+            else "shows no reference, but the template has a"
+        )
+        raise UserInputError(f"{where}: protocol '{protocol.name}' {need} {{reference}} placeholder")
+    return dataclasses.replace(protocol, template=user, system=system)
+
+
+def template_turns(text: str, where: str) -> tuple[str | None, str]:
+    """The system turn (None: none) and the user turn of a template file, in factory's placeholders.
+
+    A file with ChatML markers is the authors' format (`chatml_turns`); any other text is factory's own format,
+    one user turn whose placeholders are replaced literally (braces need no escaping)."""
+    if CHATML_START in text:
+        turns = chatml_turns(text, where)
+        system, user = turns.get("system"), turns["user"]
+    else:
+        system, user = None, text
+    missing = [p for p in ("{instruction}", "{output_a}", "{output_b}") if p not in user]
+    if missing:
+        raise UserInputError(f"{where}: lacks the placeholder(s) {missing}")
+    return system, user
+
+
 CHATML_START = "<|im_start|>"
-_TURN_RE = re.compile(r"<\|im_start\|>([A-Za-z]+)[ \t]*\n?(.*?)<\|im_end\|>", re.DOTALL)
+CHATML_END = "<|im_end|>"
+FIELDS = {
+    **{upper.strip("{}"): lower for upper, lower in AUTHOR_PLACEHOLDERS.items()},
+    **{p.strip("{}"): p for p in PLACEHOLDERS},
+}
+"""The placeholder names a ChatML prompt file may use (the authors' and factory's), and factory's for each."""
 
 
 def chatml_turns(text: str, where: str) -> dict[str, str]:
-    """The turns of a ChatML-style prompt file (`<|im_start|>system … <|im_end|>`, then `user`), with the
-    authors' upper-case placeholders ({INSTRUCTION}, {OUTPUT_1}, {OUTPUT_2}, {REFERENCE}) renamed to the
-    project's. The judge's own chat template renders the turns, so the file's markers never reach it."""
+    """The turns of a ChatML prompt file, read as the authors' code reads it (`prompt_to_chatml` in RLRR's
+    scoring.py and ReIFE's methods/utils.py), and checked where their code would fail or silently drop text.
+
+    The file, stripped, must start with `<|im_start|>` and end with `<|im_end|>`. It is split at each
+    `<|im_start|>`: a turn's first line is its role, its content runs to its `<|im_end|>`, or, when it has none
+    (RLRR's refmatch.txt closes no system turn), to the next `<|im_start|>`; contents are stripped of surrounding
+    whitespace. A system turn is sent as written; the user turn is filled like `str.format_map` (RLRR fills
+    only the last turn), so `{{` and `}}` are literal braces and its placeholders are renamed to factory's. The
+    judge's own chat template renders the turns, so the file's markers never reach it."""
+    body = text.strip()
+    if not body.startswith(CHATML_START):
+        raise UserInputError(
+            f"{where}: text before the first '{CHATML_START}'; a ChatML prompt file starts with a turn"
+        )
+    if not body.endswith(CHATML_END):
+        raise UserInputError(f"{where}: the file does not end with '{CHATML_END}'; its last turn must be closed")
     turns: dict[str, str] = {}
-    for match in _TURN_RE.finditer(text):
-        role, content = match.group(1).lower(), match.group(2).strip("\n")
-        if role not in ("system", "user"):
-            raise UserInputError(f"{where}: a '{role}' turn; a judge prompt file holds a system and a user turn")
+    for part in body.split(CHATML_START)[1:]:
+        header, newline, rest = part.partition("\n")
+        role = header.strip()
+        content, end, after = rest.partition(CHATML_END)
+        if not newline or role not in ("system", "user"):
+            shown = one_line(role, 40)
+            raise UserInputError(
+                f"{where}: a '{shown}' turn; a judge prompt file holds a 'system' turn and a 'user' turn, "
+                "each with its role alone on the '<|im_start|>' line"
+            )
         if role in turns:
             raise UserInputError(f"{where}: two '{role}' turns; expected one of each")
-        for upper, lower in AUTHOR_PLACEHOLDERS.items():
-            content = content.replace(upper, lower)
-        turns[role] = content
+        if end and after.strip():
+            raise UserInputError(
+                f"{where}: text after the {role} turn's '{CHATML_END}' ({one_line(after, 40)!r}); it would be "
+                "dropped, so move it into a turn or remove it"
+            )
+        turns[role] = content.strip()
     if "user" not in turns:
-        raise UserInputError(f"{where}: no complete '<|im_start|>user ... <|im_end|>' turn")
+        raise UserInputError(f"{where}: no 'user' turn; a judge prompt file needs '<|im_start|>user' with the prompt")
+    if list(turns)[-1] != "user":
+        raise UserInputError(f"{where}: the last turn must be the 'user' turn (the one the judge answers)")
+    system = turns.get("system")
+    if system is not None and any(f"{{{name}}}" in system for name in FIELDS):
+        raise UserInputError(
+            f"{where}: a placeholder in the system turn; the paper's code sends the system turn unfilled, ReIFE's "
+            "fills it: put the placeholders in the user turn"
+        )
+    turns["user"] = _format_fields(turns["user"], where)
     return turns
+
+
+def _format_fields(text: str, where: str) -> str:
+    """A user turn in `str.format` syntax rewritten in factory's: `{{`/`}}` become literal braces and each
+    field becomes factory's placeholder. An unknown field, a format spec or a lone brace is refused, as
+    `format_map` would fail on it."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise UserInputError(
+            f"{where}: the user turn is not a valid format string ({exc}); write a literal brace as '{{{{' or '}}}}'"
+        ) from None
+    out: list[str] = []
+    filled = dict.fromkeys(PLACEHOLDERS, 0)
+    for literal, field, spec, conversion in parsed:
+        out.append(literal)
+        if field is None:
+            continue
+        if field not in FIELDS or spec or conversion:
+            shown = one_line(
+                "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}", 40
+            )
+            raise UserInputError(f"{where}: unknown placeholder {shown} in the user turn; known: {sorted(FIELDS)}")
+        out.append(FIELDS[field])
+        filled[FIELDS[field]] += 1
+    user = "".join(out)
+    # Escaped braces unescape to literal text; `{{reference}}` would then read as factory's placeholder.
+    clash = next((p for p in PLACEHOLDERS if user.count(p) != filled[p]), None)
+    if clash is not None:
+        raise UserInputError(f"{where}: the literal text '{clash}' in the user turn would be read as a placeholder")
+    return user
 
 
 @dataclass(frozen=True)

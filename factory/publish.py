@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -40,7 +39,16 @@ from typing import Any
 
 from factory.errors import FactoryError, UserInputError
 from factory.keys import stable_hash
-from factory.warehouse import Warehouse, check_folder
+from factory.owned import (
+    FolderKind,
+    check_replaceable,
+    discard,
+    new_folder_beside,
+    replace_folder,
+    seal,
+    sweep_leftovers,
+)
+from factory.warehouse import Warehouse, check_folder, folder_lock
 
 # datasets' own `push_to_hub` default: shards the Hub's viewer and loaders handle comfortably.
 MAX_SHARD_BYTES = 500 * 2**20
@@ -61,10 +69,11 @@ SIZE_CATEGORIES = (
     "100B<n<1T",
 )
 README = "README.md"
+DRY_RUN_MARKER = ".factory-publish.json"
+DRY_RUN_FOLDER = FolderKind("dry-run folder", DRY_RUN_MARKER, "--dry-run")
 # A repo id part: letters, digits, `-`, `_` and `.`, not starting or ending with `-` or `.` (the Hub's rule).
 _REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 _BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
-_SHARD = re.compile(r"data/[A-Za-z0-9_.]+-\d{5}-of-\d{5}\.parquet")
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as a true environment flag
 REDACTED = "[redacted]"
 
@@ -476,49 +485,16 @@ def record(
 
 
 # ------------------------------------------------------------------------------------------------ dry run
-def dry_run_folder(export: Path, given: str) -> Path:
-    """Where a dry run writes: FOLDER, or `<export>-publish` beside the export."""
+def dry_run_folder(export: Path, given: str, wh_root: Path | None = None) -> Path:
+    """Where a dry run writes: FOLDER, or `<export>-publish` beside the export; refused unless it is new, empty,
+    or an earlier dry run's (its marker is there)."""
     target = Path(given) if given else export.with_name(f"{export.name}-publish")
     check_folder(target)
     inside = export.resolve()
     if target.resolve() == inside or inside in target.resolve().parents:
         raise UserInputError(f"--dry-run {target}: inside the export itself; choose a folder outside it")
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise UserInputError(f"--dry-run {target}: exists and is not a folder")
-    if target.is_dir() and not _holds_only_publication_files(target):
-        raise UserInputError(
-            f"--dry-run {target}: a folder with other files in it; a dry run replaces only a folder an earlier dry "
-            "run wrote (README.md and data/*.parquet); choose another folder"
-        )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserInputError(f"--dry-run {target}: cannot create its parent folder ({exc.strerror})") from None
+    check_replaceable(target, DRY_RUN_FOLDER, wh_root)
     return target
-
-
-def _holds_only_publication_files(folder: Path) -> bool:
-    """Whether `folder` holds nothing but a dry run's files (so replacing it loses nothing else)."""
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_symlink() or (path.is_dir() and rel != "data"):
-            return False
-        if path.is_file() and rel != README and not _SHARD.fullmatch(rel):
-            return False
-    return True
-
-
-def _swap_into_place(built: Path, target: Path) -> None:
-    """Replace `target` by `built` (a sibling), checking once more that only an earlier dry run is replaced."""
-    if not target.exists():
-        built.rename(target)
-        return
-    if not _holds_only_publication_files(target):
-        raise UserInputError(f"--dry-run {target}: other files appeared in it meanwhile; left as it is")
-    old = target.with_name(f".old-{target.name}-{built.name}")
-    target.rename(old)
-    built.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -583,20 +559,23 @@ def _dry_run(
     options: dict[str, Any],
 ) -> Publication:
     """Write the publication's files to a folder and record the dry run; needs no token and sends nothing."""
-    target = dry_run_folder(export, given)
-    # Built beside its target and renamed into place: a reader never sees half a publication.
-    built = Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=target.parent))
-    try:
-        staged = stage(export, marker, base["repo_id"], base["revision"], built, **options)
-        row = {**base, **_row_facts(staged), "endpoint": None, "dry_run": True}
+    target = dry_run_folder(export, given, wh.root)
+    with folder_lock(target, "dry-run folder"):
+        sweep_leftovers(target)
+        # Built beside its target and renamed into place: a reader never sees half a publication.
+        built = new_folder_beside(target)
+        try:
+            staged = stage(export, marker, base["repo_id"], base["revision"], built, **options)
+            seal(built, DRY_RUN_FOLDER, {"repo_id": base["repo_id"], "export": marker["stage_key"]})
+            row = {**base, **_row_facts(staged), "endpoint": None, "dry_run": True}
 
-        def act() -> tuple[str | None, str | None]:
-            _swap_into_place(built, target)
-            return None, None
+            def act() -> tuple[str | None, str | None]:
+                replace_folder(built, target, DRY_RUN_FOLDER, wh.root)
+                return None, None
 
-        row = record(wh, staged, row, act, export, {"folder": str(target.resolve())})
-    finally:
-        shutil.rmtree(built, ignore_errors=True)
+            row = record(wh, staged, row, act, export, {"folder": str(target.resolve())})
+        finally:
+            discard(built)
     staged.folder = target
     return Publication(row, staged, folder=target)
 

@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from factory.backends import BACKENDS, EMBEDDED_MODELS
 from factory.errors import UserInputError
@@ -89,6 +99,10 @@ class ScriptSpec(Strict):
     """Added to the logit of Output (a) winning: a judge that favours the first position."""
 
 
+REMOTE_CODE_BACKENDS = ("transformers", "vllm", "reward-model")
+"""Backends that load a model folder, which may ship Python code (`trust_remote_code`)."""
+
+
 class ModelSpec(Strict):
     """A named model: which backend runs it and how."""
 
@@ -113,6 +127,8 @@ class ModelSpec(Strict):
     engine: dict[str, Any] = {}
     """`vllm`: options passed to `vllm.LLM` (tensor_parallel_size, max_model_len, gpu_memory_utilization,
     enforce_eager, ...). Operational: never in cache keys."""
+    trust_remote_code: bool = False
+    """Let a model that ships Python code (`auto_map`) load: this RUNS that code, so only for code you trust."""
     base_url: str | None = None
     """`openai`: the endpoint, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`."""
     api_key_env: str | None = None
@@ -139,6 +155,13 @@ class ModelSpec(Strict):
             raise FieldError(("model",), f"unknown embedded model '{embedded}'; known: {sorted(EMBEDDED_MODELS)}")
         if self.script is not None and self.backend != "scripted":
             raise FieldError(("script",), "'script' goes with backend 'scripted'")
+        if self.trust_remote_code and self.backend not in REMOTE_CODE_BACKENDS:
+            raise FieldError(
+                ("trust_remote_code",), "'trust_remote_code' goes with backend transformers, vllm or reward-model"
+            )
+        if "trust_remote_code" in self.engine:
+            # One switch for every loader, so the risk is stated and reviewed in one place.
+            raise FieldError(("engine", "trust_remote_code"), "set 'trust_remote_code' on the model entry itself")
         if self.backend == "openai" and not self.base_url:
             raise FieldError(("base_url",), "the openai backend needs 'base_url'")
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
@@ -241,8 +264,11 @@ class JudgmentsSpec(Strict):
     protocol: ProtocolName = "refeval"
     """Judge prompt protocol (docs/DESIGN.md, protocols); `custom` reads `template`."""
     template: str | None = Field(None, min_length=1)
-    """For `custom`: a template file (relative to the recipe) with {instruction}, {output_a}, {output_b} and
-    optionally {reference}; the judge's answer is prefilled with `Output (`."""
+    """A template file (relative to the recipe): factory's format ({instruction}, {output_a}, {output_b},
+    optionally {reference}) or a ChatML prompt file of the paper's code or ReIFE ({INSTRUCTION}, {OUTPUT_1},
+    {OUTPUT_2}, {REFERENCE}), whose system turn is sent as written. Required by `custom` (its answer is
+    prefilled with `Output (`); beside a built-in protocol it replaces that protocol's wording, which must show
+    a reference exactly when the protocol does, and the protocol's prefill, answer reading and budget stay."""
     reference: str | list[str] | None = None
     """The reference name to show the judge (required by refeval, refmatch and llmbar-ref), or a list of
     names: each ordered pair is judged once per reference and the verdicts vote (the paper's
@@ -266,6 +292,17 @@ class JudgmentsSpec(Strict):
     markers: Literal["variants", "exact"] = "variants"
     """Which tokens the soft score counts: `variants` sums `a`, ` a`, `A`, `(a`, ...; `exact` counts only the
     tokens `a` and `b` (the paper's rule). Only the reading changes: stored answers are re-read, not re-asked."""
+    pooling: Literal["merged", "paper"] = "merged"
+    """`merged`: a text's copies are one candidate, unparsed judgments left out; `paper`: data_processing.py's mean."""
+
+    @model_serializer(mode="wrap")
+    def _default_pooling_unwritten(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out of dumps at its default, so recipe hashes and stage keys of recipes that do not set it
+        # stay what they were before the field existed.
+        data = handler(self)
+        if self.pooling == "merged":
+            data.pop("pooling", None)
+        return data
 
     @model_validator(mode="after")
     def _reference_fits_protocol(self) -> JudgmentsSpec:
@@ -278,8 +315,13 @@ class JudgmentsSpec(Strict):
             raise FieldError(("reference",), f"protocol '{self.protocol}' shows no reference; remove 'reference'")
         if self.schedule == "adaptive" and self.orders == "forward":
             raise FieldError(("orders",), "the adaptive schedule asks both orders of every comparison: use 'both'")
-        if (self.protocol == "custom") != (self.template is not None):
-            raise FieldError(("template",), "give 'template' (a file) exactly when protocol is 'custom'")
+        if self.pooling == "paper" and (self.orders, self.schedule) != ("both", "all-pairs"):
+            # data_processing.py averages over every ordered pair of samples (scoring.py judges all of them).
+            raise FieldError(
+                ("pooling",), "'paper' averages every ordered pair: use orders 'both', schedule 'all-pairs'"
+            )
+        if self.protocol == "custom" and self.template is None:
+            raise FieldError(("template",), "protocol 'custom' needs 'template' (a file)")
         return self
 
     @property
@@ -350,14 +392,19 @@ class TrainSettings(Strict):
     """The model to start from: `embedded:smollm2-135m-instruct`, a local folder, or a Hub id."""
     revision: str | None = None
     """Hub revision of `base_model`."""
-    preset: Literal["paper", "cpu"] | None = None
-    """`paper`: the paper's settings; `cpu`: a few real steps of the embedded model on a laptop."""
+    trust_remote_code: bool = False
+    """Let a base model that ships Python code (`auto_map`) load: this RUNS that code, so only for code you trust."""
+    preset: Literal["paper", "paper-text", "cpu"] | None = None
+    """`paper`: the authors' released training code (yale-nlp/RLRR `mle.py`, `dpo.py`, `self_improve.sh`; each
+    value and its source in docs/SELF_IMPROVEMENT.md); `paper-text`: the same, with the SFT settings the paper's
+    text states where they differ from the code; `cpu`: a few real steps of the embedded model on a laptop."""
     learning_rate: float | None = Field(None, gt=0)
     """Peak learning rate."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = None
-    """Learning-rate schedule after warm-up."""
+    """Learning-rate schedule after warm-up (`constant`: flat after warm-up, the same as `constant_with_warmup`)."""
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    """Share of the optimizer steps spent warming up."""
+    """Share of the optimizer steps spent warming up linearly from 0; factory counts the optimizer steps and
+    hands the trainer a whole number of warm-up steps (the share rounded down, as the authors' code does)."""
     epochs: float | None = Field(None, gt=0)
     """Passes over the training split."""
     max_steps: int | None = Field(None, ge=1)
@@ -365,7 +412,11 @@ class TrainSettings(Strict):
     batch_size: int | None = Field(None, ge=1)
     """Examples per device per forward pass."""
     gradient_accumulation: int | None = Field(None, ge=1)
-    """Forward passes per optimizer step; pairs per step = batch_size × gradient_accumulation × devices."""
+    """Forward passes per optimizer step; pairs per step = batch_size × gradient_accumulation × devices.
+    Setting it drops a preset's `examples_per_step`."""
+    examples_per_step: int | None = Field(None, ge=1)
+    """Examples (pairs) per optimizer step over all devices; when set, `gradient_accumulation` is derived from it,
+    `batch_size` and the number of devices (it must divide evenly)."""
     weight_decay: float | None = Field(None, ge=0)
     """AdamW weight decay."""
     max_grad_norm: float | None = Field(None, ge=0)
@@ -373,7 +424,18 @@ class TrainSettings(Strict):
     max_length: int | None = Field(None, ge=8)
     """Tokens of prompt + response; longer examples are cut by TRL (counted and reported first)."""
     beta: float | list[float] | None = None
-    """DPO β, or a list to sweep: one model per value, the one with the lowest validation loss is kept."""
+    """DPO β, or a list to sweep: one run per value, each keeping its own best checkpoint (`eval_steps`);
+    `select` says which run's model is kept (validation losses at different β are never compared)."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Evaluate on the validation split (the export's test split) every this many optimizer steps and at the
+    end, and keep the checkpoint with the lowest validation loss within the run; unset: evaluate once, at the
+    end, and keep the final weights."""
+    select: Literal["val_accuracy", "eval", "all"] | None = None
+    """How a β sweep picks its model: `val_accuracy` (the share of validation pairs whose implicit reward ranks
+    chosen above rejected, at each run's kept checkpoint), `eval` (the recipe's held-out win rate of each run's
+    checkpoint; only when the training comes from a recipe with an `eval:` section), or `all` (keep every β's
+    checkpoint, in `<output>-beta<β>`). Default: `eval` where the recipe has an `eval:` section, else
+    `val_accuracy`."""
     loss_type: str | None = None
     """DPO loss (`sigmoid` is the paper's)."""
     precompute_ref_log_probs: bool | None = None
@@ -470,7 +532,8 @@ class RoundsSpec(Strict):
     """Settings of the SFT step (`factory train` fields; base model, method, name and output are set by the
     rounds)."""
     dpo: TrainSettings = TrainSettings(preset="cpu")
-    """Settings of each round's DPO training."""
+    """Settings of each round's DPO training. A β sweep keeps one checkpoint per round: by the held-out win rate
+    with an `eval` section (`select: eval`), else `val_accuracy`; `select: all` is refused here."""
     evaluate: Literal["each", "last"] = "each"
     """With an `eval` section: evaluate every policy of the chain (the starting policy, the SFT checkpoint and
     each round's), or only the last one."""
@@ -641,6 +704,8 @@ class LoadedRecipe(BaseModel):
     recipe: Recipe
     path: Path
     text: str
+    overrides: dict[str, Any] = {}
+    """`--set KEY=VALUE` values applied over the file (dotted keys), so errors about them name the option."""
 
     @property
     def base_dir(self) -> Path:
@@ -648,7 +713,11 @@ class LoadedRecipe(BaseModel):
         return self.path.parent
 
     def where(self, *loc: str | int) -> str:
-        """`FILE:LINE: field 'a.b'`: how an error about a recipe field names it (line of its nearest parent)."""
+        """`FILE:LINE: field 'a.b'`: how an error about a recipe field names it (line of its nearest parent), or
+        `--set a.b` when the command line set it."""
+        key = override_of(loc, self.overrides)
+        if key is not None:
+            return f"--set {_dotted(tuple(key.split('.')))}"
         line = _yaml_line(yaml.compose(self.text), loc)
         return f"{self.path}:{line or '?'}: field '{'.'.join(str(p) for p in loc)}'"
 
@@ -935,12 +1004,60 @@ def _field_error(path: Path, node: yaml.Node | None, loc: tuple[Any, ...], messa
     return UserInputError(f"{path}:{_yaml_line(node, loc) or '?'}: field '{field}': {message}")
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read and validate a recipe file; any problem raises `UserInputError` naming file, field and line.
+def override_of(loc: tuple[Any, ...], overrides: dict[str, Any]) -> str | None:
+    """The `--set` key that set the field at `loc` or a field inside it, if any."""
+    parts = tuple(str(p) for p in loc)
+    for key in overrides:
+        segments = tuple(key.split("."))
+        n = min(len(segments), len(parts))
+        if n and segments[:n] == parts[:n]:
+            return key
+    return None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's data with each dotted `--set` key set to its value (`judgments.template`, `references.0.name`):
+    missing mappings on the way are created, a list is indexed by number. The file's data is not changed."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        segments = key.split(".")
+        if not all(segments):
+            raise UserInputError(f"--set {_dotted(tuple(segments))}: expected a dotted key such as judgments.template")
+        node: Any = out
+        for i, part in enumerate(segments):
+            last = i == len(segments) - 1
+            where = ".".join(segments[: i + 1])
+            if isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:  # absent or null: a section the override starts
+                        node[part] = {}
+                    node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                kind = "a list (give an index below its length)" if isinstance(node, list) else "not a mapping"
+                parent = ".".join(segments[:i]) or "(top level)"
+                raise UserInputError(
+                    f"--set {_dotted(tuple(segments))}: '{parent}' is {kind}, so '{where}' cannot be set"
+                )
+    return out
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> LoadedRecipe:
+    """Read and validate a recipe file, with `overrides` (dotted `--set` keys) applied over it first; any problem
+    raises `UserInputError` naming file, field and line, or the `--set` key that caused it.
 
     Only reads: nothing is written before the recipe (and, in the build, its prompt data) is known to be good.
     """
     path = Path(path)
+    overrides = dict(overrides or {})
     text = read_input_text(path, "recipe file")
     node, data = _load_yaml(text, path)
     if node is None:
@@ -950,11 +1067,21 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         raise UserInputError(
             f"{path}:{node.start_mark.line + 1}: expected a mapping of recipe fields at the top level, got {kind}"
         )
+    data = apply_overrides(data, overrides)
+
+    def fail(loc: tuple[Any, ...], message: str) -> UserInputError:
+        key = override_of(loc, overrides)
+        if key is None:
+            return _field_error(path, node, loc, message)
+        return UserInputError(
+            f"--set {_dotted(tuple(key.split('.')))}: field '{_dotted(loc) or '(top level)'}': {message}"
+        )
+
     # Non-finite numbers pass most pydantic bounds (and NaN compares false to all), so they are refused here,
     # for every field at once, before validation can report them in its own words.
     bad = _bad_value(data)
     if bad is not None:
-        raise _field_error(path, node, *bad)
+        raise fail(*bad)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -971,12 +1098,12 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             message = f"expected a finite number, got {clip_value(first['input'])}"
         elif first["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in first:
             message += f"; got {clip_value(first['input'])}"
-        raise _field_error(path, node, loc, f"{message}{more}") from None
+        raise fail(loc, f"{message}{more}") from None
     # Strings such as 'inf' or '1e999' become non-finite floats only in validation: check the result too.
     bad = _bad_value(recipe.model_dump())
     if bad is not None:
-        raise _field_error(path, node, *bad)
-    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)
+        raise fail(*bad)
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text, overrides=overrides)
 
 
 def with_eval_overrides(loaded: LoadedRecipe, **overrides: str | None) -> LoadedRecipe:

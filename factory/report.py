@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from factory.errors import UserInputError
 from factory.labelers import position_consistency
+from factory.owned import check_output_file, head
 from factory.warehouse import Warehouse, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ RUNS_PLOTTED = 6  # runs whose stages are drawn
 STAGE_MIN_SECONDS = 0.5  # stages without model calls are drawn only when they took at least this long
 EXAMPLES = 5  # unparsed answers quoted
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
+GENERATOR_META = '<meta name="generator" content="factory report">'
+"""Written in every page's head: how `factory report` recognises a page it may replace."""
 STATUS_COLORS = {"ok": "#55A868", "no_match": "#DD8452", "invalid_marker": "#C44E52", "error": "#8C8C8C"}
 STYLE = {
     "text.parse_math": False,  # data text is never math: `$` is a dollar sign, not a formula delimiter
@@ -904,7 +907,7 @@ class Report:
             '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f'<meta name="factory-plots" content="{self.plots}">\n'
+            f'{GENERATOR_META}\n<meta name="factory-plots" content="{self.plots}">\n'
             f"<title>factory report: {esc(self.root.name)}</title>\n<style>{CSS}</style>\n</head>\n"
             f'<body data-plots="{self.plots}">\n<header>\n<h1>factory report</h1>\n'
             f'<p class="meta">warehouse <code>{esc(_shown(self.root))}</code> · {stamp} · {self.plots} plots</p>\n'
@@ -934,9 +937,18 @@ def build_report(wh: Warehouse) -> Report:
     return Report(wh.root, sections, datetime.now(timezone.utc))
 
 
+def is_report_page(path: Path) -> bool:
+    """Whether `path` is a page `factory report` wrote (its head names factory; earlier releases' named plots)."""
+    start = head(path)
+    return GENERATOR_META.encode() in start or b'<meta name="factory-plots"' in start
+
+
 def write_report(wh: Warehouse, out: Path) -> Report:
-    """Build the report and write it to `out` atomically (a reader never sees half a page)."""
+    """Build the report and write it to `out` atomically (a reader never sees half a page). Only a new file or
+    an earlier report is replaced, and never a file among the warehouse's own."""
+    check_output_file(Path(out), "--out", is_report_page, wh.root)
     report = build_report(wh)
+    check_output_file(Path(out), "--out", is_report_page, wh.root)  # again: it may have appeared meanwhile
     atomic_write_bytes(Path(out), report.html().encode("utf-8"))
     # The temporary file behind the atomic write is private (0600); a report is meant to be shared, so it
     # gets the mode a plain new file would have.

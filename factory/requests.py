@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from factory.chat_tokens import neutralise_messages
 from factory.keys import stable_hash
 
 if TYPE_CHECKING:
@@ -115,6 +116,9 @@ class Call:
     key: str
     request: Any
     meta: dict[str, Any]
+    neutralised: int = 0
+    """Message contents whose chat control tokens were neutralised (`factory.chat_tokens`); a stage's notes
+    count them."""
 
 
 def request_key(kind: str, identity: dict[str, Any], payload: dict[str, Any]) -> str:
@@ -127,8 +131,10 @@ def generation_call(
     identity: dict[str, Any], messages: list[dict[str, str]], params: SamplingParams, seed: int, index: int, **meta: Any
 ) -> Call:
     """The call for sample `index` of one conversation (backends group a prompt's indices into one request)."""
+    messages, neutralised = neutralise_messages(messages)
     payload = {"messages": messages, "params": params.model_dump(), "seed": seed, "sample_index": index}
-    return Call(request_key("generate", identity, payload), GenerationRequest(messages, params, seed, (index,)), meta)
+    request = GenerationRequest(messages, params, seed, (index,))
+    return Call(request_key("generate", identity, payload), request, meta, neutralised)
 
 
 def judge_call(
@@ -139,12 +145,24 @@ def judge_call(
     top_logprobs: int,
     **meta: Any,
 ) -> Call:
-    """The call for one rendered judge prompt; builds and judge-eval key it the same way, so they share a cache."""
+    """The call for one rendered judge prompt; builds and judge-eval key it the same way, so they share a cache.
+
+    Chat control tokens in the rendered contents (an output that writes `<|im_start|>assistant`) are
+    neutralised before keying, so the key and the prompt hash describe what the judge is sent."""
+    messages, neutralised = neutralise_messages(messages)
     payload = {"messages": messages, "prefill": prefill, "max_tokens": max_tokens, "top_logprobs": top_logprobs}
     request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
-    return Call(request_key("judge", identity, payload), request, {**meta, "prompt_hash": stable_hash(messages, 16)})
+    meta = {**meta, "prompt_hash": prompt_hash(messages)}
+    return Call(request_key("judge", identity, payload), request, meta, neutralised)
+
+
+def prompt_hash(sent: list[dict[str, str]]) -> str:
+    """The `prompt_hash` of a judgment row: a short hash of its messages as sent (after `neutralise_messages`),
+    which `factory show --messages` recomputes to check a rebuilt prompt."""
+    return stable_hash(sent, 16)
 
 
 def reward_call(identity: dict[str, Any], messages: list[dict[str, str]], **meta: Any) -> Call:
     """The call that scores one whole conversation with a reward model."""
-    return Call(request_key("reward", identity, {"messages": messages}), RewardRequest(messages), meta)
+    messages, neutralised = neutralise_messages(messages)
+    return Call(request_key("reward", identity, {"messages": messages}), RewardRequest(messages), meta, neutralised)

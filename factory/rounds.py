@@ -31,7 +31,8 @@ def train_base(spec: ModelSpec) -> dict[str, Any]:
     """`factory train`'s base model fields for a policy model."""
     if spec.backend == "embedded":
         return {"base_model": f"embedded:{spec.model}"}
-    return {"base_model": spec.model, "revision": spec.revision}
+    # A base model that needed its own code to run needs it to train too: the entry's opt-in carries over.
+    return {"base_model": spec.model, "revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
 
 
 def checkpoint_spec(policy: ModelSpec, folder: str | Path) -> ModelSpec:
@@ -44,6 +45,7 @@ def checkpoint_spec(policy: ModelSpec, folder: str | Path) -> ModelSpec:
         dtype=policy.dtype,
         device=policy.device,
         engine=policy.engine,
+        trust_remote_code=policy.trust_remote_code,  # a checkpoint keeps its base model's code (save_pretrained)
     )
 
 
@@ -99,6 +101,7 @@ class Loop:
         spec = r.rounds
         assert spec is not None and r.samples is not None
         policy = r.models[r.samples.policy]
+        self._check_selection(spec.dpo, policy)  # before round 0, not after a round's data is built
         self.chain = [Contender(r.samples.policy, policy)]
         replaced: ModelSpec | None = None
         if spec.sft_reference is not None:
@@ -134,18 +137,41 @@ class Loop:
             return None
         return build
 
-    def _train(
-        self, data: Path | None, settings: TrainSettings, method: str, base: ModelSpec, name: str, k: int
-    ) -> dict[str, Any]:
-        from factory.train import settings_from, train
+    @staticmethod
+    def _settings(settings: TrainSettings, method: str, base: ModelSpec, name: str) -> TrainSettings:
+        from factory.train import settings_from
 
-        assert data is not None
         layers = [
             ("rounds (default preset)", {"preset": "cpu"}),
             (f"rounds.{method}", settings.model_dump(exclude_unset=True)),
             ("rounds", {**train_base(base), "method": method, "name": name}),
         ]
-        merged = settings_from(layers)
-        row = train(str(data), merged, self.wh, self.reporter, loop_round=k)
+        return settings_from(layers)
+
+    def _check_selection(self, settings: TrainSettings, policy: ModelSpec) -> None:
+        """A β sweep in the rounds must keep one model: the next round samples with a single checkpoint."""
+        from factory.errors import UserInputError
+        from factory.train import betas, resolved
+
+        values = resolved(self._settings(settings, "dpo", policy, "check"), "dpo")
+        if len(betas(values)) > 1 and values.get("select") == "all":
+            raise UserInputError(
+                "rounds.dpo: select: all keeps every β's model, but each round samples with one checkpoint; "
+                "use select: eval (the held-out win rate) or val_accuracy"
+            )
+
+    def _train(
+        self, data: Path | None, settings: TrainSettings, method: str, base: ModelSpec, name: str, k: int
+    ) -> dict[str, Any]:
+        from factory.train import held_out_for, train
+
+        assert data is not None
+        merged = self._settings(settings, method, base, name)
+        r = self.loaded.recipe
+        # A β sweep picks its checkpoint by the held-out win rate when the recipe has an `eval:` section; each
+        # candidate runs as the policy runs, judged by the eval's judge (never a round's checkpoint).
+        held_out = held_out_for(self.loaded, r.models[r.samples.policy]) if r.samples is not None else None
+        rows = train(str(data), merged, self.wh, self.reporter, loop_round=k, held_out=held_out)
+        row = next(x for x in rows if x["selected"])
         self.steps.append(Step(k, method, row, str(row["output"])))
         return row

@@ -1,11 +1,12 @@
 """One run lifecycle for every command that writes to a warehouse (build, judge-eval, and later train, eval
 and publish).
 
-A `Run` is a context manager. On entry it takes the warehouse lock, sets aside corrupt call parts, and
-writes the run's row to the runs table with status `running`, so even a run killed with SIGKILL leaves a
-trace. Inside, `materialize` reuses or computes one stage version by key and `call` runs model calls through
-the cache. On exit it closes the models, writes the row again with the final status (`ok`, `incomplete`,
-`failed` or `interrupted`), totals and per-stage stats, and refreshes the DuckDB views.
+A `Run` is a context manager. On entry it takes the warehouse lock, sets aside corrupt call parts and
+damaged table files (stage versions, CURRENT.json pointers, runs rows), and writes the run's row to the runs
+table with status `running`, so even a run killed with SIGKILL leaves a trace. Inside, `materialize` reuses
+or computes one stage version by key and `call` runs model calls through the cache. On exit it closes the
+models, writes the row again with the final status (`ok`, `incomplete`, `failed` or `interrupted`), totals and
+per-stage stats, and refreshes the DuckDB views.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import factory
 from factory.backends import package_version
 from factory.calls import CallRunner, ModelPool, Reporter, now
+from factory.errors import mark_recorded
 from factory.keys import stable_hash
 from factory.pipeline import StageOutput, StageStats
 from factory.redact import redact
@@ -95,6 +97,7 @@ class Run:
         self._t0 = 0.0
         self._lock: Any = None
         self.recheck = False
+        self._aside_from = 0
 
     @staticmethod
     def hash_of(obj: Any) -> str:
@@ -106,6 +109,7 @@ class Run:
         self._lock = self.wh.lock()
         self._lock.__enter__()
         try:
+            self._aside_from = len(self.wh.set_aside)  # a warehouse object may serve several runs (rounds)
             self.wh.sweep_temporary()
             moved = self.wh.quarantine_corrupt_parts()
             if moved:
@@ -117,6 +121,7 @@ class Run:
                     f"set aside {len(moved)} corrupt call file(s); their calls are made again: "
                     + ", ".join(str(p) for p in moved[:3])
                 )
+            self._warn_set_aside(self.wh.quarantine_damaged_tables())
             self.row.update(started_at=now(), versions=json.dumps(versions()))
             self._t0 = time.perf_counter()
             self.wh.write_run(self.row)
@@ -139,6 +144,8 @@ class Run:
             self.row.update(run_totals(self.stats))
             self.row["stages"] = [{**asdict(s), "notes": json.dumps(s.notes, default=str)} for s in self.stats]
             self.wh.write_run(self.row)
+            if exc is not None:
+                mark_recorded(exc, self.row["run_id"])  # so the CLI's one line may say the run records it
             self.wh.refresh_database()
         finally:
             self._lock.__exit__(None, None, None)
@@ -172,8 +179,12 @@ class Run:
         st = StageStats(label or table, key)
         t0 = time.perf_counter()
         try:
-            found = reuse and not sink and self.wh.has_version(table, unit, key)
-            rows = self.wh.read_stage(table, unit, key) if found else None
+            before = len(self.wh.set_aside)
+            rows = self.wh.read_version(table, unit, key) if reuse and not sink else None
+            self._warn_set_aside(self.wh.set_aside[before:])  # a version whose pages are damaged: recomputed
+            aside = self.wh.set_aside_in(table, unit, self._aside_from)
+            if aside:
+                st.notes["set_aside"] = [str(p) for p in aside]
             if rows is not None and self.recheck and self.wh.missing_calls(_call_keys(rows)):
                 rows = None  # some of its calls were in a corrupt file: recompute (the rest are cached)
             if rows is not None:
@@ -198,6 +209,14 @@ class Run:
             st.seconds = round(time.perf_counter() - t0, 3)
             self.stats.append(st)
             self.reporter.stage_finished(st)
+
+    def _warn_set_aside(self, paths: Sequence[Path]) -> None:
+        """One warning line naming the damaged table files just moved to corrupt/ (they are kept there)."""
+        if paths:
+            self.reporter.warn(
+                f"set aside {len(paths)} damaged table file(s) into the corrupt/ folder beside each; the stage "
+                "tables among them are recomputed from cached calls: " + ", ".join(str(p) for p in paths)
+            )
 
     def call(self, model: str, stage: str, calls: list[Call], st: StageStats) -> dict[str, dict[str, Any]]:
         """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""

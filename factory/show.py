@@ -5,15 +5,16 @@ of samples, per reference) and the resulting preference pair. Rows come from the
 `Warehouse.query`, like `factory sql`.
 
 Text from the data reaches the terminal as rich `Text` (never as markup, so `[bold]` in a sample is shown,
-not obeyed) with control characters replaced (so an answer cannot move the cursor or recolour the
-terminal). Long texts are printed as indented paragraphs rather than table cells, so they wrap at words
-and stay readable and searchable at any width.
+not obeyed) with control characters replaced (`factory.terminal.clean`: an answer cannot move the cursor or
+recolour the terminal). Long texts are printed as indented paragraphs rather than table cells, so they wrap
+at words and stay readable and searchable at any width.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -21,28 +22,20 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from factory.chat_tokens import neutralise_messages
 from factory.errors import UserInputError
+from factory.protocols import PROTOCOLS, Protocol
+from factory.requests import prompt_hash
+from factory.terminal import clean, one_line, text
 from factory.warehouse import Warehouse
 
 CANDIDATES = 5  # prompts named when a prefix is ambiguous
 ANSWER_CHARS = 80  # characters of a judge's raw answer in the judgments table
-# C0 and C1 control characters except tab and newline: escape sequences from data must not reach a terminal.
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def clean(value: Any) -> str:
-    """Data as printable text: None is empty, control characters become �."""
-    return "" if value is None else CONTROL.sub("\ufffd", str(value))
 
 
 def literal(text: str) -> str:
     """An SQL string literal (quotes doubled): ids come from the command line."""
     return "'" + text.replace("'", "''") + "'"
-
-
-def one_line(text: Any, limit: int) -> str:
-    line = " ".join(clean(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # -------------------------------------------------------------------------------------------------- rows
@@ -104,14 +97,26 @@ def rows_of(wh: Warehouse, prompt_id: str) -> dict[str, dict[str, list[dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ output
-def show_prompt(wh: Warehouse, prefix: str, recipe: str | None = None, console: Console | None = None) -> None:
-    """Print one prompt's instruction, references, samples, judgments and pair, recipe by recipe."""
+def show_prompt(
+    wh: Warehouse,
+    prefix: str,
+    recipe: str | None = None,
+    console: Console | None = None,
+    messages: MessageOptions | None = None,
+) -> None:
+    """Print one prompt's instruction, references, samples, judgments and pair, recipe by recipe; with
+    `messages`, also every judgment's messages as the judge received them (`print_messages`)."""
     wh.require()
     console = console or Console()
     prompts = find_prompt(wh, prefix, recipe)
     tables = rows_of(wh, prompts[0]["prompt_id"])
     for prompt in prompts:
-        print_recipe(console, prompt, tables[prompt["recipe"]])
+        rows = tables[prompt["recipe"]]
+        index = print_recipe(console, prompt, rows)
+        if messages is not None:
+            sources = protocol_sources(wh, rows["judgments"], messages)
+            print_messages(console, prompt, rows, index, sources)
+        console.print()
 
 
 def heading(console: Console, text: str) -> None:
@@ -123,11 +128,12 @@ def paragraph(console: Console, text: Any, style: str = "") -> None:
     console.print(Padding(Text(clean(text), style=style), (0, 0, 0, 4)))
 
 
-def print_recipe(console: Console, prompt: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> None:
+def print_recipe(console: Console, prompt: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """One recipe's part of the prompt's way; returns sample id → `#index`, how the judgments name samples."""
     source = clean(prompt["source"])
     if prompt["source_row"] is not None:
         source += f", row {prompt['source_row']}"
-    console.rule(Text(f"prompt {prompt['prompt_id']} · recipe {clean(prompt['recipe'])}", style="bold"))
+    console.rule(Text(f"prompt {clean(prompt['prompt_id'])} · recipe {clean(prompt['recipe'])}", style="bold"))
     console.print(Text(f"source: {source}", style="dim"))
     heading(console, "instruction")
     paragraph(console, prompt["instruction"])
@@ -135,7 +141,7 @@ def print_recipe(console: Console, prompt: dict[str, Any], rows: dict[str, list[
     index = print_samples(console, rows["samples"], rows["pairs"])
     print_judgments(console, rows["judgments"], index)
     print_pair(console, rows["pairs"], index)
-    console.print()
+    return index
 
 
 def print_references(console: Console, references: list[dict[str, Any]]) -> None:
@@ -187,16 +193,12 @@ def print_judgments(console: Console, judgments: list[dict[str, Any]], index: di
         paragraph(console, "none (this recipe's labeler makes no pairwise judgments)", "dim")
         return
 
-    def order_key(j: dict[str, Any]) -> tuple[Any, ...]:
-        pair = sorted((index.get(j["sample_a"], j["sample_a"]), index.get(j["sample_b"], j["sample_b"])))
-        return (*pair, j["reference_name"] or "", j["order"] != "forward", j["judge"], j["protocol"])
-
     table = Table(header_style="bold", box=None, padding=(0, 1), pad_edge=False)
     for column in ("order", "(a)", "(b)", "ref", "verdict", "winner", "p(a)", "parse"):
         table.add_column(column, no_wrap=True)
     table.add_column("answer", min_width=16, overflow="fold")
     previous = None
-    for j in sorted(judgments, key=order_key):
+    for j in sorted(judgments, key=lambda j: judgment_order(j, index)):
         a, b = index.get(j["sample_a"], "?"), index.get(j["sample_b"], "?")
         pair = (*sorted((a, b)), j["reference_name"])
         if previous is not None and pair != previous:
@@ -238,3 +240,161 @@ def print_pair(console: Console, pairs: list[dict[str, Any]], index: dict[str, s
                 (0, 0, 0, 4),
             )
         )
+
+
+# ---------------------------------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class MessageOptions:
+    """Where `--messages` finds the protocol a judgment was rendered with."""
+
+    recipe_file: Path | None = None
+    """The recipe to read; default: the one each judgment's run recorded (`runs.recipe_path`)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """`--set` values the build was given (`judgments.template=PATH`), applied over that recipe."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A protocol that may have rendered a judgment, and where it came from (said beside the hash check)."""
+
+    label: str
+    protocol: Protocol
+
+
+def protocol_sources(wh: Warehouse, judgments: list[dict[str, Any]], options: MessageOptions) -> list[Source | str]:
+    """The protocols to rebuild judgments with, most specific first: the recipe's (its template included),
+    then the built-in protocol the rows name. A string is a note saying why a source could not be read."""
+    if not judgments:
+        return []
+    out: list[Source | str] = []
+    path = options.recipe_file or recorded_recipe(wh, {j["run_id"] for j in judgments})
+    if path is not None:
+        out.append(recipe_source(path, options.overrides))
+    names = {j["protocol"] for j in judgments}
+    prefills = {j["prefill"] for j in judgments}
+    for name in sorted(names & set(PROTOCOLS)):
+        protocol = PROTOCOLS[name]
+        for prefill in sorted(prefills):
+            variant = protocol.unprefilled() if prefill == "" and protocol.prefill else protocol
+            out.append(
+                Source(f"built-in protocol {name}" + (" (no prefill)" if variant is not protocol else ""), variant)
+            )
+    return out
+
+
+def recorded_recipe(wh: Warehouse, run_ids: set[str]) -> Path | None:
+    """The recipe file the runs that wrote these judgments were built from, if one is recorded."""
+    if not run_ids:
+        return None
+    ids = ", ".join(literal(r) for r in sorted(run_ids))
+    rows = wh.query(f"SELECT recipe_path FROM runs WHERE run_id IN ({ids}) ORDER BY started_at DESC").to_pylist()
+    paths = [r["recipe_path"] for r in rows if r["recipe_path"]]
+    return Path(paths[0]) if paths else None
+
+
+def recipe_source(path: Path, overrides: dict[str, Any]) -> Source | str:
+    """The judge protocol of a recipe file (with `--set` overrides), or a note on why it could not be read."""
+    from factory.labelers import judge_protocol
+    from factory.recipe import load_recipe
+
+    try:
+        loaded = load_recipe(path, overrides)
+        if loaded.recipe.judgments is None:
+            return f"recipe {path} has no judgments section"
+        protocol = judge_protocol(loaded)
+    except UserInputError as exc:
+        return f"recipe {path} not read: {exc}"
+    j = loaded.recipe.judgments
+    label = f"recipe {path}" + (f", template {loaded.resolve(j.template)}" if j.template else "")
+    return Source(label, protocol)
+
+
+def rebuild(
+    judgment: dict[str, Any], prompt: dict[str, Any], texts: dict[str, str], refs: dict[str, str], sources: list[Source]
+) -> tuple[Source, list[dict[str, str]], str, int] | None:
+    """The messages a judgment sent, rebuilt by the first source whose hash matches the stored one (else by
+    the first source that can render it): (source, messages as sent, their hash, how many contents had chat
+    control markers neutralised). None when no source can render it."""
+    first = None
+    for source in sources:
+        reference = refs.get(judgment["reference_name"] or "")
+        if source.protocol.uses_reference and reference is None:
+            continue
+        messages = source.protocol.render(
+            prompt["instruction"], texts[judgment["sample_a"]], texts[judgment["sample_b"]], reference
+        )
+        sent, neutralised = neutralise_messages(messages)
+        digest = prompt_hash(sent)
+        if digest == judgment["prompt_hash"]:
+            return source, sent, digest, neutralised
+        first = first or (source, sent, digest, neutralised)
+    return first
+
+
+def print_messages(
+    console: Console,
+    prompt: dict[str, Any],
+    rows: dict[str, list[dict[str, Any]]],
+    index: dict[str, str],
+    sources: list[Source | str],
+) -> None:
+    """Every judgment's messages exactly as the backend received them (chat control markers in the data
+    already neutralised), each turn under a `### role` line, then the prefill, and whether they hash to the
+    judgment's stored `prompt_hash`."""
+    judgments = rows["judgments"]
+    heading(console, f"judge messages ({len(judgments)})")
+    for note in (s for s in sources if isinstance(s, str)):
+        paragraph(console, f"note: {note}", "dim")
+    usable = [s for s in sources if isinstance(s, Source)]
+    texts = {s["sample_id"]: s["text"] for s in rows["samples"] if s["text"] is not None}
+    refs = {r["reference_name"]: r["text"] for r in rows["references"] if r["status"] == "ok"}
+    for n, j in enumerate(sorted(judgments, key=lambda j: judgment_order(j, index)), 1):
+        a, b = index.get(j["sample_a"], "?"), index.get(j["sample_b"], "?")
+        ref = f" · reference {j['reference_name']}" if j["reference_name"] else ""
+        console.print(text(f"judgment {n} of {len(judgments)}: (a) {a}, (b) {b} · order {j['order']}{ref}", "bold"))
+        built = rebuild(j, prompt, texts, refs, usable) if {j["sample_a"], j["sample_b"]} <= texts.keys() else None
+        if built is None:
+            paragraph(
+                console, "cannot be rebuilt: no recipe or built-in protocol renders it (give --recipe-file)", "red"
+            )
+            continue
+        source, sent, digest, neutralised = built
+        console.print(hash_line(digest, j["prompt_hash"], source), soft_wrap=True)
+        if neutralised:
+            note = f"{neutralised} turn(s) hold chat control markers from the data, sent broken by a zero-width space"
+            console.print(text(note, "dim"))
+        for message in sent:
+            console.print(text(f"### {message['role']}", "cyan"))
+            verbatim(console, message["content"])
+        shown = (
+            "### assistant (prefill: the judge's answer continues it)" if j["prefill"] else "### assistant (no prefill)"
+        )
+        console.print(text(shown, "cyan"))
+        if j["prefill"]:
+            verbatim(console, j["prefill"])
+        console.print()
+
+
+def hash_line(digest: str, stored: str, source: Source) -> Text:
+    """Whether the rebuilt messages hash to the judgment's stored `prompt_hash`, and what rebuilt them."""
+    if digest == stored:
+        return text(f"prompt hash {digest} matches the stored hash (rebuilt from {source.label})", "green")
+    return text(
+        f"prompt hash MISMATCH: stored {stored}, rebuilt {digest} from {source.label}: these are not the messages "
+        "this judgment sent (its template, recipe or factory's wording changed since, or the build had --set "
+        "overrides: give show the same --set)",
+        "bold red",
+    )
+
+
+def verbatim(console: Console, value: str) -> None:
+    """A turn's text written as is, with only control characters made visible (`clean`): no markup, wrapping or
+    tab expansion, so the prompt on screen is the prompt that was sent, character for character."""
+    console.file.write(clean(value) + "\n")
+    console.file.flush()
+
+
+def judgment_order(j: dict[str, Any], index: dict[str, str]) -> tuple[Any, ...]:
+    """The judgments table's order: pair by pair, each pair's two orders together, per reference."""
+    pair = sorted((index.get(j["sample_a"], j["sample_a"]), index.get(j["sample_b"], j["sample_b"])))
+    return (*pair, j["reference_name"] or "", j["order"] != "forward", j["judge"], j["protocol"])

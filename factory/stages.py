@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.pipeline import StageOutput
-from factory.protocols import Protocol
+from factory.protocols import Protocol, soft_score
 from factory.requests import Call, generation_call, judge_call, reward_call
 
 if TYPE_CHECKING:
@@ -249,9 +249,15 @@ def judge_calls(
     return calls, {"prompts_without_reference": no_reference, "merged_samples": merged}
 
 
-def verdict_fields(result: dict[str, Any], protocol: Protocol, markers: str = "variants") -> dict[str, Any]:
+def verdict_fields(
+    result: dict[str, Any], protocol: Protocol, markers: str = "variants", paper: bool = False
+) -> dict[str, Any]:
     """A judge call read into row fields: raw output, verdict, soft score (under the `markers` rule, and under
-    the exact rule), parse status (or the error)."""
+    the exact rule), parse status (or the error).
+
+    `paper` (`pooling: paper`) gives an answer the parser left without a soft score the one the paper's
+    data_processing.py gives it: the reading of its first generated token, ½ when neither marker is there.
+    """
     if result.get("status") != "ok":
         # Every key a parsed row has, so downstream code reads an error row like any other (no verdict).
         return {
@@ -266,7 +272,7 @@ def verdict_fields(result: dict[str, Any], protocol: Protocol, markers: str = "v
         }
     tops = [[(t["token"], t["logprob"]) for t in step] for step in result["top_logprobs"]]
     v = protocol.parse(result["text"], result["tokens"], tops, markers=markers)
-    return {
+    fields = {
         "raw_output": protocol.prefill + result["text"],
         "verdict": v.verdict,
         "p_a": v.p_a,
@@ -274,6 +280,25 @@ def verdict_fields(result: dict[str, Any], protocol: Protocol, markers: str = "v
         "p_source": v.p_source,
         "marker_tokens": v.marker_tokens,
         "parse_status": v.parse_status,
+    }
+    if paper and v.p_a is None:
+        fields.update(paper_first_token(tops, markers))
+    return fields
+
+
+def paper_first_token(tops: list[list[tuple[str, float]]], markers: str) -> dict[str, Any]:
+    """The soft score data_processing.py gives an answer whose verdict token it cannot read: its first
+    token's top log-probabilities (data_processing.py:70-72), ½ for both sides when neither marker is among
+    them (:94-99). No first token at all also counts ½."""
+    if not tops:
+        return {"p_a": 0.5, "p_a_exact": 0.5, "p_source": "none", "marker_tokens": json.dumps({"a": [], "b": []})}
+    p_a, seen = soft_score(tops[0])
+    p_exact, _ = soft_score(tops[0], exact=True)
+    return {
+        "p_a": p_exact if markers == "exact" else p_a,
+        "p_a_exact": p_exact,
+        "p_source": "first_token",
+        "marker_tokens": json.dumps(seen, ensure_ascii=False),
     }
 
 
@@ -296,7 +321,7 @@ def judgment_rows(
             "tokens_out": r.get("tokens_out"),
             "latency_s": r.get("latency_s"),
         }
-        row.update(verdict_fields(r, protocol, spec.markers))
+        row.update(verdict_fields(r, protocol, spec.markers, paper=spec.pooling == "paper"))
         rows.append(row)
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
@@ -364,6 +389,69 @@ def score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], s
             }
         )
     return StageOutput(rows, {"unscored_samples": len(samples) - len(rows)})
+
+
+def paper_score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], scoring: str) -> StageOutput:
+    """Scores as the paper's data_processing.py computes them (`pooling: paper`), from the merged judgments.
+
+    The paper judges every ordered pair of sample indices (scoring.py:141-144) and appends both sides' soft
+    scores to a list per text (data_processing.py:108-119), so a text's score is a mean over its copies'
+    comparisons. The same numbers, without the calls whose answers are known:
+
+    - a copy shows the judge the same messages as the sample that stands for its text, so a judged ordered
+      pair (a, b) counts m(a)·m(b) times, m being the number of samples with that text;
+    - a copy against a copy of its own text puts both of the judgment's scores on that text, and they sum to
+      1 whatever the judge says (data_processing.py:76-99), so the m(m−1) ordered copy pairs add 2·m(m−1)
+      entries that sum to m(m−1): asked of no model;
+    - an unparsed judgment counts (the soft score `verdict_fields` gave it under this pooling; ½ under
+      `scoring: verdict`). Failed calls count nothing: the run is incomplete, and the next one retries them.
+
+    A text with no judged comparison stays unscored. `n_comparisons` is the number of entries averaged;
+    `wins` counts the weighted comparisons whose verdict named the text (copy pairs name none).
+    """
+    representative = text_representatives(samples)
+    copies: dict[str, int] = defaultdict(int)
+    for rep in representative.values():
+        copies[rep] += 1
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for j in judgments:
+        by_pair[(j["sample_a"], j["sample_b"])].append(j)
+    total: dict[str, float] = defaultdict(float)
+    entries: dict[str, int] = defaultdict(int)
+    wins: dict[str, int] = defaultdict(int)
+    for (sample_a, sample_b), votes in by_pair.items():
+        p, winner = pair_probability(votes, scoring)
+        if p is None and any(v["parse_status"] != "error" for v in votes):
+            p = 0.5  # answered, but without a verdict to read: the paper's ½ for both sides
+        if p is None:
+            continue
+        weight = copies[sample_a] * copies[sample_b]
+        total[sample_a] += weight * p
+        total[sample_b] += weight * (1.0 - p)
+        entries[sample_a] += weight
+        entries[sample_b] += weight
+        if winner is not None:
+            wins[sample_a if winner == "a" else sample_b] += weight
+    for rep in list(entries):
+        pairs_of_copies = copies[rep] * (copies[rep] - 1)
+        total[rep] += pairs_of_copies
+        entries[rep] += 2 * pairs_of_copies
+    rows = []
+    for s in samples:
+        rep = representative.get(s["sample_id"])
+        if rep is None or not entries.get(rep):
+            continue
+        rows.append(
+            {
+                "sample_id": s["sample_id"],
+                "prompt_id": s["prompt_id"],
+                "labeler": "judgments",
+                "score": total[rep] / entries[rep],
+                "n_comparisons": entries[rep],
+                "wins": wins[rep],
+            }
+        )
+    return StageOutput(rows, {"unscored_samples": len(samples) - len(rows), "pooling": "paper"})
 
 
 def reward_calls(prompts: list[dict[str, Any]], samples: list[dict[str, Any]], identity: dict[str, Any]) -> list[Call]:

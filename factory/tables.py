@@ -154,16 +154,23 @@ STAGE_TABLES["trainings"] = _schema(
     ("dataset_hash", pa.string()),
     ("settings", pa.string()),  # JSON: every value the trainer was given
     ("beta", pa.float64()),
-    ("selected", pa.bool_()),  # the candidate kept in the output folder (lowest validation loss)
+    ("selected", pa.bool_()),  # the candidate kept in an output folder (chosen by `selected_by`)
     ("steps", pa.int64()),
     ("final_train_loss", pa.float64()),
-    ("val_loss", pa.float64()),
-    ("best_val_loss", pa.float64()),
+    ("val_loss", pa.float64()),  # the final evaluation's validation loss
+    ("best_val_loss", pa.float64()),  # the lowest validation loss within this candidate's run (its kept step)
     ("train_rows", pa.int64()),
     ("examples_cut", pa.int64()),  # examples longer than max_length, cut by the trainer
     ("output", pa.string()),
     ("model_hash", pa.string()),  # hash of the trained weights and config: the model's identity
     ("seconds", pa.float64()),
+    # Added with per-run checkpoint selection (null in rows written before):
+    ("selected_by", pa.string()),  # only (one candidate) | val_accuracy | eval | all: the rule that kept the model
+    ("best_step", pa.int64()),  # the optimizer step of the kept checkpoint within this candidate's run
+    ("val_accuracy", pa.float64()),  # share of validation pairs whose implicit reward ranks chosen first, there
+    ("eval_win_rate", pa.float64()),  # select: eval: the kept checkpoint's held-out win rate (percent)
+    ("warmup_steps", pa.int64()),  # warm-up as whole optimizer steps (share × counted steps, rounded down)
+    ("examples_per_step", pa.int64()),  # batch_size × gradient_accumulation × devices
 )
 STAGE_TABLES["training_metrics"] = _schema(
     *PROVENANCE,
@@ -179,6 +186,11 @@ STAGE_TABLES["training_metrics"] = _schema(
     ("rewards_rejected", pa.float64()),
     ("rewards_accuracies", pa.float64()),
     ("rewards_margins", pa.float64()),
+    # An evaluation on the validation split (every eval_steps and at the end; val_loss set, loss null):
+    ("val_rewards_chosen", pa.float64()),
+    ("val_rewards_rejected", pa.float64()),
+    ("val_rewards_accuracies", pa.float64()),
+    ("val_rewards_margins", pa.float64()),
 )
 
 # `factory eval` (and a recipe's `eval:` section): a policy's answers to held-out prompts, the baseline's

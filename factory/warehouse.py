@@ -6,7 +6,9 @@ Layout under the root (default `warehouse/`):
     calls/<table>/corrupt/part-*.parquet                              unreadable parts, set aside by a build
     tables/<table>/<recipe>/<stage_key>.parquet                     one materialised version of a stage
     tables/<table>/<recipe>/CURRENT.json                             which version the views show
+    tables/<table>/<recipe>/corrupt/                                 unreadable versions and pointers, set aside
     runs/<run_id>.parquet                                            one row per build
+    runs/corrupt/<run_id>.parquet                                    unreadable runs rows, set aside by a build
     factory.duckdb                                                   a view per table, for any DuckDB client
     .lock                                                            held (flock) by the build writing here
 
@@ -16,19 +18,23 @@ views point at the current one, so going back to an earlier recipe is a pointer 
 
 A part that is unreadable anyway (a disk filled up, a copy cut short, a file edited by hand) is skipped by
 every reader and named in `Warehouse.skipped_parts`; a build moves it to `corrupt/` so its calls are made
-again. `factory sql` runs in a DuckDB that can read only the files its views read, and only read-only
-statements reach it.
+again. Stage versions and their CURRENT.json pointers are derived data: a build sets an unreadable one aside
+the same way and recomputes the stage (from the call cache); an unreadable runs row goes to runs/corrupt/.
+`factory sql` runs in a DuckDB that can read only the files its views read, and only read-only statements
+reach it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,6 +72,8 @@ SAFE_PRAGMAS = frozenset(
 # The columns `cached_calls` relies on; a calls part without them cannot be a cache entry.
 CALL_KEY_COLUMNS = ("request_key", "status", "created_at")
 CORRUPT_FOLDER = "corrupt"
+# What a CURRENT.json may name: a version file in its own folder (stage keys are hex hashes).
+_VERSION_NAME = re.compile(r"[A-Za-z0-9_-]+")
 # Errors that come from the query, not from a file: after one of these, only files the message names are read
 # in full to look for damage (reading every file on every typo would make mistakes slow on a big warehouse).
 QUERY_ERRORS = (
@@ -162,40 +170,77 @@ def to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------- locking
+# What a lock file holds while factory owns it: who took it, padded to a fixed size so that it is always
+# written whole, in place, and never truncated.
+_HOLDER_BYTES = 128
+
+
 def _holder(fd: int) -> str:
     """Who holds a lock file, as the holder wrote it; never raises (the file may be empty or garbage)."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        info = json.loads(os.pread(fd, _HOLDER_BYTES, 0).decode("utf-8", "replace"))
         started = datetime.fromtimestamp(float(info["started"]), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         return f"started {started} by pid {int(info['pid'])}"
     except Exception:  # the details are a courtesy; the lock itself is what matters
         return "held by another process"
 
 
+def _open_lock(lock_file: Path) -> int:
+    """Open (or create) a lock file without following a link, and refuse anything but a plain file.
+
+    A link planted at the lock's name would otherwise make factory lock, and write to, whatever it points at."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang
+    try:
+        fd = os.open(lock_file, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserInputError(
+                f"{lock_file}: is a symbolic link; factory never follows a link for its lock file (remove the link)"
+            ) from None
+        raise UserInputError(f"{lock_file}: cannot open this lock file ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserInputError(f"{lock_file}: is not a plain file; factory uses this name for its lock (move it away)")
+    return fd
+
+
+def _is_holder_record(fd: int) -> bool:
+    """Whether the lock file is empty or holds only factory's holder record (so writing the record loses nothing)."""
+    st = os.fstat(fd)
+    if st.st_nlink > 1:  # a hard link to someone's file: lock it, but write nothing into it
+        return False
+    if st.st_size == 0:
+        return True
+    if st.st_size != _HOLDER_BYTES:
+        return False
+    try:
+        info = json.loads(os.pread(fd, _HOLDER_BYTES, 0).decode("utf-8"))
+    except ValueError:
+        return False
+    return isinstance(info, dict) and set(info) == {"pid", "started"}
+
+
 @contextlib.contextmanager
 def _flock(lock_file: Path, busy: Callable[[str], str]) -> Iterator[None]:
     """Hold an exclusive, non-blocking flock on `lock_file`; FactoryError(busy(holder)) if it is taken.
 
-    The file is opened without truncating it, so a process that finds it taken can still read who holds it.
-    The kernel drops the lock when the holder dies, so a crashed build never leaves the folder locked.
+    The file is never truncated: the holder's record is written in place at a fixed size, and only into an
+    empty file or one that already holds such a record. The kernel drops the lock when the holder dies, so a
+    crashed build never leaves the folder locked.
     """
-    try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UserInputError(f"{lock_file}: cannot open this lock file ({exc.strerror})") from None
+    fd = _open_lock(lock_file)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FactoryError(busy(_holder(fd))) from None
-        with contextlib.suppress(OSError):  # who holds it is for messages only
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "started": time.time()}).encode(), 0)
         try:
+            if _is_holder_record(fd):
+                with contextlib.suppress(OSError):  # who holds it is for messages only
+                    record = json.dumps({"pid": os.getpid(), "started": time.time()})
+                    os.pwrite(fd, record.ljust(_HOLDER_BYTES).encode(), 0)
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -271,10 +316,12 @@ class Warehouse:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
         self._seq = 0
-        # Unreadable Parquet files this instance skipped (read-only paths never move files): the CLI names
-        # them in a warning. A build moves calls parts to corrupt/ instead (see quarantine_corrupt_parts).
+        # Unreadable files this instance skipped (read-only paths never move files): the CLI names them in a
+        # warning. A build moves them to corrupt/ instead (see quarantine_corrupt_parts, quarantine_damaged_tables).
         self.skipped_parts: list[Path] = []
         self.skip_reasons: dict[Path, str] = {}
+        # Where each file this instance moved to corrupt/ used to be, in order, so a run can name them.
+        self.set_aside: list[Path] = []
         # Checks already made, keyed by (path, size, mtime_ns): a file that changes is checked again.
         self._checked: dict[tuple[str, int, int], str | None] = {}
         self._holding_lock = False
@@ -310,6 +357,15 @@ class Warehouse:
     def _is_call_part(self, path: Path) -> bool:
         return path.parent.parent == self.root / "calls"
 
+    def _is_stage_file(self, path: Path) -> bool:
+        """A stage version or its CURRENT.json (tables/<table>/<unit>/...)."""
+        return path.parent.parent.parent == self.root / "tables"
+
+    def _may_set_aside(self, path: Path) -> bool:
+        """Whether a build may move this file to corrupt/: what it held is made again (calls, stage versions,
+        pointers) or was only a record (a runs row). Anything else is skipped, never moved."""
+        return self._is_call_part(path) or self._is_stage_file(path) or path.parent == self.root / "runs"
+
     def _problem(self, path: Path) -> str | None:
         """The cached footer check of one file (calls parts need the cache's columns); None if it looks fine."""
         key = self._stat_key(path)
@@ -340,20 +396,25 @@ class Warehouse:
                 continue  # removed since it was listed: nothing to read, skip or move
             if problem is None:
                 good.append(p)
-            elif self._holding_lock and self._is_call_part(path):
+            elif self._holding_lock and self._may_set_aside(path):
                 self._quarantine(path)
             else:
                 self._skip(path, problem)
         return good
 
     def _quarantine(self, part: Path) -> Path:
-        """Move a calls part to calls/<table>/corrupt/, where the part-*.parquet glob never looks."""
+        """Move a damaged file to the corrupt/ folder beside it, where no reader's glob looks (calls parts,
+        stage versions and pointers, runs rows); the file is kept, never deleted."""
         folder = part.parent / CORRUPT_FOLDER
         folder.mkdir(exist_ok=True)
         target, n = folder / part.name, 1
         while target.exists():  # the same name set aside before: keep both
             target, n = folder / f"{part.stem}.{n}{part.suffix}", n + 1
         os.replace(part, target)
+        self.set_aside.append(part)
+        if self._is_stage_file(part) and part.suffix == ".parquet":
+            # The empty marker would claim a complete version that is no longer there.
+            part.with_suffix(".complete").unlink(missing_ok=True)
         if part in self.skip_reasons:
             del self.skip_reasons[part]
             self.skipped_parts.remove(part)
@@ -373,6 +434,19 @@ class Warehouse:
                 if self._problem(part) is not None and os.path.lexists(part):
                     moved.append(self._quarantine(part))
         return moved
+
+    def quarantine_damaged_tables(self) -> list[Path]:
+        """Move every unreadable CURRENT.json, current stage version and runs row to the corrupt/ folder beside
+        it, and return where each was.
+
+        Call it with the warehouse lock held (a build does, at its start). Stage tables are derived data: a
+        stage whose version is gone is recomputed from its inputs and the call cache. The check reads footers
+        only; a stage version whose pages turn out corrupt is set aside by `read_version` when it fails.
+        """
+        self._check_root()
+        start = len(self.set_aside)
+        self._sources()  # under the lock, every file the views would skip is set aside instead
+        return self.set_aside[start:]
 
     def require(self) -> None:
         """For read-only commands: the root must be a warehouse (a folder that a build or judge-eval wrote),
@@ -414,7 +488,11 @@ class Warehouse:
         if not self.skipped_parts:
             return None
         names = ", ".join(str(p) for p in self.skipped_parts)
-        return f"warning: skipped {len(self.skipped_parts)} unreadable Parquet file(s): {names}"
+        # Say what the answer lacks: a skipped stage version or CURRENT.json leaves its table short, not empty.
+        return (
+            f"warning: skipped {len(self.skipped_parts)} unreadable file(s), so their rows are missing here (the "
+            f"next build sets them aside and remakes the stage tables and calls among them): {names}"
+        )
 
     def _set_aside_named(self, message: str, files: Sequence[str], search_all: bool = True) -> bool:
         """After a DuckDB read error: find the bad files among `files`, skip or set them aside; any found?
@@ -492,22 +570,31 @@ class Warehouse:
 
     @staticmethod
     def _read_pointer(path: Path) -> dict[str, Any]:
+        """A CURRENT.json's content; OSError or ValueError when it is unreadable or names no version file."""
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("stage_key"), str):
+            raise ValueError("no stage_key")
+        if not _VERSION_NAME.fullmatch(data["stage_key"]):  # a path would make the views read outside the folder
+            raise ValueError("its stage_key is not a version name")
+        return data
+
+    def _pointer(self, path: Path) -> dict[str, Any] | None:
+        """A CURRENT.json's content, or None when there is none to use. A damaged one is set aside while a
+        build holds the lock (the stage is then reused or recomputed by key), else skipped and named."""
+        if not path.is_file():
+            return None
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or not isinstance(data.get("stage_key"), str):
-                raise ValueError("no stage_key")
-            return data
+            return self._read_pointer(path)
         except (OSError, ValueError) as exc:
-            raise FactoryError(
-                f"{path}: not a readable CURRENT.json ({_first_line(exc)}); delete it to rebuild that stage"
-            ) from None
+            self._mark_bad(path, f"not a readable CURRENT.json ({_first_line(exc)})")
+        self._usable([str(path)])
+        return None
 
     def current(self, table: str, recipe: str) -> Current | None:
         """The version of `table` the views show for `recipe`, if any."""
-        path = self._folder(table, recipe) / "CURRENT.json"
-        if not path.is_file():
+        data = self._pointer(self._folder(table, recipe) / "CURRENT.json")
+        if data is None:
             return None
-        data = self._read_pointer(path)
         return Current(data["stage_key"], bool(data.get("complete")), str(data.get("run_id")))
 
     def has_version(self, table: str, recipe: str, stage_key: str) -> bool:
@@ -539,13 +626,36 @@ class Warehouse:
         """All rows of one stage version."""
         return pq.read_table(self._folder(table, recipe) / f"{stage_key}.parquet").to_pylist()
 
+    def read_version(self, table: str, unit: str, stage_key: str) -> list[dict[str, Any]] | None:
+        """Rows of the complete version `stage_key` of a stage, or None when there is none to reuse.
+
+        A version that cannot be read is derived data, not an error: while a build holds the lock it is moved
+        to corrupt/ beside it (and named in `set_aside`), so the caller recomputes the stage from its inputs and
+        the call cache; otherwise it is skipped and named in `skipped_parts`.
+        """
+        if not self.has_version(table, unit, stage_key):
+            return None
+        path = self._folder(table, unit) / f"{stage_key}.parquet"
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            self._mark_bad(path, _first_line(exc))
+        self._usable([str(path)])
+        return None
+
+    def set_aside_in(self, table: str, unit: str, since: int = 0) -> list[Path]:
+        """The files of one stage's folder that this instance moved to corrupt/ (from `set_aside[since]` on),
+        where each was."""
+        folder = self._folder(table, unit)
+        return [p for p in self.set_aside[since:] if p.parent == folder]
+
     def _current_files(self, table: str) -> list[str]:
         base = self.root / "tables" / table
         files = []
         for pointer in sorted(base.glob("*/CURRENT.json")) if base.is_dir() else []:
-            key = self._read_pointer(pointer)["stage_key"]
-            path = pointer.parent / f"{key}.parquet"
-            if path.is_file():
+            data = self._pointer(pointer)
+            path = pointer.parent / f"{data['stage_key']}.parquet" if data else None
+            if path is not None and path.is_file():
                 files.append(str(path))
         return files
 
@@ -618,12 +728,13 @@ class Warehouse:
                     with contextlib.suppress(OSError):
                         os.unlink(leftover)
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
+    def connect(self, memory_limit: int | None = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB with the views defined afresh, confined to the files those views read.
 
         Once the views exist, DuckDB's own settings forbid any other file access (reads included), extension
         loading and installing, and further setting changes. Writing statements must still be kept away
-        from it (see `query`): DuckDB would let COPY overwrite one of the allowed files.
+        from it (see `query`): DuckDB would let COPY overwrite one of the allowed files. `memory_limit`
+        (bytes) caps what a query may use; nothing spills to disk, so it is a hard cap.
         """
         self._check_root()
         if not self.root.is_dir():
@@ -636,6 +747,7 @@ class Warehouse:
                     "autoload_known_extensions": False,
                     "allow_community_extensions": False,
                     "python_enable_replacements": False,  # no reading the caller's Python variables
+                    "temp_directory": "",  # no spilling: an in-memory DuckDB would write ./.tmp in the working dir
                 }
             )
             try:
@@ -643,6 +755,8 @@ class Warehouse:
                 # allowed_paths must be set before external access is turned off, and locked after.
                 con.execute(f"SET allowed_paths = {_sql_list(files)}")
                 con.execute("SET enable_external_access = false")
+                if memory_limit is not None:  # after the views: the limit is for the query, not for reading footers
+                    con.execute(f"SET memory_limit = '{int(memory_limit)}B'")
                 con.execute("SET lock_configuration = true")
                 return con
             except duckdb.Error as exc:
@@ -653,19 +767,22 @@ class Warehouse:
                 con.close()
                 raise
 
-    def _with_views(self, work: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T:
-        """Run `work` on a fresh confined connection, again without any part that turns out unreadable."""
+    def _with_views(self, work: Callable[[duckdb.DuckDBPyConnection], _T], limits: SqlLimits | None = None) -> _T:
+        """Run `work` on a fresh confined connection, again without any part that turns out unreadable.
+
+        It runs in a worker thread, so that Ctrl-C and the time limit stop it at once (`_interruptible`)."""
         while True:
-            con = self.connect()
+            con = self.connect(limits.memory if limits else None)
             try:
-                return work(con)
+                return _interruptible(con, work, limits)
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.ParserException | duckdb.PermissionException):
                     raise
                 if not self._set_aside_named(str(exc), self._view_files, not isinstance(exc, QUERY_ERRORS)):
                     raise
             finally:
-                con.close()
+                with contextlib.suppress(duckdb.Error):  # a query that did not stop in time still holds it
+                    con.close()
 
     def query(self, sql: str) -> pa.Table:
         """Run one read-only SQL query over the warehouse's views.
@@ -681,14 +798,22 @@ class Warehouse:
 
         try:
             return self._with_views(run)
-        except duckdb.PermissionException as exc:
-            short = re.sub(r"^Permission Error:\s*", "", _first_line(exc))
-            raise UserInputError(f"factory sql reads only the warehouse's tables: {short}") from None
         except duckdb.Error as exc:
-            hint = ""
-            if isinstance(exc, duckdb.ParserException) and re.search(r'(?<!")\breferences\b(?!")', sql, re.I):
-                hint = ' (REFERENCES is an SQL keyword: quote the table name, FROM "references")'
-            raise UserInputError(f"SQL error: {_first_line(exc)}{hint}") from None
+            raise _sql_error(exc, sql, None) from None
+
+    def run_sql(self, sql: str, limits: SqlLimits, keep: int | None = None) -> SqlResult:
+        """`factory sql`: one read-only query, as `query`, under `limits`, with every column in a type that
+        each output format shows (`_printable`), keeping only the first `keep` rows (all are counted)."""
+
+        def run(con: duckdb.DuckDBPyConnection) -> SqlResult:
+            _check_read_only(con, sql)
+            relation = con.sql(sql)
+            return SqlResult(pa.table({}), 0) if relation is None else _collect(_printable(relation), keep, limits)
+
+        try:
+            return self._with_views(run, limits)
+        except duckdb.Error as exc:
+            raise _sql_error(exc, sql, limits) from None
 
     def row_counts(self) -> dict[str, int]:
         """Rows per table in the current views."""
@@ -706,10 +831,16 @@ class Warehouse:
         """Every row of the current versions of a stage table (all recipes or units), as dicts."""
         if table not in STAGE_TABLES:
             raise ValueError(f"not a stage table: {table}")
-        files = self._current_files(table)
-        if not files:
+        tables = []
+        for f in self._usable(self._current_files(table)):
+            try:
+                tables.append(pq.read_table(f))
+            except (OSError, ValueError, pa.ArrowException) as exc:  # skipped and named, like the views do
+                self._mark_bad(Path(f), _first_line(exc))
+                self._usable([f])
+        if not tables:
             return []
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pylist()
+        return pa.concat_tables(tables, promote_options="default").to_pylist()
 
 
 # ------------------------------------------------------------------------------------- read-only statements
@@ -772,3 +903,145 @@ def _check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise _refuse("CALL")
     # The statement's own first word reads better than DuckDB's type name (INSTALL is of type LOAD).
     raise _refuse(text.split()[0].upper() if text else kind.name)
+
+
+# ------------------------------------------------------------------------- factory sql: limits and results
+_BATCH_ROWS = 10_000
+_STOP_PATIENCE_S = 10.0  # how long an interrupted query may take to return before it is left to the process's exit
+
+
+@dataclass(frozen=True)
+class SqlLimits:
+    """What one `factory sql` query may use (None: no limit): wall-clock seconds, and memory in bytes, which caps
+    DuckDB's working memory and, separately, the rows kept for printing. `memory_text` is the size as given."""
+
+    seconds: float | None = None
+    memory: int | None = None
+    memory_text: str = ""
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    """A query's rows as printable Arrow columns (all of them, or the first ones kept) and how many it returned."""
+
+    table: pa.Table
+    rows: int
+
+
+def _interruptible(
+    con: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], _T], limits: SqlLimits | None
+) -> _T:
+    """`work(con)` in a worker thread while this thread waits, so that Ctrl-C (KeyboardInterrupt here) and the
+    time limit stop the query at once through `con.interrupt()`: a query running in the main thread notices a
+    signal only when DuckDB happens to check for one, which can be never."""
+    outcome: list[tuple[bool, Any]] = []
+    # An Event, not Thread.join: before Python 3.13 a join that Ctrl-C interrupts marks the thread as stopped
+    # while it still runs, and the connection would be closed under it.
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome.append((True, work(con)))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    seconds = limits.seconds if limits is not None else None
+    deadline = None if seconds is None else time.monotonic() + seconds
+    worker = threading.Thread(target=target, name="factory-query", daemon=True)
+    try:
+        worker.start()
+        while not done.wait(0.1):
+            if deadline is not None and time.monotonic() >= deadline:
+                _stop(con, done)
+                raise UserInputError(
+                    f"the query was stopped after {seconds:g} s (the --timeout limit); raise it with --timeout "
+                    "SECONDS (0: no limit)"
+                )
+    except KeyboardInterrupt:
+        if worker.ident is not None:  # it started: wait for its query to stop
+            _stop(con, done)
+        raise KeyboardInterrupt("the query was stopped") from None
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+    """Interrupt the worker's query until it returns: an interrupt sent before the query has started is lost."""
+    give_up = time.monotonic() + _STOP_PATIENCE_S
+    while not done.is_set() and time.monotonic() < give_up:
+        con.interrupt()
+        done.wait(0.05)
+
+
+def _sql_error(exc: duckdb.Error, sql: str, limits: SqlLimits | None) -> UserInputError:
+    """A query's DuckDB error as one line that says what happened and what to change."""
+    if isinstance(exc, duckdb.PermissionException):
+        short = re.sub(r"^Permission Error:\s*", "", _first_line(exc))
+        return UserInputError(f"factory sql reads only the warehouse's tables: {short}")
+    if isinstance(exc, duckdb.OutOfMemoryException) and limits is not None and limits.memory is not None:
+        return UserInputError(
+            f"out of memory under the --memory-limit {limits.memory_text} ({_first_line(exc)}); raise it with "
+            "--memory-limit, e.g. --memory-limit 8GB"
+        )
+    hint = ""
+    if isinstance(exc, duckdb.ParserException) and re.search(r'(?<!")\breferences\b(?!")', sql, re.I):
+        hint = ' (REFERENCES is an SQL keyword: quote the table name, FROM "references")'
+    return UserInputError(f"SQL error: {_first_line(exc)}{hint}")
+
+
+# DuckDB types whose Arrow form the table, CSV and JSON outputs all show as the value itself. Any other column
+# (INTERVAL, BLOB, BIT, UUID, ENUM, UNION, MAP, TIME WITH TIME ZONE, BIGNUM, a type added later, or a list or
+# struct holding one) is cast to DuckDB's own text for it before anything runs: the CSV writer cannot write an
+# interval, a union or binary data, and Python's renderings of them (MonthDayNano, b'...') are not DuckDB's.
+_SHOWN_AS_IS = frozenset(
+    {
+        *("boolean", "tinyint", "smallint", "integer", "bigint", "hugeint", "float", "double", "decimal"),
+        *("utinyint", "usmallint", "uinteger", "ubigint", "uhugeint", "varchar", "null"),
+        *("date", "time", "timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns", "timestamp with time zone"),
+    }
+)
+_NESTED = frozenset({"list", "array", "struct"})  # written as JSON (csv) or JSON values (json), when their parts are
+
+
+def _shown_as_is(kind: Any) -> bool:
+    if kind.id in _NESTED:
+        return all(_shown_as_is(child) for _, child in kind.children if hasattr(child, "id"))
+    return kind.id in _SHOWN_AS_IS
+
+
+def _printable(relation: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """The relation with each column that `_shown_as_is` refuses cast to VARCHAR (by position: two columns may
+    share a name)."""
+    if all(_shown_as_is(kind) for kind in relation.types):
+        return relation
+    columns = []
+    for i, (name, kind) in enumerate(zip(relation.columns, relation.types, strict=True), start=1):
+        quoted = '"' + name.replace('"', '""') + '"'
+        columns.append(f"#{i} AS {quoted}" if _shown_as_is(kind) else f"CAST(#{i} AS VARCHAR) AS {quoted}")
+    return relation.project(", ".join(columns))
+
+
+def _collect(relation: duckdb.DuckDBPyRelation, keep: int | None, limits: SqlLimits) -> SqlResult:
+    """The result batch by batch: the first `keep` rows (all when None) are kept and every row is counted; the
+    kept rows may not outgrow the memory limit (DuckDB's own limit does not cover them)."""
+    # DuckDB 2 names it to_arrow_reader; 1.x fetch_arrow_reader.
+    stream = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
+    reader = stream(_BATCH_ROWS)
+    kept: list[pa.RecordBatch] = []
+    rows = size = 0
+    for batch in reader:
+        if keep is None or rows < keep:
+            part = batch if keep is None else batch.slice(0, keep - rows)
+            kept.append(part)
+            size += part.nbytes
+            if limits.memory is not None and size > limits.memory:
+                raise UserInputError(
+                    f"the query returns more than the --memory-limit {limits.memory_text} of rows; narrow it "
+                    "(LIMIT, fewer columns) or raise --memory-limit"
+                )
+        rows += batch.num_rows
+    return SqlResult(pa.Table.from_batches(kept, schema=reader.schema), rows)

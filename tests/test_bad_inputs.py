@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -157,15 +158,19 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> _ModelGuard:
     # Second line of defence, for when torch is already imported (an earlier test loaded a model) and a backend
     # lives in a module not listed above: the model pool and the loaders refuse too. Where the code has moved
     # on and these names are gone, the import guard above still stands.
+    # Every module is imported before any is patched: one imported later would bind the patched loader as its
+    # own name (`from factory.backends import load_backend`), and undoing the patch would leave it there.
+    loaded: list[tuple[Any, str | None, str]] = []
     for module, owner, attr in (
         ("factory.calls", "ModelPool", "get"),
         ("factory.backends", None, "load_backend"),
         ("factory.metaeval", None, "load_backend"),
     ):
         try:
-            target = importlib.import_module(module)
+            loaded.append((importlib.import_module(module), owner, attr))
         except Exception:  # a broken or heavy module fails the cases themselves, not this fixture
             continue
+    for target, owner, attr in loaded:
         if owner is not None:
             target = getattr(target, owner, None)
         if target is not None and callable(getattr(target, attr, None)):
@@ -367,6 +372,8 @@ def test_bad_input_is_refused(
     assert "Traceback" not in output, summary
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), f"expected one 'error:' line, got {lines!r}"
+    # A value the line quotes is shown, not obeyed: no escape sequence or other control character gets out.
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", lines[0]), f"a control character in {lines[0]!r}"
     line = neutral(lines[0], prepared, tmp_path)
     for name in case.names:
         assert name in line, f"the error line does not name {name!r}: {line!r}"

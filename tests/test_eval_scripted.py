@@ -264,3 +264,12 @@ def test_an_unknown_protocol_override_is_refused(tmp_path: Path) -> None:
     line = one_error_line(cli("eval", path, "-w", wh, "-q", "--protocol", "nope"))
     assert "--protocol 'nope'" in line
     assert not wh.exists()
+
+
+def test_an_lc_win_rate_on_few_prompts_is_flagged_unstable(tmp_path: Path) -> None:
+    from factory.winrate import LC_MIN_PROMPTS
+
+    assert N < LC_MIN_PROMPTS
+    output = " ".join(factory_eval(recipe(tmp_path), tmp_path / "wh").output.split())
+    assert "unstable*" in output
+    assert f"* LC win rate on fewer than {LC_MIN_PROMPTS} scored prompts" in output

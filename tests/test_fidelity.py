@@ -53,7 +53,7 @@ def test_an_authors_format_prompt_file_renders_as_system_and_user_turns() -> Non
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("<|im_start|>system\nonly a system turn<|im_end|>", "no complete"),
+        ("<|im_start|>system\nonly a system turn<|im_end|>", "no 'user' turn"),
         ("<|im_start|>assistant\nOutput (<|im_end|>\n<|im_start|>user\n{INSTRUCTION}<|im_end|>", "'assistant' turn"),
         ("<|im_start|>user\n{INSTRUCTION} {OUTPUT_1}<|im_end|>", "placeholder"),
     ],

@@ -665,6 +665,25 @@ def test_judge_compare_cli(tmp_path: Path, data_file: Path, monkeypatch: Any) ->
     assert bad.exit_code == 2 and bad.output.startswith("error:") and "cot" in bad.output
 
 
+def test_judge_names_are_printed_literally(tmp_path: Path, data_file: Path) -> None:
+    """A judge named with rich markup and escape sequences (a spec file's key) is shown as text in every table
+    judge-eval and judge-compare print: the markup is not obeyed, the escapes are made visible."""
+    from factory.cli import main
+
+    name = "[bold red]j[/] \x1b]52;c;aGk=\x07 \x1b[2J"
+    spec = tmp_path / "judges.json"
+    spec.write_text(json.dumps({name: {"backend": "scripted", "script": {"seed": 2}}}), encoding="utf-8")
+    wh = str(tmp_path / "wh")
+    args = ["judge-eval", "--data", str(data_file), "--judge", str(spec), "-q", "--bootstrap", "50", "-w", wh]
+    judged = CliRunner().invoke(main, [*args, "--protocol", "refeval", "--protocol", "reffree"])
+    compare = ["judge-compare", "--protocol-a", "refeval", "--protocol-b", "reffree", "-w", wh]
+    compared = CliRunner().invoke(main, compare)
+    for result in (judged, compared):
+        assert result.exit_code == 0, result.output
+        assert "[bold red]j[/] \ufffd]52;c;aGk=\ufffd \ufffd[2J" in result.output
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", result.output), result.output
+
+
 # --------------------------------------------------------------------------------------------- input
 
 

@@ -31,6 +31,12 @@ def call_rows(warehouse: Path, table: str) -> list[dict[str, Any]]:
     return [row for p in parts for row in pq.read_table(p).to_pylist()]
 
 
+def default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default. A CI job started in the background runs pytest
+    with SIGINT ignored, and an ignored signal stays ignored across exec: the build would never see Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_stop(factory_exe: str, recipe: Path, warehouse: Path, sig: signal.Signals) -> int:
     """Start a build, send `sig` once its first sample batch is written, return its exit code."""
     folder = warehouse / "calls" / "generation_calls"
@@ -39,6 +45,7 @@ def start_and_stop(factory_exe: str, recipe: Path, warehouse: Path, sig: signal.
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         deadline = time.monotonic() + STARTUP_LIMIT_S

@@ -1,9 +1,11 @@
 """`factory show PROMPT_ID`: one prompt's instruction, references, scored samples, every judgment in both
-orders and its pair, on a warehouse built with the `scripted` backend (milliseconds, no torch)."""
+orders and its pair, and with `--messages` every judgment's prompt as sent, on a warehouse built with the
+`scripted` backend (milliseconds, no torch)."""
 
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from factory.build import Build
 from factory.cli import main
+from factory.protocols import SYSTEM
 from factory.recipe import load_recipe
 from factory.warehouse import Warehouse
 
@@ -128,3 +131,80 @@ def test_unknown_ambiguous_and_bad_arguments_are_one_error_line(wh: Path, tmp_pa
 
     nowhere = show(ids[0], "-w", tmp_path / "nothing")
     assert nowhere.exit_code == 2 and "no warehouse here" in nowhere.output
+
+
+# ---------------------------------------------------------------------------------------------- --messages
+
+
+def message_blocks(output: str) -> list[str]:
+    """Each judgment's part of the `--messages` section, header line first."""
+    section = output[output.index("judge messages (") :]
+    return ["judgment " + b for b in section.split("\njudgment ")[1:]]
+
+
+def test_messages_show_each_judgments_prompt_as_sent_and_check_its_hash(wh: Path) -> None:
+    (pair,) = rows(wh, "SELECT * FROM pairs ORDER BY prompt_id LIMIT 1")
+    pid = pair["prompt_id"]
+    result = show(pid, "-w", wh, "--messages")
+    assert result.exit_code == 0, result.output
+    (prompt,) = rows(wh, f"SELECT instruction FROM prompts WHERE prompt_id = '{pid}'")
+    (ref,) = rows(wh, f"""SELECT text FROM "references" WHERE prompt_id = '{pid}'""")
+    samples = {s["sample_id"]: s for s in rows(wh, f"SELECT * FROM samples WHERE prompt_id = '{pid}'")}
+    judged = rows(wh, f"SELECT * FROM judgments WHERE prompt_id = '{pid}'")
+    blocks = message_blocks(result.output)
+    assert len(blocks) == len(judged) == 6
+    hashes = {j["prompt_hash"] for j in judged}
+    for block in blocks:
+        header = block.splitlines()[1]
+        digest = header.split()[2]
+        assert header.startswith("prompt hash ") and "matches the stored hash" in header and digest in hashes
+        named = re.match(r"judgment \d+ of \d+: \(a\) (#\d+), \(b\) (#\d+)", block)
+        assert named is not None, block.splitlines()[0]
+        a, b = named.groups()
+        text_of = {f"#{s['sample_index']}": s["text"] for s in samples.values()}
+        system = block.index("### system\n" + SYSTEM + "\n### user\n")
+        order = [block.index(x) for x in (prompt["instruction"], ref["text"], text_of[a], text_of[b])]
+        assert system < order[0] and order == sorted(order), "instruction, reference, (a), (b) in this order"
+        assert block.rstrip().endswith("### assistant (prefill: the judge's answer continues it)\nOutput (")
+
+
+def test_messages_print_data_literally(wh: Path) -> None:
+    (prompt,) = rows(wh, "SELECT prompt_id FROM prompts WHERE instruction LIKE 'Say %'")
+    result = show(prompt["prompt_id"], "-w", wh, "--messages")
+    assert result.exit_code == 0, result.output
+    assert "# Instruction:\nSay [bold]hi[/bold] \ufffd[31mred\n" in result.output and "\x1b" not in result.output
+
+
+def test_messages_of_a_custom_template_and_a_template_changed_since(tmp_path: Path) -> None:
+    template = tmp_path / "mine.txt"
+    template.write_text(
+        "<|im_start|>system\nBe fair.\n<|im_end|>\n<|im_start|>user\n"
+        "Q: {INSTRUCTION}\nA: {OUTPUT_1}\nB: {OUTPUT_2}\nAnswer Output (a) or Output (b).\n<|im_end|>",
+        encoding="utf-8",
+    )
+    recipe = {**RECIPE, "prompts": {"inline": PROMPTS[1:3]}, "references": []}
+    recipe["judgments"] = {"judge": "judge", "protocol": "custom", "template": "mine.txt"}
+    path = tmp_path / "custom.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    assert Build(load_recipe(path), Warehouse(tmp_path / "wh")).run()["status"] == "ok"
+    pid = rows(tmp_path / "wh", "SELECT prompt_id FROM judgments LIMIT 1")[0]["prompt_id"]
+
+    ok = show(pid, "-w", tmp_path / "wh", "--messages")
+    assert ok.exit_code == 0 and ok.output.count("matches the stored hash") == 6, ok.output
+    assert "### system\nBe fair.\n### user\nQ: Name thing number" in ok.output
+    assert f"template {template}" in " ".join(ok.output.split())
+
+    template.write_text(template.read_text(encoding="utf-8").replace("Be fair.", "Be kind."), encoding="utf-8")
+    changed = show(pid, "-w", tmp_path / "wh", "--messages")
+    assert changed.exit_code == 0 and changed.output.count("prompt hash MISMATCH") == 6
+    assert "### system\nBe kind.\n" in changed.output  # what the file says now, flagged as not what was sent
+
+    path.unlink()  # without its recipe a custom protocol cannot be rebuilt; the user is told why and how
+    gone = show(pid, "-w", tmp_path / "wh", "--messages")
+    assert gone.exit_code == 0 and "not read" in gone.output and "give --recipe-file" in gone.output
+
+
+def test_recipe_file_and_set_go_with_messages(wh: Path) -> None:
+    pid = rows(wh, "SELECT prompt_id FROM prompts LIMIT 1")[0]["prompt_id"]
+    result = show(pid, "-w", wh, "--set", "judgments.template=x.txt")
+    assert result.exit_code == 2 and "go with --messages" in result.output

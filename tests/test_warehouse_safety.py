@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import pty
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -331,15 +338,36 @@ def leftovers(wh: Warehouse) -> list[str]:
     return [p.name for p in wh.root.iterdir() if p.name.startswith(".factory-")]
 
 
-def test_a_failing_view_leaves_no_temporary_database(tmp_path: Path) -> None:
+def test_a_failing_view_leaves_no_temporary_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wh, _ = three_parts(tmp_path)
+    wh.write_stage("prompts", "r", "k1", "run1", [prompt_row(0)], complete=True)
+    define = Warehouse._define_views
+
+    # DuckDB defers reading files until a query, and a damaged file or CURRENT.json is skipped, so no file
+    # on disk makes defining the views fail: the failure is injected after the views exist in the new file.
+    def failing(self: Warehouse, con: duckdb.DuckDBPyConnection) -> list[str]:
+        define(self, con)
+        raise duckdb.IOException("simulated failure while writing the views")
+
+    monkeypatch.setattr(Warehouse, "_define_views", failing)
+    with pytest.raises(FactoryError, match=r"cannot write the views: .*simulated failure") as err:
+        wh.refresh_database()
+    assert "\n" not in str(err.value)
+    assert leftovers(wh) == [] and not (wh.root / DB_FILE).exists()
+
+
+def test_a_damaged_current_json_is_skipped_by_the_views(tmp_path: Path) -> None:
     wh, _ = three_parts(tmp_path)
     wh.write_stage("prompts", "r", "k1", "run1", [prompt_row(0)], complete=True)
     pointer = wh.root / "tables" / "prompts" / "r" / "CURRENT.json"
-    pointer.write_text("{not json")  # the prompts view cannot be defined
-    with pytest.raises(FactoryError, match=r"CURRENT\.json") as err:
-        wh.refresh_database()
-    assert str(pointer) in str(err.value) and "\n" not in str(err.value)
-    assert leftovers(wh) == [] and not (wh.root / DB_FILE).exists()
+    pointer.write_text("{not json")
+    before = snapshot(tmp_path)
+    assert wh.row_counts()["prompts"] == 0
+    assert wh.skipped_parts == [pointer]
+    assert wh.current("prompts", "r") is None
+    assert snapshot(tmp_path) == before  # read-only: skipped and named, never moved
+    wh.refresh_database()  # without the lock too: the pointer stays where it is
+    assert pointer.read_text() == "{not json" and not (pointer.parent / "corrupt").exists()
 
 
 def test_a_failing_rename_leaves_no_temporary_database(tmp_path: Path) -> None:
@@ -456,7 +484,10 @@ def test_an_unreadable_holder_note_still_gives_the_clear_error(tmp_path: Path, h
     with pytest.raises(FactoryError, match="another build is using this warehouse"), wh.lock():
         pass
     release(proc)
-    with wh.lock():
+    with wh.lock():  # locked all the same; bytes factory did not write are never overwritten or truncated
+        assert (wh.root / ".lock").read_bytes() == b"\xff\x00 garbage"
+    (wh.root / ".lock").write_bytes(b"")
+    with wh.lock():  # an empty lock file gets the holder's note, written in place
         note = json.loads((wh.root / ".lock").read_text())
         assert set(note) == {"pid", "started"}
 
@@ -481,3 +512,323 @@ def test_folder_lock_under_a_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserInputError, match="is not a folder"), folder_lock(tmp_path / "file" / "exports", "x"):
         pass
+
+
+# ------------------------------------------------------------------ printing data: literally, never obeyed
+
+# Markup rich would obey, escape sequences a terminal would obey (window title OSC 0, clear screen CSI 2J,
+# clipboard write OSC 52, a one-character C1 CSI), DEL, and an :emoji: code rich would replace.
+HOSTILE = (
+    "[bold red]x[/] [link=file:///etc/passwd]click[/link] \x1b]0;pwned\x07 \x1b[2J \x1b]52;c;aGk=\x07 "
+    "\x9b31m \x7f :thumbs_up:"
+)
+LITERAL = ("[bold red]x[/]", "[link=file:///etc/passwd]click[/link]", ":thumbs_up:")
+# The data's sequences as they would reach a terminal, and a rich hyperlink (OSC 8) made from its markup.
+DATA_ESCAPES = ("\x1b]0;", "\x1b[2J", "\x1b]52;", "\x1b]8;", "\x9b", "\x07", "\x7f")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Terminal settings that change how rich styles its own output; none may change how data is shown.
+TERMINALS = {"plain": {"NO_COLOR": "1", "TERM": "dumb"}, "colour": {"TERM": "xterm-256color"}}
+RICH_ENV = ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "CLICOLOR_FORCE", "COLUMNS", "TERM")
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Path:
+    """A warehouse whose first prompt's text and whose run's recipe name are HOSTILE."""
+    wh = Warehouse(tmp_path / "wh")
+    rows = [prompt_row(i) for i in range(2)]
+    rows[0]["instruction"] = HOSTILE
+    wh.write_stage("prompts", "r", "k1", "run1", rows, complete=True)
+    wh.write_run({"run_id": "run1", "recipe": HOSTILE, "status": "ok"})
+    return wh.root
+
+
+def cli_env(terminal: str = "plain") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in RICH_ENV}
+    return {**env, **TERMINALS[terminal], "COLUMNS": "400"}
+
+
+def factory_cli(*args: str, terminal: str = "plain", tty: bool = False) -> subprocess.CompletedProcess[str]:
+    """`python -m factory.cli ARGS` in its own process: stdout a pipe, or with `tty` a pseudo-terminal."""
+    cmd = [sys.executable, "-m", "factory.cli", *args]
+    if not tty:
+        return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(terminal), timeout=120)
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=child_fd, stderr=subprocess.PIPE, env=cli_env(terminal))
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: the process has closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main_fd)
+    _, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(
+        cmd, proc.returncode, b"".join(chunks).decode("utf-8", "replace"), stderr.decode()
+    )
+
+
+def assert_literal(output: str) -> None:
+    for piece in LITERAL:
+        assert piece in output, f"{piece!r} is not printed as itself: {output[:600]!r}"
+    found = CONTROL.search(output)
+    assert found is None, f"control character {found.group()!r} printed: {output[:600]!r}"
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "Traceback" not in output and len(lines) == 1 and lines[0].startswith("error:"), output[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("terminal", sorted(TERMINALS))
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_sql_prints_values_and_names_literally(hostile: Path, fmt: str, terminal: str) -> None:
+    """Markup in a value or a column name is shown, and escapes are made visible, whatever NO_COLOR and TERM."""
+    query = f'SELECT instruction, 1 AS "{HOSTILE}" FROM prompts ORDER BY prompt_id'
+    result = factory_cli("sql", query, "-w", str(hostile), "--format", fmt, terminal=terminal)
+    assert result.returncode == 0, result.stderr
+    assert_literal(result.stdout + result.stderr)
+    if fmt == "json":  # escaped as JSON, so the value itself is intact
+        assert json.loads(result.stdout.splitlines()[0]) == {"instruction": HOSTILE, HOSTILE: 1}
+    else:
+        assert result.stdout.count("[bold red]x[/] [link=file:///etc/passwd]click[/link] \ufffd]0;pwned\ufffd") == 2
+
+
+def test_sql_csv_keeps_values_exact_for_files_and_pipes(hostile: Path) -> None:
+    result = factory_cli(
+        "sql", "SELECT instruction FROM prompts ORDER BY prompt_id", "-w", str(hostile), "--format", "csv"
+    )
+    assert result.returncode == 0, result.stderr
+    assert list(csv.reader(io.StringIO(result.stdout)))[:2] == [["instruction"], [HOSTILE]]
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_sql_on_a_terminal_lets_no_escape_from_the_data_through(hostile: Path, fmt: str) -> None:
+    """On a real (pseudo-)terminal rich styles its own output, but nothing of the data's sequences gets out."""
+    query = f'SELECT instruction AS "{HOSTILE}" FROM prompts ORDER BY prompt_id'
+    result = factory_cli("sql", query, "-w", str(hostile), "--format", fmt, terminal="colour", tty=True)
+    assert result.returncode == 0, result.stderr
+    for piece in LITERAL:
+        assert piece in result.stdout
+    for sequence in DATA_ESCAPES:
+        assert sequence not in result.stdout, f"{sequence!r} reached the terminal: {result.stdout[:600]!r}"
+    if fmt == "csv":  # not styled: on a terminal its controls are made visible, in values and names
+        assert "\x1b" not in result.stdout and "\ufffd]52;c;aGk=\ufffd" in result.stdout
+
+
+@pytest.mark.parametrize("terminal", sorted(TERMINALS))
+def test_ls_prints_a_recipe_name_literally(hostile: Path, terminal: str) -> None:
+    result = factory_cli("ls", "-w", str(hostile), terminal=terminal)
+    assert result.returncode == 0, result.stderr
+    assert_literal(result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize("case", ["sql error", "unknown command", "bad option value", "warehouse path"])
+def test_error_lines_quote_data_literally(hostile: Path, tmp_path: Path, case: str) -> None:
+    args = {
+        "sql error": ["sql", f"SELECT CAST('{HOSTILE}' AS INTEGER)", "-w", str(hostile)],
+        "unknown command": [HOSTILE],
+        "bad option value": ["sql", "SELECT 1", "-w", str(hostile), "--format", HOSTILE],
+        "warehouse path": ["ls", "-w", str(tmp_path / HOSTILE)],
+    }[case]
+    result = factory_cli(*args, terminal="colour")
+    line = one_error_line(result)
+    assert result.returncode == 2, line
+    assert "[bold red]x[/]" in line and not CONTROL.search(line), repr(line)
+
+
+def test_only_a_recorded_run_is_said_to_be_recorded(capsys: pytest.CaptureFixture[str]) -> None:
+    """`factory sql` records no run: its failures and Ctrl-C must not claim one (only a Run marks one)."""
+    from factory.cli_options import friendly
+    from factory.errors import mark_recorded
+
+    def fail(exc: BaseException, recorded: bool) -> None:
+        if recorded:
+            mark_recorded(exc, "run-7")
+        raise exc
+
+    for recorded in (False, True):
+        with pytest.raises(SystemExit) as failed:
+            friendly(fail)(RuntimeError("boom"), recorded)
+        err = capsys.readouterr().err
+        assert failed.value.code == 1 and "internal or backend failure" in err
+        assert ("recorded as failed" in err) is recorded and ("run run-7 is recorded as failed" in err) is recorded
+        with pytest.raises(SystemExit) as stopped:
+            friendly(fail)(KeyboardInterrupt("the query was stopped"), recorded)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 130
+        assert err == (
+            "interrupted: finished calls are saved; run the same command again to resume\n"
+            if recorded
+            else "interrupted: the query was stopped\n"
+        )
+
+
+# ------------------------------------------------------------------------------ factory sql: limits
+RUNAWAY = "SELECT count(*) FROM range(1000000) a, range(1000000) b"  # 10^12 rows: hours
+
+
+def test_a_runaway_query_stops_at_the_timeout(site: Warehouse) -> None:
+    result = factory_cli("sql", RUNAWAY, "-w", str(site.root), "--timeout", "1")
+    line = one_error_line(result)
+    assert result.returncode == 2
+    assert line.startswith("error: the query was stopped after 1 s (the --timeout limit)") and "--timeout" in line
+
+
+def test_a_memory_hungry_query_is_refused_under_the_memory_limit(site: Warehouse, tmp_path: Path) -> None:
+    work = tmp_path / "cwd"
+    work.mkdir()
+    query = "SELECT count(*) FROM (SELECT DISTINCT range FROM range(50000000))"  # a hash table of ~1 GB
+    result = subprocess.run(
+        [sys.executable, "-m", "factory.cli", "sql", query, "-w", str(site.root), "--memory-limit", "30MB"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=work,
+        timeout=120,
+    )
+    line = one_error_line(result)
+    assert result.returncode == 2 and line.startswith("error: out of memory under the --memory-limit 30MB"), line
+    assert list(work.iterdir()) == []  # nothing spilled to ./.tmp: the limit is a hard cap, and no file is written
+
+
+def test_rows_beyond_the_memory_limit_are_refused_but_a_table_keeps_only_the_rows_shown(site: Warehouse) -> None:
+    query = "SELECT range, repeat('x', 100) AS pad FROM range(2000000)"  # ~200 MB of rows
+    refused = factory_cli("sql", query, "-w", str(site.root), "--format", "csv", "--memory-limit", "20MB")
+    line = one_error_line(refused)
+    assert refused.returncode == 2 and "more than the --memory-limit 20MB" in line
+    assert refused.stdout == ""  # refused before a header was printed
+    shown = factory_cli("sql", query, "-w", str(site.root), "--memory-limit", "20MB", "--limit", "3")
+    assert shown.returncode == 0, shown.stderr
+    assert "(1999997 more rows; use --limit or --format csv)" in shown.stdout
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see that the query runs")
+def test_ctrl_c_stops_a_query_every_time(site: Warehouse) -> None:
+    """Ctrl-C once failed to stop a runaway query in 1 of 4 tries: each try must exit 130 with one line."""
+    cmd = [sys.executable, "-m", "factory.cli", "sql", RUNAWAY, "-w", str(site.root), "--timeout", "0"]
+    for attempt in range(3):
+        # SIGINT restored to its default: pytest run as a background job ignores it, and a child inherits that.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            # Start-up and a small query take well under 3 s of CPU: past that, the query is running.
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and cpu_seconds(proc.pid) < 3.0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 130, (attempt, err)
+        assert (out, err) == ("", "interrupted: the query was stopped\n"), attempt
+
+
+# --------------------------------------------------------------------------- factory sql: every type
+EVERY_TYPE = {
+    "interval": "INTERVAL 1 DAY",
+    "decimal": "3.14::DECIMAL(10, 2)",
+    "blob": "'\\xAA\\x00ab'::BLOB",
+    "uuid": "'00000000-0000-0000-0000-000000000001'::UUID",
+    "time": "TIME '12:34:56'",
+    "timestamptz": "TIMESTAMPTZ '2024-01-01 00:00:00+00'",
+    "timestamp_ns": "TIMESTAMP_NS '2024-01-01 00:00:00.000000001'",
+    "hugeint": "170141183460469231731687303715884105727::HUGEINT",
+    "union": "union_value(num := 2)::UNION(num INTEGER, str VARCHAR)",
+    "map": "MAP {'a': 1}",
+    "struct": "{'x': 1, 'y': 'z'}",
+    "list": "[1, 2]",
+    "list_of_intervals": "[INTERVAL 1 HOUR]",
+    "array": "[1, 2]::INTEGER[2]",
+    "enum": "'b'::ENUM('a', 'b')",
+    "bit": "'0101'::BIT",
+    "date": "DATE '2024-02-29'",
+    "timetz": "TIMETZ '12:00:00+02'",
+    "nan": "'nan'::DOUBLE",
+}
+EVERY_TYPE_QUERY = "SELECT " + ", ".join(f"{sql} AS {name}" for name, sql in EVERY_TYPE.items())
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_every_duckdb_type_prints_in_every_format(site: Warehouse, fmt: str) -> None:
+    result = factory_cli("sql", EVERY_TYPE_QUERY, "-w", str(site.root), "--format", fmt)
+    assert result.returncode == 0, result.stderr
+    if fmt == "table":
+        header = next(line for line in result.stdout.splitlines() if "interval" in line)
+        assert all(name in header for name in EVERY_TYPE), header
+        return
+    if fmt == "csv":
+        head, row = csv.reader(io.StringIO(result.stdout))
+        values = dict(zip(head, row, strict=True))
+    else:
+        values = json.loads(result.stdout)
+    assert list(values) == list(EVERY_TYPE)
+    # DuckDB's own text for types Arrow, CSV or JSON cannot carry as they are.
+    expected = {"interval": "1 day", "blob": "\\xAA\\x00ab", "bit": "0101", "map": "{a=1}", "union": "2"}
+    expected |= {"enum": "b", "timetz": "12:00:00+02"}
+    assert {k: values[k] for k in expected} == expected
+    assert "01:00:00" in values["list_of_intervals"]  # a list holding an interval: DuckDB's text of the list
+    if fmt == "json":
+        assert values["hugeint"] == 170141183460469231731687303715884105727 and values["decimal"] == "3.14"
+        assert values["list"] == [1, 2] and values["struct"] == {"x": 1, "y": "z"} and values["nan"] == "NaN"
+
+
+BUILD_OUTPUT = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from factory.pipeline import PlannedStage, StageStats
+from factory.progress import RichReporter, print_eval, print_loop, print_plan, print_summary
+from factory.warehouse import Warehouse
+
+hostile, root = sys.argv[1], Path(sys.argv[2])
+wh = Warehouse(root / hostile)
+RichReporter().warn(f"set aside {hostile}")
+print_plan(hostile, 2, [PlannedStage("samples", hostile, 2, 10, 20, note=hostile)])
+run = {"run_id": hostile, "status": "ok", "model_calls": 1, "cached_calls": 0, "failed_calls": 0, "tokens_in": 1,
+       "tokens_out": 1, "seconds": 1.0}
+print_summary(run, [StageStats(hostile, notes={"n": 1})], root / hostile, wh)
+rates = {k: 0.5 for k in ("win_rate", "win_rate_low", "win_rate_high", "lc_win_rate", "lc_win_rate_low",
+                          "lc_win_rate_high", "avg_len_policy", "avg_len_baseline")}
+counts = {k: 1 for k in ("wins", "losses", "ties", "scored", "prompts", "unparsed_judgments")}
+print_eval([{"contender": hostile, "baseline": hostile, "judge": hostile, "protocol": "p", **rates, **counts}])
+step = SimpleNamespace(round=1, kind="build", row={"status": "ok", "seconds": 1.0}, detail=hostile)
+print_loop([step], wh)
+"""
+
+
+@pytest.mark.parametrize("terminal", sorted(TERMINALS))
+def test_build_output_prints_names_and_paths_literally(tmp_path: Path, terminal: str) -> None:
+    """The warning, plan, summary, win-rate and rounds tables of a build show names and paths as text."""
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_OUTPUT, HOSTILE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=cli_env(terminal),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_literal(result.stderr)  # the warning
+    assert_literal(result.stdout)
+    assert result.stdout.count("[link=file:///etc/passwd]click[/link]") >= 8

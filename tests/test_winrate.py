@@ -7,6 +7,7 @@ wrong gradient or Hessian in the implementation cannot hide behind a test that r
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -264,3 +265,56 @@ def test_no_resamples_means_no_intervals() -> None:
     s = summary(varied_rows(), "logprob", resamples=0)
     assert s["win_rate"] is not None and s["lc_win_rate"] is not None
     assert [s[k] for k in ("win_rate_low", "win_rate_high", "lc_win_rate_low", "lc_win_rate_high")] == [None] * 4
+
+
+# ------------------------------------------------------------------------- against alpaca_eval's own fit
+def synthetic_prompts(n: int, seed: int, quality: float = 0.4, length_effect: float = 1.0) -> list[Prompt]:
+    """Prompts whose soft preference follows a known logistic model of quality plus length, with noise."""
+    import random as rnd
+
+    rng = rnd.Random(seed)
+    out = []
+    for _ in range(n):
+        len_baseline = rng.randint(200, 1200)
+        len_policy = max(1, int(len_baseline + rng.gauss(150, 300)))
+        z = quality + length_effect * math.tanh((len_policy - len_baseline) / 300)
+        p = 1.0 / (1.0 + math.exp(-z))
+        preference = min(1.0, max(0.0, p + rng.gauss(0, 0.15)))
+        out.append(Prompt(preference=preference, outcome=None, len_policy=len_policy, len_baseline=len_baseline))
+    return out
+
+
+def alpaca_eval_lc(prompts: list[Prompt]) -> float:
+    """The LC win rate as `alpaca_eval` computes its minimal model, with its own fitting function: features
+    tanh(std Δ) (Δ = baseline length − policy length, its convention) and a constant, L1 penalty, C chosen by
+    5-fold cross-validation, soft targets; read at Δ = 0."""
+    pd = pytest.importorskip("pandas")
+    glm = pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+    import sklearn
+
+    deltas = [p.len_baseline - p.len_policy for p in prompts]
+    mean = sum(deltas) / len(deltas)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1))
+    data = pd.DataFrame(
+        {
+            "np.tanh(std_delta_len)": [math.tanh(d / sd) for d in deltas],
+            "not_gamed_baseline.astype(float)": 1.0,
+            "preference": [p.preference for p in prompts],
+        }
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's deprecation notes on alpaca_eval's call
+            model = glm.fit_LogisticRegressionCV(data, "preference", is_ytrue_proba=True, n_splits=5)
+    finally:
+        sklearn.set_config(enable_metadata_routing=False)  # the fit turns it on for the whole process
+    constant = list(data.columns).index("not_gamed_baseline.astype(float)")
+    return 100.0 / (1.0 + math.exp(-model.coef_[0][constant]))
+
+
+@pytest.mark.parametrize(("n", "seed"), [(200, 1), (400, 2), (805, 3)])
+def test_lc_win_rate_agrees_with_alpaca_evals_fit_within_one_point(n: int, seed: int) -> None:
+    prompts = synthetic_prompts(n, seed)
+    ours, _ = length_controlled(prompts)
+    theirs = alpaca_eval_lc(prompts)
+    assert ours is not None and abs(ours - theirs) < 1.0, (ours, theirs)

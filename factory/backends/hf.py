@@ -1,6 +1,8 @@
 """transformers backends: any Hugging Face causal LM, and the embedded SmolLM2 GGUF (CPU by default).
 
-Batches are left-padded so every row's next token sits in the last column.
+Batches are left-padded so every row's next token sits in the last column. Chat control tokens inside message
+contents are neutralised before templating (`factory.chat_tokens`), and a model's own Python code runs only
+when its recipe entry sets `trust_remote_code` (`factory.remote_code`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ import importlib.util
 import inspect
 import io
 import os
-import shutil
-import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from factory.backends import EMBEDDED_MODELS, package_version
-from factory.errors import FactoryError
+from factory.chat_tokens import chat_ids, chat_text, tokenizer_markers
+from factory.errors import FactoryError, UserInputError
 from factory.keys import stable_hash
+from factory.owned import LEFTOVER, discard, new_folder_beside, sweep_leftovers
 from factory.recipe import ModelSpec
+from factory.remote_code import remote_code_refused
 from factory.requests import (
     Generation,
     GenerationRequest,
@@ -32,6 +36,7 @@ from factory.requests import (
     RewardOutput,
     RewardRequest,
 )
+from factory.warehouse import folder_lock
 
 hf_logging.disable_progress_bar()  # the build shows its own progress
 
@@ -56,13 +61,40 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     target = cache_root() / "models" / f"{name}-{version}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    with contextlib.ExitStack() as held:
+        _wait_for_lock(held, target)
+        if not (target / "config.json").is_file():  # another process may have converted it meanwhile
+            sweep_leftovers(target)  # what a killed conversion left, recognised by its marker
+            _convert(gguf_dir, filename, target)
+    return target
+
+
+def _wait_for_lock(held: contextlib.ExitStack, target: Path, patience_s: float = 900.0) -> None:
+    """Take the lock beside `target`, waiting while another process converts the same model."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            held.enter_context(folder_lock(target, "model cache folder"))
+            return
+        except UserInputError:
+            raise
+        except FactoryError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _convert(gguf_dir: Path, filename: str, target: Path) -> None:
+    """De-quantize the GGUF into a plain HF folder, built beside `target` and renamed into place."""
+    tmp = new_folder_beside(target)
     try:
         # The GGUF reader draws its own progress bar on stderr; a one-time conversion is not worth one.
         with contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
-            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+            # A GGUF file carries no Python; say so explicitly rather than rely on the loaders' default.
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_dir, gguf_file=filename, dtype=torch.float32, trust_remote_code=False
+            )
         # GGUF loading marks the model quantized although its weights are already de-quantized; a model
         # so marked refuses to train and saves a config vLLM rejects, so drop the marks before saving.
         model.hf_quantizer = None
@@ -70,11 +102,13 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        with contextlib.suppress(OSError):
-            tmp.rename(target)  # another process may have won the race; its folder is as good
+        try:
+            os.rename(tmp, target)
+        except OSError as exc:
+            raise FactoryError(f"{target}: cannot put the converted model in place ({exc.strerror or exc})") from None
+        (target / LEFTOVER).unlink(missing_ok=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        discard(tmp)
 
 
 MIN_SHARED_PREFIX = 32
@@ -128,12 +162,16 @@ class TransformersBackend:
             path = embedded_model_dir(spec.model.removeprefix("embedded:"))
         source: Any = path or spec.model
         kwargs: dict[str, Any] = {"revision": spec.revision} if spec.revision and path is None else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        # A model's own Python runs only when its recipe entry opts in (factory.remote_code).
+        kwargs["trust_remote_code"] = spec.trust_remote_code
+        with remote_code_refused(spec.model, spec.trust_remote_code):
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[spec.dtype], **kwargs)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[spec.dtype], **kwargs)
         self.model.to(spec.device).eval()
+        self._markers = tokenizer_markers(self.tokenizer)
         self._stop_ids = self._eos_ids()
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -144,10 +182,8 @@ class TransformersBackend:
         return {i for i in ids if i is not None} | {self.tokenizer.eos_token_id}
 
     def _encode(self, conversations: Sequence[list[dict[str, str]]], prefills: Sequence[str]) -> Any:
-        texts = [
-            self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + p
-            for m, p in zip(conversations, prefills, strict=True)
-        ]
+        # Control tokens inside contents are neutralised first: the template's markers are the only special ids.
+        texts = [chat_text(self.tokenizer, m, self._markers) + p for m, p in zip(conversations, prefills, strict=True)]
         # The chat template already writes any BOS token: adding special tokens again would double it.
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.spec.device)
 
@@ -208,8 +244,7 @@ class TransformersBackend:
         chunks: list[list[int]] = []
         width = 0
         for r, i in zip(batch, idx, strict=True):
-            text = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
-            length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            length = len(chat_ids(self.tokenizer, r.messages, self._markers))
             # Prompts are padded to the longest: a chunk costs its rows × samples × its widest prompt.
             if chunks and n * (len(chunks[-1]) + 1) * max(width, length) <= PREFILL_TOKENS:
                 chunks[-1].append(i)
@@ -220,8 +255,7 @@ class TransformersBackend:
         return chunks
 
     def _judge_ids(self, r: JudgeRequest) -> list[int]:
-        text = self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False) + r.prefill
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_ids(self.tokenizer, r.messages, self._markers, r.prefill)
 
     @torch.inference_mode()
     def judge(self, requests: Sequence[JudgeRequest]) -> list[JudgeOutput]:
@@ -321,21 +355,22 @@ class RewardModelBackend:
         if spec.model.startswith("embedded:"):
             source = embedded_model_dir(spec.model.removeprefix("embedded:"))
         kwargs: dict[str, Any] = {"revision": spec.revision} if spec.revision else {}
-        # ArmoRM and similar ship their own head code; loading it is the user's explicit choice of model.
-        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, **kwargs)
+        # ArmoRM and similar ship their own head code: it runs only when the recipe's model entry opts in.
+        kwargs["trust_remote_code"] = spec.trust_remote_code
+        with remote_code_refused(spec.model, spec.trust_remote_code):
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=_DTYPES[spec.dtype], **kwargs)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=_DTYPES[spec.dtype], trust_remote_code=True, **kwargs
-        )
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self._markers = tokenizer_markers(self.tokenizer)
         self.model.to(spec.device).eval()
 
     @torch.inference_mode()
     def reward(self, requests: Sequence[RewardRequest]) -> list[RewardOutput]:
         """The classifier's score for each whole conversation (first logit, or `score` where the model has one)."""
-        texts = [self.tokenizer.apply_chat_template(r.messages, tokenize=False) for r in requests]
+        texts = [chat_text(self.tokenizer, r.messages, self._markers, add_generation_prompt=False) for r in requests]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.spec.device)
         out = self.model(**enc)
         scores = getattr(out, "score", None)

