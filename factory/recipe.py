@@ -1125,4 +1125,4 @@ def with_eval_overrides(loaded: LoadedRecipe, **overrides: str | None) -> Loaded
         message = str(cause) if isinstance(cause, FieldError) else _describe(err)
         options = ", ".join(f"--{k} {clip_value(v)}" for k, v in given.items())
         raise UserInputError(f"{options}: {message}") from None
-    return LoadedRecipe(recipe=recipe, path=loaded.path, text=loaded.text)
+    return LoadedRecipe(recipe=recipe, path=loaded.path, text=loaded.text, overrides=loaded.overrides)

@@ -63,7 +63,9 @@ def round_recipe(loaded: LoadedRecipe, k: int, policy: ModelSpec | None, *, sft_
     if sft_only:
         data.update(samples=None, judgments=None, rewards=None, similarity=None)
         data["export"]["sft_reference"] = r.rounds.sft_reference
-    return LoadedRecipe(recipe=Recipe.model_validate(data), path=loaded.path, text=loaded.text)
+    return LoadedRecipe(
+        recipe=Recipe.model_validate(data), path=loaded.path, text=loaded.text, overrides=loaded.overrides
+    )
 
 
 @dataclass
