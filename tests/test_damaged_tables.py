@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from test_warehouse_safety import corrupt_pages
 
 from factory.cli import main
 
@@ -102,18 +103,6 @@ def truncate(path: Path) -> None:
 
 def garbage(path: Path) -> None:
     path.write_bytes(bytes(range(256)) * 4)
-
-
-def corrupt_pages(path: Path) -> None:
-    """Overwrite every column chunk's pages; the footer stays valid, so only reading the data finds it."""
-    data = bytearray(path.read_bytes())
-    meta = pq.read_metadata(path)
-    for rg in range(meta.num_row_groups):
-        for c in range(meta.num_columns):
-            chunk = meta.row_group(rg).column(c)
-            start = chunk.dictionary_page_offset or chunk.data_page_offset
-            data[start : start + chunk.total_compressed_size] = b"\xab" * chunk.total_compressed_size
-    path.write_bytes(bytes(data))
 
 
 # ------------------------------------------------------------------------------------- the undamaged build

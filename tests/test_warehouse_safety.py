@@ -219,7 +219,7 @@ def corrupt_pages(path: Path) -> None:
             start = chunk.dictionary_page_offset or chunk.data_page_offset
             data[start : start + chunk.total_compressed_size] = b"\xab" * chunk.total_compressed_size
     path.write_bytes(bytes(data))
-    assert pq.read_metadata(path).num_rows == 1
+    assert pq.read_metadata(path).num_rows  # the footer still reads
 
 
 @pytest.mark.parametrize("damage", [truncate, garbage])
