@@ -15,17 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from factory.keys import stable_hash
 from factory.labelers import labeler_of
-from factory.owned import (
-    FolderKind,
-    check_replaceable,
-    discard,
-    new_folder_beside,
-    replace_folder,
-    seal,
-    sweep_leftovers,
-)
+from factory.owned import FolderKind, building_beside, check_replaceable, read_marker, replace_folder, seal, writing
 from factory.pipeline import Context
-from factory.warehouse import check_folder, folder_lock
+from factory.warehouse import check_folder
 
 if TYPE_CHECKING:
     from factory.recipe import LoadedRecipe
@@ -176,19 +168,10 @@ def card(ctx: Context, splits: dict[str, list[dict[str, Any]]], notes: dict[str,
     return "\n".join(lines)
 
 
-def _marker(path: Path) -> dict[str, Any] | None:
-    """The marker factory leaves in every folder it exports; None when the folder is not one of ours."""
-    try:
-        data = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _is_current(path: Path, stage_key: str) -> bool:
     """Whether `path` holds this export, written from complete inputs (an export of an incomplete run has the
     same key, so it is rewritten once the run completes)."""
-    marker = _marker(path)
+    marker = read_marker(path, EXPORT_FOLDER)
     return marker is not None and marker.get("stage_key") == stage_key and marker.get("complete", True) is True
 
 
@@ -218,8 +201,7 @@ def write_dataset_folder(
     import datasets
 
     check_export_target(path)
-    tmp = new_folder_beside(path)
-    try:
+    with building_beside(path) as tmp:
         dd = datasets.DatasetDict(
             {
                 # from_list drops the columns of an empty list; from_dict keeps them.
@@ -236,14 +218,11 @@ def write_dataset_folder(
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         seal(tmp, EXPORT_FOLDER, {"stage_key": stage_key, "run_id": run_id, "complete": complete})
         replace_folder(tmp, path, EXPORT_FOLDER)
-    finally:
-        discard(tmp)
 
 
 def export_dataset(path: Path, ctx: Context, pairs: list[dict[str, Any]], stage_key: str) -> ExportResult:
     """Write the preference dataset folder at `path` (skipped when it already holds this export stage key)."""
-    with folder_lock(path, "export"):
-        sweep_leftovers(path)
+    with writing(path, "export"):
         if _is_current(path, stage_key):
             return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
         import datasets  # heavy; only when something is written
@@ -293,12 +272,11 @@ def sft_records(ctx: Context) -> list[dict[str, Any]]:
 
 def export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
     """Write the SFT dataset of one reference source (prompt/completion, TRL's conversational format)."""
-    with folder_lock(path, "export"):
+    with writing(path, "export"):
         return _export_sft(path, ctx, stage_key)
 
 
 def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
-    sweep_leftovers(path)
     if _is_current(path, stage_key):
         return ExportResult(0, {"skipped": True, "path": str(path)})
     import datasets

@@ -25,13 +25,13 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from factory.errors import UserInputError
-from factory.warehouse import check_folder
+from factory.warehouse import check_folder, folder_lock
 
 LEFTOVER = ".factory-leftover"
 """The file inside a half-built or replaced folder that lets a later sweep remove it."""
@@ -54,12 +54,9 @@ class FolderKind:
 
 
 def read_marker(folder: Path, kind: FolderKind) -> dict[str, Any] | None:
-    """`kind`'s marker in `folder` as a dict; None when `folder` is not a real folder holding a readable one."""
-    marker = folder / kind.marker
-    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink():
-        return None
+    """`kind`'s marker in `folder` as a dict; None when the folder holds no readable one."""
     try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
+        data = json.loads((folder / kind.marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -80,7 +77,7 @@ def foreign_files(folder: Path, kind: FolderKind) -> list[str] | None:
     """The files in `folder` that factory did not write; None when it holds no marker of `kind` at all.
 
     A marker written before markers listed their files (no "files" key) vouches for the whole folder."""
-    marker = read_marker(folder, kind)
+    marker = None if (folder / kind.marker).is_symlink() else read_marker(folder, kind)
     if marker is None:
         return None
     listed = marker.get("files")
@@ -144,6 +141,24 @@ def new_folder_beside(target: Path) -> Path:
     built = Path(tempfile.mkdtemp(prefix=f".{target.name}.factory-tmp-", dir=target.parent))
     (built / LEFTOVER).write_bytes(b"")
     return built
+
+
+@contextlib.contextmanager
+def building_beside(target: Path) -> Iterator[Path]:
+    """A new folder beside `target` (`new_folder_beside`), removed on the way out unless it was moved into place."""
+    built = new_folder_beside(target)
+    try:
+        yield built
+    finally:
+        discard(built)
+
+
+@contextlib.contextmanager
+def writing(target: Path, what: str) -> Iterator[None]:
+    """Hold `target`'s lock (the file `.<name>.lock` beside it) and sweep what a killed writer left there."""
+    with folder_lock(target, what):
+        sweep_leftovers(target)
+        yield
 
 
 def discard(built: Path) -> None:

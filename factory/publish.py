@@ -39,16 +39,8 @@ from typing import Any
 
 from factory.errors import FactoryError, UserInputError
 from factory.keys import stable_hash
-from factory.owned import (
-    FolderKind,
-    check_replaceable,
-    discard,
-    new_folder_beside,
-    replace_folder,
-    seal,
-    sweep_leftovers,
-)
-from factory.warehouse import Warehouse, check_folder, folder_lock
+from factory.owned import FolderKind, building_beside, check_replaceable, read_marker, replace_folder, seal, writing
+from factory.warehouse import Warehouse, check_folder
 
 # datasets' own `push_to_hub` default: shards the Hub's viewer and loaders handle comfortably.
 MAX_SHARD_BYTES = 500 * 2**20
@@ -150,11 +142,11 @@ def check_license(license_id: str | None) -> str | None:
 
 def check_export(path: Path) -> dict[str, Any]:
     """The export marker of `path`, refusing anything but a complete export folder written by factory."""
-    from factory.export import MARKER, _marker
+    from factory.export import EXPORT_FOLDER, MARKER
 
     if not path.is_dir():
         raise UserInputError(f"{path}: no such folder (EXPORT is an export folder written by `factory build`)")
-    marker = _marker(path)
+    marker = read_marker(path, EXPORT_FOLDER)
     if marker is None or not isinstance(marker.get("stage_key"), str):
         raise UserInputError(f"{path}: not an export folder written by factory (no {MARKER} in it)")
     if marker.get("complete", True) is not True:
@@ -560,22 +552,17 @@ def _dry_run(
 ) -> Publication:
     """Write the publication's files to a folder and record the dry run; needs no token and sends nothing."""
     target = dry_run_folder(export, given, wh.root)
-    with folder_lock(target, "dry-run folder"):
-        sweep_leftovers(target)
-        # Built beside its target and renamed into place: a reader never sees half a publication.
-        built = new_folder_beside(target)
-        try:
-            staged = stage(export, marker, base["repo_id"], base["revision"], built, **options)
-            seal(built, DRY_RUN_FOLDER, {"repo_id": base["repo_id"], "export": marker["stage_key"]})
-            row = {**base, **_row_facts(staged), "endpoint": None, "dry_run": True}
+    # Built beside its target and renamed into place: a reader never sees half a publication.
+    with writing(target, "dry-run folder"), building_beside(target) as built:
+        staged = stage(export, marker, base["repo_id"], base["revision"], built, **options)
+        seal(built, DRY_RUN_FOLDER, {"repo_id": base["repo_id"], "export": marker["stage_key"]})
+        row = {**base, **_row_facts(staged), "endpoint": None, "dry_run": True}
 
-            def act() -> tuple[str | None, str | None]:
-                replace_folder(built, target, DRY_RUN_FOLDER, wh.root)
-                return None, None
+        def act() -> tuple[str | None, str | None]:
+            replace_folder(built, target, DRY_RUN_FOLDER, wh.root)
+            return None, None
 
-            row = record(wh, staged, row, act, export, {"folder": str(target.resolve())})
-        finally:
-            discard(built)
+        row = record(wh, staged, row, act, export, {"folder": str(target.resolve())})
     staged.folder = target
     return Publication(row, staged, folder=target)
 
