@@ -65,7 +65,7 @@ def _warn_skipped(wh: Any) -> None:
     """Name, on stderr, the unreadable call files a command had to skip."""
     warning = wh.skipped_warning()
     if warning:
-        click.echo(clean(warning), err=True)  # it names files, and a file name can hold anything
+        click.echo(warning, err=True)
 
 
 @click.group(cls=FactoryGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -38,7 +38,7 @@ def report(out: Path, warehouse: Path) -> None:
     written = write_report(wh, out)
     warning = wh.skipped_warning()
     if warning:
-        click.echo(clean(warning), err=True)
+        click.echo(warning, err=True)
     shown = len(written.sections) - len(written.missing)
     click.echo(clean(f"report: {out} ({written.plots} plots in {shown} of {len(written.sections)} sections)"))
     if written.missing:
@@ -94,7 +94,7 @@ def show(
     show_prompt(wh, prompt_id, recipe, messages=options)
     warning = wh.skipped_warning()
     if warning:
-        click.echo(clean(warning), err=True)
+        click.echo(warning, err=True)
 
 
 COMMANDS = [report, show]

@@ -316,8 +316,8 @@ def rebuild(
     the first source that can render it): (source, messages as sent, their hash, how many contents had chat
     control markers neutralised). None when no source can render it."""
     first = None
+    reference = refs.get(judgment["reference_name"] or "")
     for source in sources:
-        reference = refs.get(judgment["reference_name"] or "")
         if source.protocol.uses_reference and reference is None:
             continue
         messages = source.protocol.render(

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from factory.errors import FactoryError, UserInputError
 from factory.tables import ALL_TABLES, CALL_TABLES, RUNS, STAGE_TABLES
+from factory.terminal import clean
 
 DB_FILE = "factory.duckdb"
 READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA}
@@ -381,6 +382,11 @@ class Warehouse:
         if key is not None:
             self._checked[key] = problem
 
+    def _reject(self, path: Path, problem: str) -> None:
+        """A file a full read found bad: skip it, or set it aside while a build holds the lock (`_usable`)."""
+        self._mark_bad(path, problem)
+        self._usable([str(path)])
+
     def _skip(self, path: Path, problem: str) -> None:
         if path not in self.skip_reasons:
             self.skipped_parts.append(path)
@@ -487,7 +493,7 @@ class Warehouse:
         """One line naming the unreadable files that reads skipped, or None when there were none."""
         if not self.skipped_parts:
             return None
-        names = ", ".join(str(p) for p in self.skipped_parts)
+        names = ", ".join(clean(p) for p in self.skipped_parts)  # a file name can hold anything: made printable
         # Say what the answer lacks: a skipped stage version or CURRENT.json leaves its table short, not empty.
         return (
             f"warning: skipped {len(self.skipped_parts)} unreadable file(s), so their rows are missing here (the "
@@ -508,8 +514,7 @@ class Warehouse:
                 problem = _data_problem(Path(f))
                 if problem is not None:
                     found = True
-                    self._mark_bad(Path(f), problem)
-                    self._usable([f])  # skips it, or quarantines it while a build holds the lock
+                    self._reject(Path(f), problem)
             if found:
                 return True
         return False
@@ -586,8 +591,7 @@ class Warehouse:
         try:
             return self._read_pointer(path)
         except (OSError, ValueError) as exc:
-            self._mark_bad(path, f"not a readable CURRENT.json ({_first_line(exc)})")
-        self._usable([str(path)])
+            self._reject(path, f"not a readable CURRENT.json ({_first_line(exc)})")
         return None
 
     def current(self, table: str, recipe: str) -> Current | None:
@@ -639,8 +643,7 @@ class Warehouse:
         try:
             return pq.read_table(path).to_pylist()
         except (OSError, ValueError, pa.ArrowException) as exc:
-            self._mark_bad(path, _first_line(exc))
-        self._usable([str(path)])
+            self._reject(path, _first_line(exc))
         return None
 
     def set_aside_in(self, table: str, unit: str, since: int = 0) -> list[Path]:
@@ -836,8 +839,7 @@ class Warehouse:
             try:
                 tables.append(pq.read_table(f))
             except (OSError, ValueError, pa.ArrowException) as exc:  # skipped and named, like the views do
-                self._mark_bad(Path(f), _first_line(exc))
-                self._usable([f])
+                self._reject(Path(f), _first_line(exc))
         if not tables:
             return []
         return pa.concat_tables(tables, promote_options="default").to_pylist()

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from test_warehouse_safety import corrupt_pages
+from test_warehouse_safety import corrupt_pages, truncate
+from test_warehouse_safety import snapshot as files
 
 from factory.cli import main
 
@@ -88,17 +89,8 @@ def runs_rows(wh: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["started_at"])
 
 
-def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def lines_naming(text: str, path: Path) -> list[str]:
     return [line for line in text.splitlines() if str(path) in line]
-
-
-def truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 def garbage(path: Path) -> None:
