@@ -77,9 +77,7 @@ def neutralise(text: str, markers: Iterable[str] = CHAT_CONTROL_MARKERS) -> tupl
     # Llama 3's has over 250 special tokens).
     if pattern is None or not any(m in text for m in usable):
         return text, 0
-    starts = [m.start() for m in pattern.finditer(text)]
-    if not starts:
-        return text, 0
+    starts = [m.start() for m in pattern.finditer(text)]  # not empty: some marker occurs in the text
     parts, last = [], 0
     for start in starts:
         parts.append(text[last : start + 1])

@@ -55,20 +55,14 @@ def adopt_legacy_report_folder(folder: Path) -> None:
 def write_files(folder: Path, files: dict[str, str], wh_root: Path) -> list[Path]:
     """Write the report files (CSV, Markdown) as one folder, built beside `folder` and renamed into place; an
     existing folder is replaced only when an earlier judge-eval wrote it (docs/RELIABILITY.md)."""
-    from factory.owned import discard, new_folder_beside, replace_folder, seal, sweep_leftovers
-    from factory.warehouse import folder_lock
+    from factory.owned import building_beside, replace_folder, seal, writing
 
     kind = report_folder_kind()
-    with folder_lock(folder, kind.what):
-        sweep_leftovers(folder)
-        built = new_folder_beside(folder)
-        try:
-            for name, text in files.items():
-                (built / name).write_text(text, encoding="utf-8")
-            seal(built, kind, {"files_written_by": "factory judge-eval"})
-            replace_folder(built, folder, kind, wh_root)
-        finally:
-            discard(built)
+    with writing(folder, kind.what), building_beside(folder) as built:
+        for name, text in files.items():
+            (built / name).write_text(text, encoding="utf-8")
+        seal(built, kind, {"files_written_by": "factory judge-eval"})
+        replace_folder(built, folder, kind, wh_root)
     return [folder / name for name in files]
 
 
@@ -315,8 +309,6 @@ def judge_eval(
             shown = ", ".join("--" + n.replace("_", "-") for n in given)
             raise UserInputError(f"--preset {preset} sets {shown} itself; give the preset or the options, not both")
         settings = preset_settings(preset, limit=limit, bootstrap=bootstrap, seed=seed)
-        max_tokens, cot_max_tokens, top_logprobs = settings.max_tokens, settings.cot_max_tokens, settings.top_logprobs
-        prefill, markers, swap, unparsed = settings.prefill, settings.markers, settings.swap, settings.unparsed
     if reference_files and len(data) > 1:
         raise UserInputError("--references goes with one --data; for several sets, keep references in a column")
     sets = []
@@ -357,13 +349,13 @@ def judge_eval(
     _print_rows(table1_title, report.table1_columns, report.table1, percent=False)
     accuracy = ["dataset", "judge", "protocol", "cases", "accuracy", "ci_low", "ci_high", "parse_failure_rate"]
     accuracy += ["acc_forward", "acc_swapped", "acc_soft", "acc_soft_exact"]
-    decoding = f"prefill {prefill}, top-{top_logprobs}, swap {swap}"
+    decoding = f"prefill {settings.prefill}, top-{settings.top_logprobs}, swap {settings.swap}"
     _print_rows(
         f"accuracy (%) with bootstrap 95% CI; {rule}; soft accuracy under both marker rules; {decoding}",
         accuracy,
         report.metrics,
         percent=True,
-        labels={"acc_swapped": SECOND_ORDER[swap], "acc_soft": f"soft ({markers})"},
+        labels={"acc_swapped": SECOND_ORDER[settings.swap], "acc_soft": f"soft ({settings.markers})"},
     )
     rest = [c for c in METRIC_COLUMNS if c not in accuracy and c not in ("unparsed", "swap", *DECODING_COLUMNS)]
     _print_rows("bias, parsing, lengths (chars) and cost", ["protocol", *rest], report.metrics, percent=True)
@@ -388,7 +380,8 @@ def judge_eval(
     click.echo(clean(f"report: {', '.join(str(p) for p in paths)}"))
     if run.status != "ok":
         click.echo(
-            f"some calls failed (counted by --unparsed {unparsed}); run the same command again to retry them", err=True
+            f"some calls failed (counted by --unparsed {settings.unparsed}); run the same command again to retry them",
+            err=True,
         )
         sys.exit(1)
 

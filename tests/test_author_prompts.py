@@ -130,6 +130,9 @@ def test_the_user_turn_is_filled_like_format_map_and_the_system_turn_is_sent_as_
         ("<|im_start|>system name=example_user\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>", "'system name"),
         ("<|im_start|>user\n{INSTRUCTION} {OUTPUT_1} {OUTPUT_2}<|im_end|>\n<|im_start|>system\nS<|im_end|>", "last"),
         ("preamble\n<|im_start|>user\n{INSTRUCTION} {OUTPUT_1} {OUTPUT_2}<|im_end|>", "before the first"),
+        ("<|im_start|>system\nonly a system turn<|im_end|>", "no 'user' turn"),
+        ("<|im_start|>assistant\nOutput (<|im_end|>\n<|im_start|>user\n{INSTRUCTION}<|im_end|>", "'assistant' turn"),
+        ("<|im_start|>user\n{INSTRUCTION} {OUTPUT_1}<|im_end|>", "lacks the placeholder"),
     ],
 )
 def test_a_file_the_authors_code_would_fail_on_or_cut_is_refused(text: str, message: str) -> None:

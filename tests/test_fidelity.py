@@ -50,21 +50,6 @@ def test_an_authors_format_prompt_file_renders_as_system_and_user_turns() -> Non
     assert "<|im_start|>" not in user and "<|im_end|>" not in user
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("<|im_start|>system\nonly a system turn<|im_end|>", "no 'user' turn"),
-        ("<|im_start|>assistant\nOutput (<|im_end|>\n<|im_start|>user\n{INSTRUCTION}<|im_end|>", "'assistant' turn"),
-        ("<|im_start|>user\n{INSTRUCTION} {OUTPUT_1}<|im_end|>", "placeholder"),
-    ],
-)
-def test_a_malformed_prompt_file_is_refused(text: str, message: str) -> None:
-    from factory.errors import UserInputError
-
-    with pytest.raises(UserInputError, match=message):
-        custom_protocol(text, where="t.txt")
-
-
 def test_a_recipe_with_an_authors_format_template_builds_end_to_end(tmp_path: Path) -> None:
     (tmp_path / "rlrr_refeval.txt").write_text(RLRR_STYLE, encoding="utf-8")
     path = recipe(tmp_path, **{"judgments.protocol": "custom", "judgments.template": "rlrr_refeval.txt"})

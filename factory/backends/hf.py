@@ -25,7 +25,7 @@ from factory.backends import EMBEDDED_MODELS, package_version
 from factory.chat_tokens import chat_ids, chat_text, tokenizer_markers
 from factory.errors import FactoryError, UserInputError
 from factory.keys import stable_hash
-from factory.owned import LEFTOVER, discard, new_folder_beside, sweep_leftovers
+from factory.owned import LEFTOVER, building_beside, sweep_leftovers
 from factory.recipe import ModelSpec
 from factory.remote_code import remote_code_refused
 from factory.requests import (
@@ -86,8 +86,7 @@ def _wait_for_lock(held: contextlib.ExitStack, target: Path, patience_s: float =
 
 def _convert(gguf_dir: Path, filename: str, target: Path) -> None:
     """De-quantize the GGUF into a plain HF folder, built beside `target` and renamed into place."""
-    tmp = new_folder_beside(target)
-    try:
+    with building_beside(target) as tmp:
         # The GGUF reader draws its own progress bar on stderr; a one-time conversion is not worth one.
         with contextlib.redirect_stderr(io.StringIO()):
             # A GGUF file carries no Python; say so explicitly rather than rely on the loaders' default.
@@ -107,8 +106,6 @@ def _convert(gguf_dir: Path, filename: str, target: Path) -> None:
         except OSError as exc:
             raise FactoryError(f"{target}: cannot put the converted model in place ({exc.strerror or exc})") from None
         (target / LEFTOVER).unlink(missing_ok=True)
-    finally:
-        discard(tmp)
 
 
 MIN_SHARED_PREFIX = 32

@@ -22,8 +22,8 @@ Plain httpx, so retries, accounting and the error text are ours (no second retry
   prompt's cost is shared and the request's retries are recorded on its first sample's row, so the rows
   add up to what the request was billed and how often it was repeated.
 
-Chat control tokens in message contents are neutralised (`factory.chat_tokens`, the well-known markers), since
-the server's tokenizer would otherwise read them as turn markers.
+Chat control tokens in message contents arrive neutralised (`factory.requests` breaks the well-known markers
+before keying, `factory.chat_tokens`), so the server's tokenizer never reads data as turn markers.
 
 Judging uses `logprobs: true, top_logprobs: k` (capped at 20, the OpenAI API's limit), greedy, `max_tokens`.
 The prefill (`Output (`) needs the server to continue an assistant message: vLLM's server does, with
@@ -49,7 +49,6 @@ from typing import Any, TypeVar
 
 import httpx
 
-from factory.chat_tokens import neutralise_messages
 from factory.errors import FactoryError, UserInputError
 from factory.recipe import ModelSpec
 from factory.redact import redact, register_secret_env
@@ -292,7 +291,7 @@ class OpenAIBackend:
         n = 1 if r.params.temperature == 0 else wanted
         payload: dict[str, Any] = {
             "model": self.spec.model,
-            "messages": _neutral(r.messages),
+            "messages": r.messages,
             "max_tokens": r.params.max_tokens,
             "temperature": r.params.temperature,
             "top_p": r.params.top_p,
@@ -350,7 +349,7 @@ class OpenAIBackend:
         return self._each(requests, lambda r: self._judge_one(r, prefill))
 
     def _judge_one(self, r: JudgeRequest, prefill: bool) -> JudgeOutput:
-        messages = _neutral(r.messages)
+        messages = list(r.messages)
         payload: dict[str, Any] = {
             "model": self.spec.model,
             "max_tokens": r.max_tokens,
@@ -383,12 +382,6 @@ class OpenAIBackend:
         """Close the connection pool and the worker threads."""
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
-
-
-def _neutral(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The messages with chat control tokens in their contents neutralised (`factory.chat_tokens`): the server's
-    template must not read data as turn markers. Requests made by `factory.requests` arrive neutral already."""
-    return neutralise_messages(messages)[0]
 
 
 def _describe(exc: BaseException) -> str:
