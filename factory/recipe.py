@@ -1028,25 +1028,24 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
         node: Any = out
         for i, part in enumerate(segments):
             last = i == len(segments) - 1
-            where = ".".join(segments[: i + 1])
+            slot: str | int
             if isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    if node.get(part) is None:  # absent or null: a section the override starts
-                        node[part] = {}
-                    node = node[part]
+                slot = part
+                if not last and node.get(part) is None:  # absent or null: a section the override starts
+                    node[part] = {}
             elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
+                slot = int(part)
             else:
                 kind = "a list (give an index below its length)" if isinstance(node, list) else "not a mapping"
                 parent = ".".join(segments[:i]) or "(top level)"
+                where = ".".join(segments[: i + 1])
                 raise UserInputError(
                     f"--set {_dotted(tuple(segments))}: '{parent}' is {kind}, so '{where}' cannot be set"
                 )
+            if last:
+                node[slot] = value
+            else:
+                node = node[slot]
     return out
 
 

@@ -169,10 +169,9 @@ class Loop:
 
         assert data is not None
         merged = self._settings(settings, method, base, name)
-        r = self.loaded.recipe
         # A β sweep picks its checkpoint by the held-out win rate when the recipe has an `eval:` section; each
-        # candidate runs as the policy runs, judged by the eval's judge (never a round's checkpoint).
-        held_out = held_out_for(self.loaded, r.models[r.samples.policy]) if r.samples is not None else None
+        # candidate runs as the recipe's policy entry runs, judged by the eval's judge (never a round's checkpoint).
+        held_out = held_out_for(self.loaded)
         rows = train(str(data), merged, self.wh, self.reporter, loop_round=k, held_out=held_out)
         row = next(x for x in rows if x["selected"])
         self.steps.append(Step(k, method, row, str(row["output"])))

@@ -37,7 +37,6 @@ from factory.keys import canonical_json, stable_hash
 from factory.owned import FolderKind, check_replaceable, new_folder_beside, replace_folder, seal
 from factory.recipe import TrainSettings, clip_value, one_line
 from factory.remote_code import TRAIN_OPT_IN, remote_code_refused
-from factory.warehouse import folder_lock
 
 Method = Literal["dpo", "sft"]
 
@@ -130,8 +129,6 @@ _DPO_ONLY = ("beta", "select", "loss_type", "precompute_ref_log_probs")
 
 # transformers' "constant" schedule ignores warm-up; factory's `constant` means flat after the warm-up.
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-SELECTION_RULES = ("only", "val_accuracy", "eval", "all")
-"""How the kept model was chosen (`trainings.selected_by`): `only` for a single candidate, else `select`."""
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -236,6 +233,11 @@ def selection_rule(values: dict[str, Any], candidates: int, has_validation: bool
             "(export.test_fraction > 0); or use select: all"
         )
     return rule
+
+
+def validation_split(dd: Any) -> Any:
+    """The split evaluated during training (the export's `test` split), or None when there is none or it is empty."""
+    return dd["test"] if "test" in dd and len(dd["test"]) else None
 
 
 def beta_output(output: Path, beta: float | None) -> Path:
@@ -536,17 +538,17 @@ def _build_trainer(
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import DPOTrainer, SFTTrainer
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the run shows its own progress; tqdm bars only clutter logs
     torch.manual_seed(seed)
     trust = {"trust_remote_code": trust_remote_code}
     with remote_code_refused(path, trust_remote_code, TRAIN_OPT_IN):
         tokenizer = AutoTokenizer.from_pretrained(path, **trust)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **trust)
-    evaluation = dd["test"] if "test" in dd and len(dd["test"]) else None
+        # DPO: an explicit reference copy; TRL would otherwise reload it from the model's folder by name.
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **trust) if method == "dpo" else None
+    evaluation = validation_split(dd)
     args = trl_config(method, values, out / "trainer", beta, seed, evaluate=evaluation is not None)
     if method == "dpo":
-        # An explicit reference copy: TRL would otherwise reload it from the model's folder by name.
-        with remote_code_refused(path, trust_remote_code, TRAIN_OPT_IN):
-            ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **trust)
         trainer = DPOTrainer(
             model=model,
             ref_model=ref,
@@ -581,23 +583,11 @@ def _build_trainer(
     return trainer
 
 
-def _train_one(
-    method: Method,
-    values: dict[str, Any],
-    beta: float | None,
-    seed: int,
-    path: str,
-    dd: Any,
-    out: Path,
-    *,
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """Train one candidate and leave its kept checkpoint in `out`: the lowest-validation-loss evaluation of
-    the run (every `eval_steps` optimizer steps and at the end), or the final weights without a validation
-    split. Returns the trainer's log history, the steps, the losses and the kept checkpoint's step and
-    figures. The base model's own Python runs only with `trust_remote_code` (the settings' opt-in)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the run shows its own progress; tqdm bars only clutter logs
-    trainer = _build_trainer(method, values, beta, seed, path, dd, out, trust_remote_code=trust_remote_code)
+def _train_one(trainer: Any, out: Path) -> dict[str, Any]:
+    """Train one candidate (a `_build_trainer` trainer writing under `out`) and leave its kept checkpoint in
+    `out`: the lowest-validation-loss evaluation of the run (every `eval_steps` optimizer steps and at the end),
+    or the final weights without a validation split. Returns the trainer's plan and log history, the steps, the
+    losses and the kept checkpoint's step and figures."""
     kept = out / "trainer" / "best"
     keeper = _best_checkpoint(trainer, kept)
     trainer.add_callback(keeper)
@@ -699,11 +689,11 @@ def train(
         raise UserInputError(f"{source}: method '{method}' needs {'preference' if method == 'dpo' else 'SFT'} data")
     values = resolved(settings, method)
     candidates = betas(values)
-    has_validation = bool("test" in dd and len(dd["test"]))
-    rule = selection_rule(values, len(candidates), has_validation, held_out, source)
+    rule = selection_rule(values, len(candidates), validation_split(dd) is not None, held_out, source)
     name = settings.name or f"{data_name}-{method}"
     output = Path(settings.output).resolve() if settings.output else wh.root / "models" / name
     targets = [beta_output(output, beta) for beta in candidates] if rule == "all" else [output]
+    destinations = targets if rule == "all" else [output] * len(candidates)  # each candidate's folder if kept
     for target in targets:
         check_replaceable(target, MODEL_FOLDER, wh.root)  # before anything is trained: a user's folder is refused
     identity = base_identity(settings)
@@ -724,11 +714,7 @@ def train(
         }
     )
 
-    def done(target: Path) -> bool:
-        marker = target / MARKER
-        return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("key") == key
-
-    finished = all(done(target) for target in targets)
+    finished = all((owned.read_marker(target, MODEL_FOLDER) or {}).get("key") == key for target in targets)
     run = Run(wh, name, key[:16], ModelPool({}), reporter, recipe_path=str(source), loop_round=loop_round)
     metrics: list[dict[str, Any]] = []
 
@@ -756,11 +742,12 @@ def train(
         rows = []
         for i, beta in enumerate(candidates):
             t0 = time.perf_counter()
-            out = new_folder_beside(targets[i] if rule == "all" else output)  # a marked folder a sweep may remove
+            out = new_folder_beside(destinations[i])  # a marked folder a sweep may remove
             folders.append(out)
-            got = _train_one(
+            trainer = _build_trainer(
                 method, values, beta, settings.seed, path, dd, out, trust_remote_code=settings.trust_remote_code
             )
+            got = _train_one(trainer, out)
             metrics.extend(_log_rows(got["history"], name, beta))
             if got["rows_dropped"] and run.reporter:
                 run.reporter.warn(
@@ -811,7 +798,7 @@ def train(
         else:
             kept = list(range(len(rows)))  # `only`: the one candidate; `all`: every β into its own folder
         for i in kept:
-            target = targets[i] if rule == "all" else output
+            target = destinations[i]
             rows[i].update(selected=True, output=str(target))
             info = {**rows[i], "settings": json.loads(rows[i]["settings"]), "run_id": run.run_id}
             (folders[i] / "README.md").write_text(model_card(name, {**info, "recipe_hash": recipe_hash}), "utf-8")
@@ -824,10 +811,8 @@ def train(
     folders: list[Path] = []
     with ExitStack() as stack:
         for target in targets:
-            stack.enter_context(folder_lock(target, "model folder"))
+            stack.enter_context(owned.writing(target, "model folder"))  # its lock, then what a killed run left
         stack.enter_context(run)
-        for target in targets:
-            owned.sweep_leftovers(target)
         try:
             rows = run.materialize("trainings", key, compute, reuse=finished, label="train")
         finally:

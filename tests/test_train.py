@@ -310,7 +310,7 @@ def test_select_all_keeps_every_beta_in_its_own_folder(tmp_path: Path, embedded_
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     last = _metrics(wh, "SELECT stages FROM runs ORDER BY started_at DESC LIMIT 1")[0]["stages"]
-    assert all(s["skipped"] for s in last)
+    assert last and all(s["skipped"] for s in last), last
 
 
 @pytest.mark.model
