@@ -1,6 +1,6 @@
 """Adaptive comparison schedule vs all-pairs: same chosen and rejected sample, at what share of the judge calls?
 
-Two measurements, each comparing `factory.schedule.Adaptive` with all-pairs on the SAME judge answers (each
+Two measurements, each comparing `factory.judge.schedule.Adaptive` with all-pairs on the SAME judge answers (each
 ordered pair of a prompt is answered once and both schedules read that answer):
 
 (a) a simulated judge (the main figure): latent sample qualities q ~ N(0, 1); the judge's soft score for
@@ -36,7 +36,7 @@ from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
 
-from factory.schedule import Adaptive, AllPairs, Schedule, _Fit
+from factory.judge.schedule import Adaptive, AllPairs, Schedule, _Fit
 
 # ------------------------------------------------------------------------------------------- the judge
 
@@ -183,8 +183,8 @@ def replay(
     path: str, recipe: str | None, scoring: str, seed: int, **kwargs: Any
 ) -> tuple[dict[int, dict[str, float]], str]:
     """Adaptive vs all-pairs on a warehouse's judgments, per number of samples n."""
-    from factory.stages import pair_probability, pair_rows, score_rows
-    from factory.warehouse import Warehouse
+    from factory.stages.rows import pair_probability, pair_rows, score_rows
+    from factory.warehouse.store import Warehouse
 
     wh = Warehouse(path)
     recipe_filter = [] if recipe is None else ["recipe = '" + recipe.replace("'", "''") + "'"]

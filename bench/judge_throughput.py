@@ -13,7 +13,7 @@ the reference, output_2 cut to half, output_1 cut to half); identical texts are 
 - all-pairs: as factory judges today: `backend.judge` on the requests in build order, in batches of
   `--vllm-batch` / `--hf-batch` (what CallRunner submits), the answer prefilled with `Output (`, top-20,
   up to 8 tokens (the recipe defaults), soft score over marker variants.
-- adaptive: the same judge calls, but only those `factory.schedule.Adaptive` asks for, round by round with
+- adaptive: the same judge calls, but only those `factory.judge.schedule.Adaptive` asks for, round by round with
   all prompts in lockstep, each round's calls in batches as above (`labelers._adaptive_judgments`).
 
 Pairs are made as a build makes them: `stages.score_rows` (paper, all-pairs) or `stages.adaptive_score_rows`
@@ -67,7 +67,7 @@ def load_inputs(data: Path, prompts: int, samples: int) -> list[dict[str, Any]]:
 
 def factory_rows(inputs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The inputs as a build's `prompts`, `samples` and `references` rows."""
-    from factory.keys import stable_hash
+    from factory.core.keys import stable_hash
 
     prompts, samples, references = [], [], []
     for row in inputs:
@@ -92,8 +92,8 @@ def factory_rows(inputs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 
 def mode_setup(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     """Each mode's judgments spec and protocol (the paper's: unprefilled, 16 tokens, top-5, exact markers)."""
-    from factory.protocols import get_protocol
-    from factory.recipe import JudgmentsSpec
+    from factory.config.recipe import JudgmentsSpec
+    from factory.judge.protocols import get_protocol
 
     refeval = get_protocol("refeval")
     ours = {"judge": "judge", "reference": REFERENCE, "max_tokens": args.judge_tokens}
@@ -132,7 +132,7 @@ def hf_generate_all(backend: Any, requests: list[Any]) -> tuple[list[Any], int]:
     the batch computes, padding included."""
     import torch
 
-    from factory.requests import JudgeOutput
+    from factory.models.requests import JudgeOutput
 
     tok = backend.tokenizer
     ids = [backend._judge_ids(r) for r in requests]
@@ -206,9 +206,9 @@ def run_mode(
     mode: str, judge: Judge, rows: dict[str, list[dict[str, Any]]], spec: Any, protocol: Any, max_calls: int | None
 ) -> list[dict[str, Any]]:
     """One mode's judgment rows (`stages.judgment_rows`), judged on `judge`."""
-    from factory import stages
-    from factory.backends import model_identity
-    from factory.recipe import ModelSpec
+    from factory.config.recipe import ModelSpec
+    from factory.models.registry import model_identity
+    from factory.stages import rows as stages
 
     identity = model_identity(ModelSpec(**MODELS[judge.name]))
     calls, _ = stages.judge_calls(rows["prompts"], rows["samples"], rows["references"], spec, protocol, identity)
@@ -230,8 +230,8 @@ def adaptive_rows(
     max_calls: int | None,
 ) -> list[dict[str, Any]]:
     """`labelers._adaptive_judgments`: every prompt's schedule in lockstep, each round's calls judged together."""
-    from factory import stages
-    from factory.schedule import Adaptive
+    from factory.judge.schedule import Adaptive
+    from factory.stages import rows as stages
 
     by_pair: dict[tuple[str, str], list[Any]] = {}
     for c in calls:
@@ -259,8 +259,8 @@ def adaptive_rows(
 
 def pairs_of(mode: str, rows: dict[str, list[dict[str, Any]]], judgments: list[dict[str, Any]], scoring: str) -> Any:
     """prompt_id -> (chosen, rejected), as the scores and pairs stages make them."""
-    from factory import stages
-    from factory.recipe import PairsSpec
+    from factory.config.recipe import PairsSpec
+    from factory.stages import rows as stages
 
     score = stages.adaptive_score_rows if mode == "adaptive" else stages.score_rows
     scores = score(rows["samples"], judgments, scoring).rows
@@ -272,8 +272,8 @@ def pairs_of(mode: str, rows: dict[str, list[dict[str, Any]]], judgments: list[d
 
 
 def bench_backend(name: str, rows: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    from factory.backends import load_backend
-    from factory.recipe import ModelSpec
+    from factory.config.recipe import ModelSpec
+    from factory.models.registry import load_backend
 
     setup = mode_setup(args)
     spec = ModelSpec(**{**MODELS[name], "batch_size": args.batch_size[name], "threads": args.threads})

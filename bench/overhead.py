@@ -22,14 +22,14 @@ from pathlib import Path
 
 import yaml
 
-from factory.backends import load_backend, model_identity
-from factory.build import Build
-from factory.calls import KINDS, CallRunner, ModelPool
-from factory.labelers import judge_protocol
-from factory.recipe import load_recipe
-from factory.requests import GenerationRequest, JudgeRequest
-from factory.stages import generation_calls, judge_calls
-from factory.warehouse import Warehouse
+from factory.build.command import Build
+from factory.config.recipe import load_recipe
+from factory.labelers.registry import judge_protocol
+from factory.models.registry import load_backend, model_identity
+from factory.models.requests import GenerationRequest, JudgeRequest
+from factory.pipeline.calls import KINDS, CallRunner, ModelPool
+from factory.stages.rows import generation_calls, judge_calls
+from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
 

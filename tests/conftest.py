@@ -66,7 +66,7 @@ def embedded_dir() -> Path:
     """The embedded SmolLM2 converted once to a plain HF folder (under $FACTORY_CACHE or ~/.cache/factory)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from factory.backends.hf import embedded_model_dir
+    from factory.models.hf import embedded_model_dir
 
     path = embedded_model_dir()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
@@ -87,7 +87,7 @@ def cli_build(embedded_dir: Path) -> Callable[[Path, Path], Any]:
     """Run `factory build RECIPE -w WAREHOUSE -q` in this process; returns click's Result (exit code, output)."""
     from click.testing import CliRunner
 
-    from factory.cli import main
+    from factory.cli.main import main
 
     def run(recipe: Path, warehouse: Path) -> Any:
         result = CliRunner().invoke(main, ["build", str(recipe), "-w", str(warehouse), "-q"])
@@ -100,7 +100,7 @@ def cli_build(embedded_dir: Path) -> Callable[[Path, Path], Any]:
 
 def runs(warehouse: Path) -> list[dict[str, Any]]:
     """Every row of the runs table, oldest first; `stages` is a list of per-stage dicts."""
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     table = Warehouse(warehouse).query("SELECT * FROM runs ORDER BY started_at")
     return table.to_pylist()

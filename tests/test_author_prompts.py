@@ -19,10 +19,10 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from factory.cli import main
-from factory.errors import UserInputError
-from factory.protocols import PROTOCOLS, custom_protocol, with_template
-from factory.warehouse import Warehouse
+from factory.cli.main import main
+from factory.core.errors import UserInputError
+from factory.judge.protocols import PROTOCOLS, custom_protocol, with_template
+from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "data" / "author_prompts"

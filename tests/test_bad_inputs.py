@@ -31,7 +31,7 @@ MANIFEST_KEYS = {"about", "args", "exit", "names", "mentions", "unset_env", "pad
 
 # Third-party packages that only a model load imports, and factory's backend modules (which import them).
 HEAVY_PACKAGES = ("torch", "transformers", "vllm", "gguf", "llama_cpp", "openai", "accelerate", "safetensors")
-BACKEND_MODULES = ("factory.backends.hf", "factory.backends.vllm_backend", "factory.backends.openai_backend")
+BACKEND_MODULES = ("factory.models.hf", "factory.models.vllm_backend", "factory.models.openai_backend")
 
 # Settings for a quiet, offline, deterministic run (placeholders are filled in per case).
 CI_ENV = {
@@ -149,7 +149,7 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> _ModelGuard:
     import pyarrow.csv
     import pyarrow.parquet  # noqa: F401
 
-    import factory.cli  # noqa: F401
+    import factory.cli.main  # noqa: F401
 
     guard = _ModelGuard()
     for name in BACKEND_MODULES:  # force a fresh import, which the guard refuses
@@ -159,12 +159,12 @@ def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> _ModelGuard:
     # lives in a module not listed above: the model pool and the loaders refuse too. Where the code has moved
     # on and these names are gone, the import guard above still stands.
     # Every module is imported before any is patched: one imported later would bind the patched loader as its
-    # own name (`from factory.backends import load_backend`), and undoing the patch would leave it there.
+    # own name (`from factory.models.registry import load_backend`), and undoing the patch would leave it there.
     loaded: list[tuple[Any, str | None, str]] = []
     for module, owner, attr in (
-        ("factory.calls", "ModelPool", "get"),
-        ("factory.backends", None, "load_backend"),
-        ("factory.metaeval", None, "load_backend"),
+        ("factory.pipeline.calls", "ModelPool", "get"),
+        ("factory.models.registry", None, "load_backend"),
+        ("factory.judge_eval.command", None, "load_backend"),
     ):
         try:
             loaded.append((importlib.import_module(module), owner, attr))
@@ -190,7 +190,7 @@ def _provenance(stage_key: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def warehouse_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real warehouse (prompts, samples, a run, factory.duckdb) written without any model."""
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     root = tmp_path_factory.mktemp("bad-inputs-warehouse") / "wh"
     wh = Warehouse(root)
@@ -332,7 +332,7 @@ def neutral(line: str, prepared: Prepared, root: Path) -> str:
 
 
 def invoke(prepared: Prepared) -> Result:
-    from factory.cli import main
+    from factory.cli.main import main
 
     runner = CliRunner(env=prepared.env, catch_exceptions=True)
     return runner.invoke(main, prepared.args, catch_exceptions=True, color=False)
@@ -392,7 +392,7 @@ def test_bad_input_is_refused(
 def test_control_good_recipe_validates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_loads: _ModelGuard
 ) -> None:
-    from factory.cli import main
+    from factory.cli.main import main
 
     shutil.copytree(GOOD, tmp_path / "good")
     monkeypatch.chdir(tmp_path)
@@ -404,7 +404,7 @@ def test_control_good_recipe_validates(
 def test_control_sql_reads_the_prepared_warehouse(
     tmp_path: Path, warehouse_template: Path, monkeypatch: pytest.MonkeyPatch, no_model_loads: _ModelGuard
 ) -> None:
-    from factory.cli import main
+    from factory.cli.main import main
 
     wh = tmp_path / "wh"
     shutil.copytree(warehouse_template, wh)
@@ -418,7 +418,7 @@ def test_control_sql_reads_the_prepared_warehouse(
 
 
 def test_control_good_eval_set_reads() -> None:
-    from factory.evalsets import read_eval_set
+    from factory.inputs.labelled_sets import read_eval_set
 
     ds = read_eval_set(str(GOOD / "cases.jsonl"))
     assert [c.label for c in ds.cases] == [1, 2, 1]

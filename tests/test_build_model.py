@@ -20,7 +20,7 @@ import duckdb
 import pytest
 from click.testing import CliRunner
 
-from factory.cli import main
+from factory.cli.main import main
 
 pytestmark = pytest.mark.model
 

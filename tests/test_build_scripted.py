@@ -14,13 +14,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from factory.backends.scripted import ScriptedCrash
-from factory.build import Build, plan, stages_for
-from factory.cli import main
-from factory.errors import UserInputError
-from factory.pipeline import Context, Stage, StageOutput, execute, order
-from factory.recipe import load_recipe
-from factory.warehouse import Warehouse
+from factory.build.command import Build, plan, stages_for
+from factory.cli.main import main
+from factory.config.recipe import load_recipe
+from factory.core.errors import UserInputError
+from factory.models.scripted import ScriptedCrash
+from factory.pipeline.stage import Context, Stage, StageOutput, execute, order
+from factory.warehouse.store import Warehouse
 
 RECIPE: dict[str, Any] = {
     "name": "scripted",
@@ -333,9 +333,9 @@ def test_every_shipped_recipe_validates(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_scripted_backend_is_deterministic_and_injects_trouble() -> None:
-    from factory.backends import load_backend
-    from factory.recipe import ModelSpec, SamplingParams
-    from factory.requests import GenerationRequest, JudgeRequest, RequestFailed
+    from factory.config.recipe import ModelSpec, SamplingParams
+    from factory.models.registry import load_backend
+    from factory.models.requests import GenerationRequest, JudgeRequest, RequestFailed
 
     spec = ModelSpec(backend="scripted")
     gen = [GenerationRequest([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=20), 0, (0, 1))]

@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 from test_warehouse_safety import corrupt_pages, truncate
 from test_warehouse_safety import snapshot as files
 
-from factory.cli import main
+from factory.cli.main import main
 
 NAME = "dmg"
 STAGE_TABLES = ("prompts", "references", "samples", "judgments", "scores", "pairs")

@@ -21,9 +21,9 @@ PROMPTS, N = 3, 2
 @pytest.fixture(scope="module")
 def export_path(tmp_path_factory: pytest.TempPathFactory, kit: Any, embedded_dir: Path) -> Path:
     """A tiny build's export folder, with every pair in train."""
-    from factory.build import Build
-    from factory.recipe import load_recipe
-    from factory.warehouse import Warehouse
+    from factory.build.command import Build
+    from factory.config.recipe import load_recipe
+    from factory.warehouse.store import Warehouse
 
     root = tmp_path_factory.mktemp("dpo")
     recipe = kit.write(root / "recipe.yaml", kit.recipe(PROMPTS, N, export={"test_fraction": 0.0}))

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner, Result
 from test_build_scripted import write_edited
 
-from factory.cli import main
-from factory.warehouse import Warehouse
+from factory.cli.main import main
+from factory.warehouse.store import Warehouse
 
 EVAL_PROMPTS = [
     {"instruction": "Name a tree.", "gpt4": "Oak is a common tree."},
@@ -267,7 +267,7 @@ def test_an_unknown_protocol_override_is_refused(tmp_path: Path) -> None:
 
 
 def test_an_lc_win_rate_on_few_prompts_is_flagged_unstable(tmp_path: Path) -> None:
-    from factory.winrate import LC_MIN_PROMPTS
+    from factory.policy_eval.winrate import LC_MIN_PROMPTS
 
     assert N < LC_MIN_PROMPTS
     output = " ".join(factory_eval(recipe(tmp_path), tmp_path / "wh").output.split())

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from factory.errors import UserInputError
-from factory.evalsets import INSTRUSUM_INSTRUCTION, PRESETS, DataSource, data_source, read_eval_set
+from factory.core.errors import UserInputError
+from factory.inputs.labelled_sets import INSTRUSUM_INSTRUCTION, PRESETS, DataSource, data_source, read_eval_set
 
 DATA = Path(__file__).resolve().parent / "data" / "evalsets"
 FILES = {
@@ -31,7 +31,7 @@ def load(preset: str, **kw: Any) -> Any:
 
 
 def test_every_preset_has_a_fixture_and_the_cli_knows_them() -> None:
-    from factory.cli_eval import PRESET_NAMES
+    from factory.cli.judge_eval import PRESET_NAMES
 
     assert list(PRESETS) == list(FILES) == list(PRESET_NAMES)
     assert (DATA / "README.md").read_text(encoding="utf-8").count("invented") >= 1
@@ -112,7 +112,7 @@ def test_a_file_in_another_layout_is_one_error_line(tmp_path: Path) -> None:
 
 
 def test_hub_load_reads_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    import factory.evalsets
+    import factory.inputs.labelled_sets
 
     asked: list[tuple[str, str | None, str | None]] = []
 
@@ -120,7 +120,7 @@ def test_hub_load_reads_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
         asked.append((where, config, split))
         return [{"input": f"{split} task {i}", "output_1": "x", "output_2": "y", "label": 1 + i % 2} for i in range(2)]
 
-    monkeypatch.setattr(factory.evalsets, "read_dataset", fake)
+    monkeypatch.setattr(factory.inputs.labelled_sets, "read_dataset", fake)
     ds = read_eval_set(None, preset="llmbar-adversarial", limit=5)
     assert [a[2] for a in asked] == list(PRESETS["llmbar-adversarial"].splits)
     assert {a[:2] for a in asked} == {("princeton-nlp/LLMBar", "LLMBar")}
@@ -136,7 +136,7 @@ def test_hub_load_reads_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
     def down(where: str, **_: Any) -> list[dict[str, Any]]:
         raise UserInputError(f"{where}: could not load the dataset: Couldn't reach '{where}' on the Hub (Offline)")
 
-    monkeypatch.setattr(factory.evalsets, "read_dataset", down)
+    monkeypatch.setattr(factory.inputs.labelled_sets, "read_dataset", down)
     with pytest.raises(UserInputError) as info:
         read_eval_set(None, preset="mtbench")
     message = str(info.value)
@@ -146,9 +146,9 @@ def test_hub_load_reads_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_judges_a_preset_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--data href=FILE` through judge-eval with a scripted judge that follows the human reference."""
-    import factory.metaeval
-    from factory.cli import main
-    from factory.requests import JudgeOutput, JudgeRequest
+    import factory.judge_eval.command
+    from factory.cli.main import main
+    from factory.models.requests import JudgeOutput, JudgeRequest
 
     def follow_reference(r: JudgeRequest) -> JudgeOutput:
         text = r.messages[-1]["content"]
@@ -166,7 +166,7 @@ def test_cli_judges_a_preset_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(factory.metaeval, "load_backend", lambda spec: Backend())
+    monkeypatch.setattr(factory.judge_eval.command, "load_backend", lambda spec: Backend())
     args = ["judge-eval", "--data", f"href={DATA / FILES['href']}", "--protocol", "href-ref", "--bootstrap", "20"]
     result = CliRunner().invoke(main, [*args, "-w", str(tmp_path / "wh"), "--out", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
@@ -177,7 +177,7 @@ def test_cli_judges_a_preset_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_unreachable_hub_is_one_error_line(tmp_path: Path) -> None:
     """The real loader, offline: exit 2 and one line naming the set and the way round."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    code = "from factory.cli import main; main()"
+    code = "from factory.cli.main import main; main()"
     args = [sys.executable, "-c", code, "judge-eval", "--data", "mtbench", "-w", str(tmp_path / "wh"), "-q"]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stderr

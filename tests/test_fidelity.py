@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from test_build_scripted import recipe
 
-from factory.build import Build
-from factory.labelers import judge_protocol
-from factory.protocols import PROTOCOLS, custom_protocol, soft_score
-from factory.recipe import JudgmentsSpec, PairsSpec, load_recipe
-from factory.stages import judge_calls, pair_rows, score_rows
-from factory.warehouse import Warehouse
+from factory.build.command import Build
+from factory.config.recipe import JudgmentsSpec, PairsSpec, load_recipe
+from factory.judge.protocols import PROTOCOLS, custom_protocol, soft_score
+from factory.labelers.registry import judge_protocol
+from factory.stages.rows import judge_calls, pair_rows, score_rows
+from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
 

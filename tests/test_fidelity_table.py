@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from factory.metaeval import PRESETS as JUDGE_EVAL_PRESETS
-from factory.recipe import LoadedRecipe, load_recipe
-from factory.train import resolved, settings_from
+from factory.config.recipe import LoadedRecipe, load_recipe
+from factory.judge_eval.command import PRESETS as JUDGE_EVAL_PRESETS
+from factory.train.command import resolved, settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "FIDELITY.md"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from factory.cli import main
-from factory.stages import similarity_score_rows
-from factory.warehouse import Warehouse
+from factory.cli.main import main
+from factory.stages.rows import similarity_score_rows
+from factory.warehouse.store import Warehouse
 
 
 def _write(path: Path, data: dict[str, Any]) -> Path:
@@ -141,7 +141,7 @@ def test_reward_model_and_similarity_labelers_build_pairs(
 
 
 def test_pairs_with_chat_control_tokens_are_dropped_and_counted() -> None:
-    from factory.export import without_special_tokens
+    from factory.export.dataset import without_special_tokens
 
     def rec(text: str) -> dict[str, Any]:
         user = [{"role": "user", "content": "Q"}]

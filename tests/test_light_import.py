@@ -10,11 +10,12 @@ HEAVY = ("torch", "transformers", "vllm")
 
 SCRIPT = f"""
 import json, sys
-import factory, factory.cli, factory.recipe, factory.warehouse, factory.stages, factory.protocols
+import factory, factory.cli.main, factory.config.recipe, factory.warehouse.store
+import factory.stages.rows, factory.judge.protocols
 after_import = sorted(m for m in {HEAVY!r} if m in sys.modules)
 code = None
 try:
-    factory.cli.main(["--help"], standalone_mode=True)
+    factory.cli.main.main(["--help"], standalone_mode=True)
 except SystemExit as exc:
     code = exc.code
 after_help = sorted(m for m in {HEAVY!r} if m in sys.modules)

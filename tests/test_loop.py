@@ -51,7 +51,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory, factory_exe: str, embedded_di
     wh = work / "wh"
     first = _build(factory_exe, recipe, wh)
     assert first.returncode == 0, first.stdout + first.stderr
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     runs_before = Warehouse(wh).query("SELECT count(*) AS n FROM runs").to_pylist()[0]["n"]
     again = _build(factory_exe, recipe, wh)
@@ -60,7 +60,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory, factory_exe: str, embedded_di
 
 
 def _query(wh: Path, sql: str) -> list[dict[str, Any]]:
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     return Warehouse(wh).query(sql).to_pylist()
 
@@ -129,10 +129,10 @@ def test_the_last_checkpoint_reloads_and_generates(loop: dict[str, Any]) -> None
 
 def test_each_round_samples_with_the_previous_checkpoint(loop: dict[str, Any]) -> None:
     """A round's request keys name the checkpoint that made its samples (a hash of its weights and config)."""
-    from factory.backends import model_identity
-    from factory.recipe import load_recipe
-    from factory.requests import generation_call
-    from factory.rounds import checkpoint_spec
+    from factory.config.recipe import load_recipe
+    from factory.models.registry import model_identity
+    from factory.models.requests import generation_call
+    from factory.rounds.loop import checkpoint_spec
 
     wh = loop["wh"]
     r = load_recipe(loop["recipe"]).recipe

@@ -20,9 +20,18 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from factory.errors import UserInputError
-from factory.evalsets import NamedPath, read_eval_set
-from factory.evalstats import (
+from factory.config.recipe import ModelSpec
+from factory.core.errors import UserInputError
+from factory.inputs.labelled_sets import NamedPath, read_eval_set
+from factory.judge.protocols import PROTOCOLS
+from factory.judge_eval.command import (
+    EvalSettings,
+    builtin_protocol,
+    load_custom_template,
+    parse_judges,
+    run_judge_eval,
+)
+from factory.judge_eval.metrics import (
     CaseResult,
     Judged,
     Unparsed,
@@ -35,11 +44,8 @@ from factory.evalstats import (
     mcnemar_exact,
     table1,
 )
-from factory.metaeval import EvalSettings, builtin_protocol, load_custom_template, parse_judges, run_judge_eval
-from factory.protocols import PROTOCOLS
-from factory.recipe import ModelSpec
-from factory.requests import JudgeOutput, JudgeRequest, TransientError
-from factory.warehouse import Warehouse
+from factory.models.requests import JudgeOutput, JudgeRequest, TransientError
+from factory.warehouse.store import Warehouse
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "JUDGE_EVAL.md"
 SETTINGS = EvalSettings(bootstrap=200)
@@ -504,11 +510,11 @@ def test_blocks_need_the_standard_output_blocks(tmp_path: Path, data_file: Path)
 
 
 def test_cli_states_the_rules_and_writes_bias(tmp_path: Path, data_file: Path, monkeypatch: Any) -> None:
-    import factory.metaeval
-    from factory.cli import main
+    import factory.judge_eval.command
+    from factory.cli.main import main
 
     backend = Scripted(oracle({5: "none"}))
-    monkeypatch.setattr(factory.metaeval, "load_backend", lambda spec: backend)
+    monkeypatch.setattr(factory.judge_eval.command, "load_backend", lambda spec: backend)
     out = tmp_path / "report"
     args = ["judge-eval", "--data", f"toy={data_file}", "--protocol", "reffree", "-w", str(tmp_path / "wh")]
     args += ["--out", str(out), "-q", "--bootstrap", "50", "--swap", "both"]
@@ -599,11 +605,11 @@ def docs_sql(name: str) -> str:
 def test_printed_numbers_equal_sql_over_the_table(
     tmp_path: Path, data_file: Path, monkeypatch: Any, rule: str, swap: str
 ) -> None:
-    import factory.metaeval
-    from factory.cli import main
+    import factory.judge_eval.command
+    from factory.cli.main import main
 
     backend = Scripted(oracle({0: "wrong", 5: "none", 6: "a", 8: "a"}))
-    monkeypatch.setattr(factory.metaeval, "load_backend", lambda spec: backend)
+    monkeypatch.setattr(factory.judge_eval.command, "load_backend", lambda spec: backend)
     wh_dir, out = tmp_path / "wh", tmp_path / "report"
     args = ["judge-eval", "--data", f"toy={data_file}", "--protocol", "reffree", "--protocol", "refeval"]
     args += ["--unparsed", rule, "--swap", swap]
@@ -642,14 +648,14 @@ def test_printed_numbers_equal_sql_over_the_table(
 
 
 def test_judge_compare_cli(tmp_path: Path, data_file: Path, monkeypatch: Any) -> None:
-    import factory.metaeval
-    from factory.cli import main
+    import factory.judge_eval.command
+    from factory.cli.main import main
 
     def policy(r: JudgeRequest) -> JudgeOutput:
         has_ref = "# Reference Output:" in r.messages[-1]["content"]
         return oracle({})(r) if has_ref else always_a(r)
 
-    monkeypatch.setattr(factory.metaeval, "load_backend", lambda spec: Scripted(policy))
+    monkeypatch.setattr(factory.judge_eval.command, "load_backend", lambda spec: Scripted(policy))
     wh = tmp_path / "wh"
     args = ["judge-eval", "--data", str(data_file), "--protocol", "refeval", "--protocol", "reffree", "-q"]
     assert CliRunner().invoke(main, [*args, "-w", str(wh)]).exit_code == 0
@@ -668,7 +674,7 @@ def test_judge_compare_cli(tmp_path: Path, data_file: Path, monkeypatch: Any) ->
 def test_judge_names_are_printed_literally(tmp_path: Path, data_file: Path) -> None:
     """A judge named with rich markup and escape sequences (a spec file's key) is shown as text in every table
     judge-eval and judge-compare print: the markup is not obeyed, the escapes are made visible."""
-    from factory.cli import main
+    from factory.cli.main import main
 
     name = "[bold red]j[/] \x1b]52;c;aGk=\x07 \x1b[2J"
     spec = tmp_path / "judges.json"
@@ -752,7 +758,7 @@ def test_custom_templates_and_judge_specs(tmp_path: Path, data_file: Path) -> No
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    from factory.cli import main
+    from factory.cli.main import main
 
     rows = make_rows()
     files = {
@@ -771,7 +777,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: 
 
 def test_import_factory_cli_stays_light() -> None:
     code = (
-        "import sys, factory.cli as c; "
+        "import sys, factory.cli.main as c; "
         "assert {'judge-eval', 'judge-compare'} <= set(c.main.commands), c.main.commands; "
         "heavy = {'torch', 'transformers', 'datasets', 'duckdb'} & set(sys.modules); "
         "assert not heavy, heavy"
@@ -785,7 +791,7 @@ def test_import_factory_cli_stays_light() -> None:
 @pytest.mark.model
 def test_embedded_judge_on_llmbar_cases(tmp_path: Path, embedded_dir: Path) -> None:
     """Two real LLMBar-Natural cases through the embedded judge: rows in both orders, then a free rerun."""
-    from factory.cli import main
+    from factory.cli.main import main
 
     # The shared LLMBar-Natural set lies beside the repository (in CI too); a made-up pair stands in elsewhere.
     natural = Path(__file__).resolve().parents[2] / "shared" / "data" / "llmbar" / "natural.jsonl"

@@ -30,12 +30,12 @@ pytest.importorskip("httpx", reason="the openai backend needs the `openai` extra
 
 from fault_proxy import FaultProxy, schedule
 
-from factory.backends.openai_backend import OpenAIBackend, model_prices
-from factory.errors import FactoryError, UserInputError
-from factory.protocols import get_protocol
-from factory.recipe import ModelSpec, SamplingParams
-from factory.requests import GenerationRequest, JudgeRequest, RequestFailed
-from factory.warehouse import Warehouse
+from factory.config.recipe import ModelSpec, SamplingParams
+from factory.core.errors import FactoryError, UserInputError
+from factory.judge.protocols import get_protocol
+from factory.models.openai_backend import OpenAIBackend, model_prices
+from factory.models.requests import GenerationRequest, JudgeRequest, RequestFailed
+from factory.warehouse.store import Warehouse
 
 # --------------------------------------------------------------------------------- the scripted upstream
 
@@ -458,7 +458,7 @@ def _recipe(tmp_path: Path, url: str, models: dict[str, Any] | None = None, **to
 def _build(tmp_path: Path, url: str, models: dict[str, Any] | None = None, **top: Any) -> Any:
     from click.testing import CliRunner
 
-    from factory.cli import main
+    from factory.cli.main import main
 
     recipe = _recipe(tmp_path, url, models, **top)
     return CliRunner().invoke(main, ["build", str(recipe), "-w", str(tmp_path / "wh"), "-q"])
@@ -544,7 +544,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     Module scope, so the server's ~5 GiB are gone before another module starts an engine of its own.
     """
     pytest.importorskip("vllm")
-    from factory.backends.hf import embedded_model_dir
+    from factory.models.hf import embedded_model_dir
 
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"

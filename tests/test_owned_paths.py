@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 from test_build_scripted import RECIPE, write_edited
 
-from factory.cli import main
-from factory.owned import LEFTOVER, FolderKind, new_folder_beside, replace_folder, seal, sweep_leftovers
+from factory.cli.main import main
+from factory.core.owned import LEFTOVER, FolderKind, new_folder_beside, replace_folder, seal, sweep_leftovers
 
 
 def cli(*args: str | Path) -> Result:
@@ -265,12 +265,12 @@ def test_replace_folder_replaces_its_own_and_sweeps_only_marked_leftovers(tmp_pa
 
 @pytest.mark.model
 def test_model_conversion_sweeps_only_its_own_leftovers(tmp_path: Path, monkeypatch: Any) -> None:
-    from factory.backends.hf import embedded_model_dir
+    from factory.models.hf import embedded_model_dir
 
     monkeypatch.setenv("FACTORY_CACHE", str(tmp_path / "cache"))
     models = tmp_path / "cache" / "models"
     name = embedded_model_dir.__defaults__[0]
-    from factory.backends import EMBEDDED_MODELS, package_version
+    from factory.models.registry import EMBEDDED_MODELS, package_version
 
     version = package_version(EMBEDDED_MODELS[name][0].replace("_", "-"))
     target = models / f"{name}-{version}"

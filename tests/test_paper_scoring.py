@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 from test_build_scripted import recipe
 
-from factory.build import Build, stages_for
-from factory.errors import UserInputError
-from factory.keys import stable_hash
-from factory.pipeline import Context, stage_key
-from factory.protocols import PROTOCOLS
-from factory.recipe import JudgmentsSpec, load_recipe
-from factory.stages import judge_calls, paper_score_rows, score_rows, verdict_fields
-from factory.warehouse import Warehouse
+from factory.build.command import Build, stages_for
+from factory.config.recipe import JudgmentsSpec, load_recipe
+from factory.core.errors import UserInputError
+from factory.core.keys import stable_hash
+from factory.judge.protocols import PROTOCOLS
+from factory.pipeline.stage import Context, stage_key
+from factory.stages.rows import judge_calls, paper_score_rows, score_rows, verdict_fields
+from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.errors import UserInputError
-from factory.protocols import (
+from factory.core.errors import UserInputError
+from factory.judge.protocols import (
     PROTOCOLS,
     VERDICT_RE,
     custom_protocol,

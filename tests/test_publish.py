@@ -20,11 +20,11 @@ from click.testing import CliRunner, Result
 from hub_standin import HubStandIn
 from test_build_scripted import RECIPE
 
-from factory.build import Build
-from factory.cli import main
-from factory.publish import DRY_RUN_MARKER
-from factory.recipe import load_recipe
-from factory.warehouse import Warehouse
+from factory.build.command import Build
+from factory.cli.main import main
+from factory.config.recipe import load_recipe
+from factory.publish.command import DRY_RUN_MARKER
+from factory.warehouse.store import Warehouse
 
 # A recognisable fake token: if it shows up anywhere but an Authorization header, the test says where.
 TOKEN = "hf_FactoryStandInToken0123456789abcdef"
@@ -113,7 +113,7 @@ def card_of(folder: Path) -> Any:
 def test_dry_run_writes_loadable_shards_and_a_valid_card(export: Path, tmp_path: Path, monkeypatch: Any) -> None:
     import datasets
 
-    from factory.train import dataset_hash
+    from factory.train.command import dataset_hash
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dry run needs no network and no token
     wh = tmp_path / "wh"
@@ -161,8 +161,8 @@ def test_dry_run_writes_loadable_shards_and_a_valid_card(export: Path, tmp_path:
 def test_shards_and_empty_splits(export: Path, tmp_path: Path) -> None:
     import datasets
 
-    from factory.export import preference_features, write_dataset_folder
-    from factory.publish import publish as run_publish
+    from factory.export.dataset import preference_features, write_dataset_folder
+    from factory.publish.command import publish as run_publish
 
     # Shards of at most 1 byte: one row per shard, named as the Hub names shards, read back in order.
     done = run_publish(export, REPO, Warehouse(tmp_path / "wh"), dry_run=str(tmp_path / "sharded"), max_shard_bytes=1)

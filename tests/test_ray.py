@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from factory.cli import main
+from factory.cli.main import main
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the `ray` extra")
 
@@ -49,11 +49,11 @@ def cli(*args: str) -> Any:
 def test_missing_ray_extra_is_one_line_naming_the_extra(
     tmp_path: Path, kit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import factory.executors
+    import factory.pipeline.executors
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        factory.executors.importlib.util,
+        factory.pipeline.executors.importlib.util,
         "find_spec",
         lambda name, *a, **k: None if name == "ray" else real(name, *a, **k),
     )
@@ -116,7 +116,7 @@ def local(tmp_path_factory: pytest.TempPathFactory, kit: Any, embedded_dir: Path
 
 def tables(warehouse: Path) -> dict[str, list[tuple[Any, ...]]]:
     """What a build made, without run ids, timings, latencies, creation times or worker ids."""
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     wh = Warehouse(warehouse)
     queries = {
@@ -132,7 +132,7 @@ def tables(warehouse: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def duplicate_keys(warehouse: Path) -> dict[str, int]:
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     wh = Warehouse(warehouse)
     out = {}
@@ -158,11 +158,11 @@ def ray_build(tmp_path_factory: pytest.TempPathFactory, ray_cluster: Any, local:
     """The CLI's ray build, whose executor SIGKILLs the worker that returned the first judgments shard: that
     worker has just been handed the next shard, so the shard dies with it and Ray must run it again on the
     restarted worker. (One build serves every check, to keep the module within a few minutes on 2 cores.)"""
-    import factory.executors
+    import factory.pipeline.executors
 
     made: list[Any] = []
 
-    class KillingExecutor(factory.executors.RayExecutor):
+    class KillingExecutor(factory.pipeline.executors.RayExecutor):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.killed: int | None = None
@@ -178,7 +178,7 @@ def ray_build(tmp_path_factory: pytest.TempPathFactory, ray_cluster: Any, local:
 
     warehouse = tmp_path_factory.mktemp("ray") / "wh"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(factory.executors, "RayExecutor", KillingExecutor)
+        mp.setattr(factory.pipeline.executors, "RayExecutor", KillingExecutor)
         t0 = time.perf_counter()
         result = cli("build", str(local[0]), "-w", str(warehouse), "-q", "--executor", "ray")
         seconds = time.perf_counter() - t0
@@ -273,7 +273,7 @@ def test_two_models_and_the_eval_section_run_on_ray(tmp_path: Path, kit: Any, ra
     for name, extra in (("local", ()), ("ray", ("--executor", "ray"))):
         result = cli("build", str(recipe), "-w", str(tmp_path / name), "-q", *extra)
         assert result.exit_code == 0, result.output
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     def made(name: str) -> list[Any]:
         wh = Warehouse(tmp_path / name)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from factory.cli import main
+from factory.cli.main import main
 
 BASE = """\
 name: errors
@@ -257,7 +257,7 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
     case = RECIPE_CASES[0]
     path, text = write_recipe(tmp_path, case)
     proc = subprocess.run(
-        [sys.executable, "-m", "factory.cli", "validate", str(path)],
+        [sys.executable, "-m", "factory.cli.main", "validate", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

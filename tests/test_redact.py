@@ -1,11 +1,11 @@
-"""factory.redact: secrets out of every text that is stored, logged or printed; ordinary text untouched."""
+"""factory.core.redact: secrets out of every text that is stored, logged or printed; ordinary text untouched."""
 
 from __future__ import annotations
 
 import pytest
 
-from factory import redact as redact_module
-from factory.redact import MAX_CHARS, REDACTED, redact, register_secret_env, secret_env_names
+from factory.core import redact as redact_module
+from factory.core.redact import MAX_CHARS, REDACTED, redact, register_secret_env, secret_env_names
 
 
 @pytest.fixture(autouse=True)

@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner
 from test_metaeval import Scripted, data_file, make_rows, shown, write_jsonl  # noqa: F401 (data_file: a fixture)
 
-from factory.backends import model_identity
-from factory.evalsets import read_eval_set
-from factory.keys import stable_hash
-from factory.metaeval import (
+from factory.config.recipe import ModelSpec
+from factory.core.keys import stable_hash
+from factory.inputs.labelled_sets import read_eval_set
+from factory.judge_eval.command import (
     PRESETS,
     EvalSettings,
     Unit,
@@ -33,9 +33,9 @@ from factory.metaeval import (
     unit_calls,
     unit_key,
 )
-from factory.recipe import ModelSpec
-from factory.requests import JudgeOutput, JudgeRequest
-from factory.warehouse import Warehouse
+from factory.models.registry import model_identity
+from factory.models.requests import JudgeOutput, JudgeRequest
+from factory.warehouse.store import Warehouse
 
 
 def asks_reasoning(r: JudgeRequest) -> bool:
@@ -75,7 +75,7 @@ def test_reife_verdict_rule() -> None:
 
 
 def test_preset_settings_and_names_agree_with_the_cli() -> None:
-    from factory.cli_eval import JUDGE_PRESET_NAMES, PRESET_OPTIONS
+    from factory.cli.judge_eval import JUDGE_PRESET_NAMES, PRESET_OPTIONS
 
     assert tuple(PRESETS) == JUDGE_PRESET_NAMES
     s = preset_settings("reife", bootstrap=10)
@@ -115,11 +115,11 @@ def test_default_unit_key_and_run_hash_keep_their_form(data_file: Path) -> None:
 
 
 def _judge_eval(tmp_path: Path, data: Path, monkeypatch: Any, *extra: str) -> tuple[Any, Scripted, Path]:
-    import factory.metaeval
-    from factory.cli import main
+    import factory.judge_eval.command
+    from factory.cli.main import main
 
     backend = Scripted(reife_style)
-    monkeypatch.setattr(factory.metaeval, "load_backend", lambda spec: backend)
+    monkeypatch.setattr(factory.judge_eval.command, "load_backend", lambda spec: backend)
     out = tmp_path / "report"
     args = ["judge-eval", "--data", f"toy={data}", "--protocol", "reffree", "--protocol", "cot"]
     args += ["-w", str(tmp_path / "wh"), "--out", str(out), "-q", "--bootstrap", "50", *extra]

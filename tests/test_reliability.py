@@ -1,7 +1,7 @@
 """Reliability of `factory build` as a process: kill -9 at random points, Ctrl-C, two builds on one warehouse,
 corrupt call files, transient and non-transient model failures.
 
-Every build runs as a real `python -m factory.cli build` subprocess on the `scripted` backend (deterministic
+Every build runs as a real `python -m factory.cli.main build` subprocess on the `scripted` backend (deterministic
 answers, injected delays and failures, no torch), so a killed build is really killed and a resumed one really
 starts from what is on disk. Finished warehouses are compared with an uninterrupted build of the same recipe
 on the content columns of every stage table, the exported Parquet files and the calls tables.
@@ -106,7 +106,7 @@ def _env() -> dict[str, str]:
 
 
 def factory_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "factory.cli", *args]
+    return [sys.executable, "-m", "factory.cli.main", *args]
 
 
 def start_build(recipe: Path, wh: Path, stderr: Path) -> subprocess.Popen[bytes]:

@@ -20,13 +20,13 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from factory.backends import model_identity
-from factory.cli import main
-from factory.errors import UserInputError
-from factory.recipe import ModelSpec, TrainSettings
-from factory.remote_code import RECIPE_OPT_IN, TRAIN_OPT_IN
-from factory.requests import judge_call
-from factory.rounds import checkpoint_spec, train_base
+from factory.cli.main import main
+from factory.config.recipe import ModelSpec, TrainSettings
+from factory.core.errors import UserInputError
+from factory.models.registry import model_identity
+from factory.models.remote_code import RECIPE_OPT_IN, TRAIN_OPT_IN
+from factory.models.requests import judge_call
+from factory.rounds.loop import checkpoint_spec, train_base
 
 MODULE = """\
 from pathlib import Path
@@ -107,7 +107,7 @@ def test_trust_remote_code_is_off_by_default_and_stays_out_of_request_keys() -> 
 
 @pytest.mark.model
 def test_backends_refuse_a_model_that_ships_code_without_running_it(model_folder: Path, sentinel: Path) -> None:
-    from factory.backends.hf import RewardModelBackend, TransformersBackend
+    from factory.models.hf import RewardModelBackend, TransformersBackend
 
     for cls, backend in ((TransformersBackend, "transformers"), (RewardModelBackend, "reward-model")):
         with pytest.raises(UserInputError) as refused:
@@ -154,9 +154,9 @@ def test_with_the_opt_in_the_models_code_loads_and_runs(tmp_path: Path, model_fo
     # In a process of its own, so transformers copies the module into this test's own modules cache.
     script = textwrap.dedent(
         f"""
-        from factory.backends.hf import TransformersBackend
-        from factory.recipe import ModelSpec
-        from factory.requests import JudgeRequest
+        from factory.models.hf import TransformersBackend
+        from factory.config.recipe import ModelSpec
+        from factory.models.requests import JudgeRequest
 
         spec = ModelSpec(backend="transformers", model={str(model_folder)!r}, threads=1, trust_remote_code=True)
         backend = TransformersBackend(spec)
@@ -174,7 +174,7 @@ def test_with_the_opt_in_the_models_code_loads_and_runs(tmp_path: Path, model_fo
 @pytest.mark.vllm
 def test_vllm_refuses_a_model_that_ships_code_before_its_engine_starts(model_folder: Path, sentinel: Path) -> None:
     pytest.importorskip("vllm")
-    from factory.backends.vllm_backend import VLLMBackend
+    from factory.models.vllm_backend import VLLMBackend
 
     with pytest.raises(UserInputError) as refused:
         VLLMBackend(ModelSpec(backend="vllm", model=str(model_folder), engine={"enforce_eager": True}))

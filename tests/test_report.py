@@ -25,8 +25,8 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from factory.cli import main
-from factory.report import CSP, html_table
+from factory.cli.main import main
+from factory.report.page import CSP, html_table
 
 CHROMIUM = shutil.which("chromium")
 NEEDS_CHROMIUM = pytest.mark.skipif(

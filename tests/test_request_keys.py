@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from factory.backends import model_identity
-from factory.build import read_prompts
-from factory.labelers import judge_protocol
-from factory.recipe import ModelSpec, load_recipe
-from factory.requests import reward_call
-from factory.stages import generation_calls, judge_calls
+from factory.build.command import read_prompts
+from factory.config.recipe import ModelSpec, load_recipe
+from factory.labelers.registry import judge_protocol
+from factory.models.registry import model_identity
+from factory.models.requests import reward_call
+from factory.stages.rows import generation_calls, judge_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "request_keys.json"
@@ -62,8 +62,8 @@ if __name__ == "__main__":  # writes the golden file; run only for a deliberate 
 def test_a_warehouse_built_before_the_move_is_rebuilt_without_a_model_call(tmp_path: Path) -> None:
     import shutil
 
-    from factory.build import Build
-    from factory.warehouse import Warehouse
+    from factory.build.command import Build
+    from factory.warehouse.store import Warehouse
 
     shutil.copytree(Path(__file__).parent / "data" / "warehouse_before_move", tmp_path / "w")
     loaded = load_recipe(tmp_path / "w" / "recipe.yaml")

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from factory.warehouse import Warehouse
+from factory.warehouse.store import Warehouse
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

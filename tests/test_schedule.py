@@ -1,4 +1,4 @@
-"""Comparison schedules (factory.schedule): pure and fast, no model."""
+"""Comparison schedules (factory.judge.schedule): pure and fast, no model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.schedule import Adaptive, AllPairs, Schedule, observed_scores
-from factory.stages import score_rows
+from factory.judge.schedule import Adaptive, AllPairs, Schedule, observed_scores
+from factory.stages.rows import score_rows
 
 Judge = Callable[[str, str], "float | None"]
 
@@ -273,9 +273,9 @@ def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tm
     with its schedule round, and an unchanged rebuild replays the stored answers with 0 calls."""
     from test_build_scripted import recipe
 
-    from factory.build import Build
-    from factory.recipe import load_recipe
-    from factory.warehouse import Warehouse
+    from factory.build.command import Build
+    from factory.config.recipe import load_recipe
+    from factory.warehouse.store import Warehouse
 
     calls = {}
     for schedule in ("all-pairs", "adaptive"):
@@ -297,8 +297,8 @@ def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tm
 def test_the_adaptive_schedule_refuses_forward_only_orders(tmp_path: Path) -> None:
     from test_build_scripted import recipe
 
-    from factory.errors import UserInputError
-    from factory.recipe import load_recipe
+    from factory.config.recipe import load_recipe
+    from factory.core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="both orders"):
         load_recipe(recipe(tmp_path, **{"judgments.schedule": "adaptive", "judgments.orders": "forward"}))

@@ -1,19 +1,21 @@
-"""schemas/ is generated from the code (`python -m factory.schemas`); a stale file fails here."""
+"""schemas/ is generated from the code (`python -m factory.warehouse.schemas`); a stale file fails here."""
 
 from __future__ import annotations
 
 import json
 
-from factory.schemas import SCHEMAS_DIR, rendered
+from factory.warehouse.schemas import SCHEMAS_DIR, rendered
 
 
 def test_schema_files_are_up_to_date() -> None:
     expected = rendered()
-    assert expected, "factory.schemas.rendered() produced no files"
+    assert expected, "factory.warehouse.schemas.rendered() produced no files"
     for name, text in expected.items():
         path = SCHEMAS_DIR / name
-        assert path.is_file(), f"schemas/{name} is missing; run `python -m factory.schemas`"
-        assert path.read_text(encoding="utf-8") == text, f"schemas/{name} is stale; run `python -m factory.schemas`"
+        assert path.is_file(), f"schemas/{name} is missing; run `python -m factory.warehouse.schemas`"
+        assert path.read_text(encoding="utf-8") == text, (
+            f"schemas/{name} is stale; run `python -m factory.warehouse.schemas`"
+        )
 
 
 def test_no_stray_schema_files() -> None:

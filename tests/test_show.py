@@ -13,11 +13,11 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from factory.build import Build
-from factory.cli import main
-from factory.protocols import SYSTEM
-from factory.recipe import load_recipe
-from factory.warehouse import Warehouse
+from factory.build.command import Build
+from factory.cli.main import main
+from factory.config.recipe import load_recipe
+from factory.judge.protocols import SYSTEM
+from factory.warehouse.store import Warehouse
 
 # Rich markup and a terminal escape in the data: both must be shown as text, never obeyed.
 ODD = "Say [bold]hi[/bold] \x1b[31mred"

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from factory.backends import model_identity
-from factory.errors import UserInputError
-from factory.protocols import PROTOCOLS
-from factory.recipe import JudgmentsSpec, ModelSpec, PairsSpec, PromptSource, ReferenceSpec
-from factory.stages import column_reference_rows, judge_calls, pair_rows, prompt_rows, score_rows
+from factory.config.recipe import JudgmentsSpec, ModelSpec, PairsSpec, PromptSource, ReferenceSpec
+from factory.core.errors import UserInputError
+from factory.judge.protocols import PROTOCOLS
+from factory.models.registry import model_identity
+from factory.stages.rows import column_reference_rows, judge_calls, pair_rows, prompt_rows, score_rows
 
 # ------------------------------------------------------------------------------------------------ prompts
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from factory.cli import main
-from factory.errors import UserInputError
-from factory.recipe import ModelSpec, TrainSettings
-from factory.train import PRESETS, parse_overrides, resolved, settings_from
+from factory.cli.main import main
+from factory.config.recipe import ModelSpec, TrainSettings
+from factory.core.errors import UserInputError
+from factory.train.command import PRESETS, parse_overrides, resolved, settings_from
 
 # ------------------------------------------------------------------------------------------ settings (fast)
 
@@ -43,7 +43,7 @@ def test_the_paper_preset_follows_the_authors_code() -> None:
 
 
 def test_steps_warmup_and_accumulation_are_counted_by_factory() -> None:
-    from factory.train import accumulation, optimizer_steps, warmup_steps
+    from factory.train.command import accumulation, optimizer_steps, warmup_steps
 
     # 64 pairs per step: 8 accumulation on the authors' 8 GPUs, 64 on one device.
     paper = resolved(TrainSettings(preset="paper"), "dpo")
@@ -61,7 +61,7 @@ def test_steps_warmup_and_accumulation_are_counted_by_factory() -> None:
 
 
 def test_selection_rule_is_decided_and_refused_before_training() -> None:
-    from factory.train import selection_rule
+    from factory.train.command import selection_rule
 
     sweep = resolved(TrainSettings(preset="cpu", beta=[0.1, 0.2]), "dpo")
     assert selection_rule(resolved(TrainSettings(preset="cpu"), "dpo"), 1, False, None, "d") == "only"
@@ -93,7 +93,7 @@ def test_trl_config_overrides_trls_own_defaults(tmp_path: Path) -> None:
 
     from trl import DPOConfig
 
-    from factory.train import trl_config
+    from factory.train.command import trl_config
 
     defaults = {f.name: f.default for f in fields(DPOConfig)}
     values = resolved(TrainSettings(preset="paper"), "dpo")
@@ -172,7 +172,7 @@ def test_dpo_trains_saves_a_model_that_reloads_and_reuses_on_rerun(tmp_path: Pat
     base, trained = weights(embedded_dir), weights(out)
     unchanged = [k for k in base if k in trained and torch.equal(base[k], trained[k])]
     assert len(unchanged) < len(base) // 10, f"DPO left most parameters unchanged: {unchanged[:3]}"
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     store = Warehouse(wh)
     (row,) = store.query("SELECT * FROM trainings").to_pylist()
@@ -191,7 +191,7 @@ def test_dpo_trains_saves_a_model_that_reloads_and_reuses_on_rerun(tmp_path: Pat
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
     # The same data, model and settings: the trained model is reused, nothing is trained again.
     identity = ModelSpec(backend="transformers", model=str(out))
-    from factory.backends import model_identity
+    from factory.models.registry import model_identity
 
     before = model_identity(identity)
     again = CliRunner().invoke(main, args)
@@ -211,7 +211,7 @@ def test_sft_on_references(tmp_path: Path, embedded_dir: Path) -> None:
     export, wh = scripted_export(tmp_path, sft=True), tmp_path / "wh"
     result = CliRunner().invoke(main, ["train", str(export), "--preset", "cpu", "--set", "max_steps=1", "-w", str(wh)])
     assert result.exit_code == 0, result.output
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     (row,) = Warehouse(wh).query("SELECT method, steps, beta FROM trainings").to_pylist()
     assert row == {"method": "sft", "steps": 1, "beta": None}
@@ -232,7 +232,7 @@ def test_bad_training_input_is_one_line(tmp_path: Path) -> None:
 
 
 def _metrics(wh: Path, sql: str) -> list[dict[str, Any]]:
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
 
     return Warehouse(wh).query(sql).to_pylist()
 
@@ -284,7 +284,7 @@ def test_a_beta_sweep_keeps_each_runs_best_checkpoint_and_selects_by_validation_
     winner = 0 if accuracies[0] >= accuracies[1] else 1
     assert [r["selected"] for r in rows] == [i == winner for i in range(2)]
     out = wh / "models" / "tiny-dpo"
-    from factory.backends import folder_fingerprint
+    from factory.models.registry import folder_fingerprint
 
     assert rows[winner]["output"] == str(out) and folder_fingerprint(out) == rows[winner]["model_hash"]
     card = (out / "README.md").read_text(encoding="utf-8")
@@ -372,7 +372,7 @@ def test_a_prompt_longer_than_512_tokens_is_not_cut(tmp_path: Path, embedded_dir
     import datasets
     from transformers import AutoTokenizer
 
-    from factory.train import _build_trainer
+    from factory.train.command import _build_trainer
 
     long = " ".join(f"word{i}" for i in range(300))  # about 900 tokens
     row = {

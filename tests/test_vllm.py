@@ -32,7 +32,7 @@ def _columns(warehouse: Path, table: str) -> list[str]:
     """A table's columns as `factory sql` shows them."""
     from click.testing import CliRunner
 
-    from factory.cli import main
+    from factory.cli.main import main
 
     result = CliRunner().invoke(main, ["sql", f'DESCRIBE "{table}"', "-w", str(warehouse), "--format", "json"])
     assert result.exit_code == 0, result.output
@@ -41,9 +41,9 @@ def _columns(warehouse: Path, table: str) -> list[str]:
 
 def test_vllm_judges_like_transformers(embedded_dir: Path) -> None:
     """Same prompt, same prefill, same greedy tokens and (nearly) the same log-probabilities."""
-    from factory.backends import GenerationRequest, JudgeRequest, load_backend
-    from factory.protocols import get_protocol
-    from factory.recipe import ModelSpec, SamplingParams
+    from factory.config.recipe import ModelSpec, SamplingParams
+    from factory.judge.protocols import get_protocol
+    from factory.models.registry import GenerationRequest, JudgeRequest, load_backend
 
     protocol = get_protocol("refeval")
     pairs = [("Red.", "I like cake."), ("I like cake.", "Red."), ("Blue!", "Red.")]
@@ -85,8 +85,8 @@ def test_a_recipe_builds_on_vllm_with_the_same_tables_as_transformers(
     hf_recipe = kit.write(tmp_path / "hf.yaml", kit.recipe(prompts, n))
     assert cli_build(hf_recipe, tmp_path / "wh-hf").exit_code == 0
 
-    from factory.tables import ALL_TABLES
-    from factory.warehouse import Warehouse
+    from factory.warehouse.store import Warehouse
+    from factory.warehouse.tables import ALL_TABLES
 
     for table in ALL_TABLES:
         assert _columns(tmp_path / "wh-vllm", table) == _columns(tmp_path / "wh-hf", table), table

@@ -9,9 +9,10 @@ from typing import Any
 import duckdb
 import pytest
 
-from factory.errors import UserInputError
-from factory.tables import ALL_TABLES
-from factory.warehouse import DB_FILE, Warehouse, atomic_write_bytes, to_table
+from factory.core.errors import UserInputError
+from factory.core.files import atomic_write_bytes
+from factory.warehouse.store import DB_FILE, Warehouse, to_table
+from factory.warehouse.tables import ALL_TABLES
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

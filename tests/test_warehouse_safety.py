@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 from test_warehouse import gen_call, prompt_row
 
-from factory.errors import FactoryError, UserInputError
-from factory.warehouse import DB_FILE, Warehouse, atomic_write_bytes, folder_lock
+from factory.core.errors import FactoryError, UserInputError
+from factory.core.files import atomic_write_bytes, folder_lock
+from factory.warehouse.store import DB_FILE, Warehouse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -416,7 +417,8 @@ def test_a_report_folder_under_a_file_is_a_user_error(tmp_path: Path) -> None:
 HOLDER = """
 import sys
 from pathlib import Path
-from factory.warehouse import Warehouse, folder_lock
+from factory.core.files import folder_lock
+from factory.warehouse.store import Warehouse
 
 kind, path = sys.argv[1], Path(sys.argv[2])
 held = Warehouse(path).lock() if kind == "warehouse" else folder_lock(path, "export folder")
@@ -548,8 +550,8 @@ def cli_env(terminal: str = "plain") -> dict[str, str]:
 
 
 def factory_cli(*args: str, terminal: str = "plain", tty: bool = False) -> subprocess.CompletedProcess[str]:
-    """`python -m factory.cli ARGS` in its own process: stdout a pipe, or with `tty` a pseudo-terminal."""
-    cmd = [sys.executable, "-m", "factory.cli", *args]
+    """`python -m factory.cli.main ARGS` in its own process: stdout a pipe, or with `tty` a pseudo-terminal."""
+    cmd = [sys.executable, "-m", "factory.cli.main", *args]
     if not tty:
         return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(terminal), timeout=120)
     main_fd, child_fd = pty.openpty()
@@ -644,8 +646,8 @@ def test_error_lines_quote_data_literally(hostile: Path, tmp_path: Path, case: s
 
 def test_only_a_recorded_run_is_said_to_be_recorded(capsys: pytest.CaptureFixture[str]) -> None:
     """`factory sql` records no run: its failures and Ctrl-C must not claim one (only a Run marks one)."""
-    from factory.cli_options import friendly
-    from factory.errors import mark_recorded
+    from factory.cli.options import friendly
+    from factory.core.errors import mark_recorded
 
     def fail(exc: BaseException, recorded: bool) -> None:
         if recorded:
@@ -685,7 +687,7 @@ def test_a_memory_hungry_query_is_refused_under_the_memory_limit(site: Warehouse
     work.mkdir()
     query = "SELECT count(*) FROM (SELECT DISTINCT range FROM range(50000000))"  # a hash table of ~1 GB
     result = subprocess.run(
-        [sys.executable, "-m", "factory.cli", "sql", query, "-w", str(site.root), "--memory-limit", "30MB"],
+        [sys.executable, "-m", "factory.cli.main", "sql", query, "-w", str(site.root), "--memory-limit", "30MB"],
         capture_output=True,
         text=True,
         env=cli_env(),
@@ -717,7 +719,7 @@ def cpu_seconds(pid: int) -> float:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see that the query runs")
 def test_ctrl_c_stops_a_query_every_time(site: Warehouse) -> None:
     """Ctrl-C once failed to stop a runaway query in 1 of 4 tries: each try must exit 130 with one line."""
-    cmd = [sys.executable, "-m", "factory.cli", "sql", RUNAWAY, "-w", str(site.root), "--timeout", "0"]
+    cmd = [sys.executable, "-m", "factory.cli.main", "sql", RUNAWAY, "-w", str(site.root), "--timeout", "0"]
     for attempt in range(3):
         # SIGINT restored to its default: pytest run as a background job ignores it, and a child inherits that.
         proc = subprocess.Popen(
@@ -798,9 +800,9 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from factory.pipeline import PlannedStage, StageStats
-from factory.progress import RichReporter, print_eval, print_loop, print_plan, print_summary
-from factory.warehouse import Warehouse
+from factory.pipeline.stage import PlannedStage, StageStats
+from factory.cli.progress import RichReporter, print_eval, print_loop, print_plan, print_summary
+from factory.warehouse.store import Warehouse
 
 hostile, root = sys.argv[1], Path(sys.argv[2])
 wh = Warehouse(root / hostile)

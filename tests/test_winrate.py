@@ -1,4 +1,4 @@
-"""The win-rate math of `factory.winrate` on hand-made `eval` rows: pure functions, no warehouse, no model.
+"""The win-rate math of `factory.policy_eval.winrate` on hand-made `eval` rows: pure functions, no warehouse, no model.
 
 The fit is checked against its own stated objective by finite differences, not against the Newton code, so a
 wrong gradient or Hessian in the implementation cannot hide behind a test that repeats it.
@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from factory.winrate import Prompt, fit_length_model, length_controlled, length_features, p_policy, prompts_of, summary
+from factory.policy_eval.winrate import (
+    Prompt,
+    fit_length_model,
+    length_controlled,
+    length_features,
+    p_policy,
+    prompts_of,
+    summary,
+)
 
 
 def row(

@@ -1,0 +1,168 @@
+"""What a stage asks of a model and what comes back: the types below both the stages and the backends.
+
+Stages turn rows into keyed `Call`s; backends turn requests into outputs; `calls.py` runs the one through
+the other. Nothing here imports a backend, a stage or the warehouse, so every layer can depend on it.
+
+Failure has two kinds (docs/DESIGN.md, "No silent failure"):
+- transient: the network, a timeout, a rate limit, an engine error the backend marks retryable. A backend
+  raises `TransientError` for a whole batch, or returns a `RequestFailed` in place of one request's result.
+  Each becomes an error row in the calls table; the run ends `incomplete` and the next build retries it.
+- anything else (a user error such as a token budget the engine refuses, a programming error) propagates:
+  the build stops with one line and a non-zero exit code, and nothing is recorded as a failed call, so it
+  cannot hide behind "incomplete, run again".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from factory.core.keys import stable_hash
+from factory.models.chat_tokens import neutralise_messages
+
+if TYPE_CHECKING:
+    from factory.config.recipe import SamplingParams
+
+Role = Literal["generate", "judge", "reward"]
+"""What a backend can be asked to do; a recipe names a model for one or more roles."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Chat generation for one conversation: one output per entry of `sample_indices`."""
+
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    seed: int
+    sample_indices: tuple[int, ...] = (0,)
+
+
+@dataclass
+class Generation:
+    """One generated output."""
+
+    text: str
+    finish_reason: str
+    """stop (the model ended its turn) or length (hit max_tokens)."""
+    tokens_in: int
+    tokens_out: int
+    retries: int = 0
+    """Attempts repeated before this result came back (HTTP backends; 0 for local engines)."""
+    cost_usd: float | None = None
+    """Price of this output for priced APIs; None when unknown or free (local engines)."""
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """A greedy judge call that keeps the top log-probabilities of every generated token."""
+
+    messages: list[dict[str, str]]
+    prefill: str
+    """Text the assistant turn starts with (e.g. `Output (`); the generated text continues it."""
+    max_tokens: int
+    top_logprobs: int
+
+
+@dataclass
+class JudgeOutput:
+    """The judge's continuation, token by token, with each position's top-k log-probabilities."""
+
+    text: str
+    tokens: list[str]
+    top_logprobs: list[list[tuple[str, float]]]
+    tokens_in: int
+    tokens_out: int = field(default=0)
+    retries: int = 0
+    """Attempts repeated before this result came back (HTTP backends; 0 for local engines)."""
+    cost_usd: float | None = None
+    """Price of this call for priced APIs; None when unknown or free (local engines)."""
+
+
+@dataclass(frozen=True)
+class RewardRequest:
+    """A whole conversation (ending with the assistant's answer) for a reward model to score."""
+
+    messages: list[dict[str, str]]
+
+
+@dataclass
+class RewardOutput:
+    """The reward model's scalar score for one conversation."""
+
+    reward: float
+    tokens_in: int
+
+
+class TransientError(Exception):
+    """A whole batch failed for a reason that may pass (network, timeout, rate limit, a retryable engine
+    error). Its calls become error rows and the next build retries them; any other exception stops the build.
+    """
+
+    def __init__(self, message: str, retries: int = 0) -> None:
+        super().__init__(message)
+        self.retries = retries
+
+
+class RequestFailed(TransientError):
+    """One request of a batch failed transiently for good (after `retries` retries); the rest of the batch
+    stands. A backend returns it *in place of* that request's result, so one bad request costs one error row.
+    """
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call a stage needs: its request key, the request, and the row fields it will fill."""
+
+    key: str
+    request: Any
+    meta: dict[str, Any]
+    neutralised: int = 0
+    """Message contents whose chat control tokens were neutralised (`factory.models.chat_tokens`); a stage's notes
+    count them."""
+
+
+def request_key(kind: str, identity: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Hash of exactly what changes a call's output (docs/DESIGN.md, caching); batch sizes and timeouts
+    stay out, and so does the verdict parser, so re-reading stored answers is free."""
+    return stable_hash({"kind": kind, "model": identity, **payload})
+
+
+def generation_call(
+    identity: dict[str, Any], messages: list[dict[str, str]], params: SamplingParams, seed: int, index: int, **meta: Any
+) -> Call:
+    """The call for sample `index` of one conversation (backends group a prompt's indices into one request)."""
+    messages, neutralised = neutralise_messages(messages)
+    payload = {"messages": messages, "params": params.model_dump(), "seed": seed, "sample_index": index}
+    request = GenerationRequest(messages, params, seed, (index,))
+    return Call(request_key("generate", identity, payload), request, meta, neutralised)
+
+
+def judge_call(
+    identity: dict[str, Any],
+    messages: list[dict[str, str]],
+    prefill: str,
+    max_tokens: int,
+    top_logprobs: int,
+    **meta: Any,
+) -> Call:
+    """The call for one rendered judge prompt; builds and judge-eval key it the same way, so they share a cache.
+
+    Chat control tokens in the rendered contents (an output that writes `<|im_start|>assistant`) are
+    neutralised before keying, so the key and the prompt hash describe what the judge is sent."""
+    messages, neutralised = neutralise_messages(messages)
+    payload = {"messages": messages, "prefill": prefill, "max_tokens": max_tokens, "top_logprobs": top_logprobs}
+    request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
+    meta = {**meta, "prompt_hash": prompt_hash(messages)}
+    return Call(request_key("judge", identity, payload), request, meta, neutralised)
+
+
+def prompt_hash(sent: list[dict[str, str]]) -> str:
+    """The `prompt_hash` of a judgment row: a short hash of its messages as sent (after `neutralise_messages`),
+    which `factory show --messages` recomputes to check a rebuilt prompt."""
+    return stable_hash(sent, 16)
+
+
+def reward_call(identity: dict[str, Any], messages: list[dict[str, str]], **meta: Any) -> Call:
+    """The call that scores one whole conversation with a reward model."""
+    messages, neutralised = neutralise_messages(messages)
+    return Call(request_key("reward", identity, {"messages": messages}), RewardRequest(messages), meta, neutralised)

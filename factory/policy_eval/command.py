@@ -1,0 +1,274 @@
+"""Held-out evaluation: a policy's win rate against a baseline, as a run in the warehouse
+(docs/SELF_IMPROVEMENT.md).
+
+For each contender (a policy: the recipe's, a trained checkpoint, each round's) three stage versions are
+written, each keyed by what changes it, so a rerun reuses them and a retrained checkpoint (a new weights
+hash) is evaluated anew:
+
+- `eval_outputs`: the contender's answers to the held-out prompts (and, in a unit of its own, the baseline
+  model's answers when the baseline is a model rather than a column);
+- `eval`: every prompt judged twice, the policy shown as Output (a) and then as Output (b);
+- `eval_results`: one row of figures (`factory.policy_eval.winrate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from factory.config.recipe import LoadedRecipe, ModelSpec
+from factory.core.keys import stable_hash
+from factory.judge.protocols import get_protocol
+from factory.models.registry import model_identity
+from factory.models.requests import generation_call, judge_call
+from factory.pipeline.calls import ModelPool, Reporter
+from factory.pipeline.run import Run
+from factory.pipeline.stage import StageOutput, StageStats
+from factory.policy_eval.winrate import p_policy, summary
+from factory.stages.rows import verdict_fields
+from factory.warehouse.store import Warehouse
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A policy to evaluate: a label for its rows, the model, and the round that trained it (if any)."""
+
+    label: str
+    spec: ModelSpec
+    round: int | None = None
+
+
+def recipe_policy(loaded: LoadedRecipe) -> Contender:
+    """The recipe's own policy (`samples.policy`) as a contender."""
+    r = loaded.recipe
+    return Contender(r.samples.policy, r.models[r.samples.policy])
+
+
+def _unit(name: str, label: str) -> str:
+    """A table folder name for one contender's eval versions (labels may hold characters a folder may not)."""
+    return f"{name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}"
+
+
+def _generations(
+    prompts: list[dict[str, Any]], label: str, spec: ModelSpec, role: str, loaded: LoadedRecipe, run: Run
+) -> tuple[str, Any]:
+    """(key, compute) of one model's answers to the held-out prompts."""
+    e = loaded.recipe.eval
+    identity = model_identity(spec)
+    calls = [
+        generation_call(identity, json.loads(p["messages"]), e.params, e.seed, 0, prompt_id=p["prompt_id"])
+        for p in prompts
+    ]
+    key = stable_hash({"stage": "eval_outputs", "version": VERSION, "calls": [c.key for c in calls], "role": role})
+
+    def compute(st: StageStats) -> StageOutput:
+        results = run.call(label, "eval_outputs", calls, st)
+        rows = []
+        for c in calls:
+            res = results.get(c.key, {})
+            ok = res.get("status") == "ok"
+            rows.append(
+                {
+                    "prompt_id": c.meta["prompt_id"],
+                    "role": role,
+                    "contender": label,
+                    "model_hash": stable_hash(identity, 16),
+                    "text": res.get("text") if ok else None,
+                    "finish_reason": res.get("finish_reason") if ok else "error",
+                    "request_key": c.key,
+                    "error": None if ok else (res.get("error") or "no result"),
+                    "tokens_in": res.get("tokens_in"),
+                    "tokens_out": res.get("tokens_out"),
+                    "latency_s": res.get("latency_s"),
+                }
+            )
+        failed = sum(r["error"] is not None for r in rows)
+        return StageOutput(rows, {"failed": failed}, complete=not failed)
+
+    return key, compute
+
+
+def evaluate(
+    loaded: LoadedRecipe,
+    wh: Warehouse,
+    contenders: list[Contender],
+    reporter: Reporter | None = None,
+    *,
+    loop_round: int | None = None,
+    alpaca_eval_out: Path | None = None,
+    run: Run | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate each contender in one run; returns the runs row and one `eval_results` row per contender.
+
+    `run`: a run already open (a training choosing among its β runs by win rate) whose stages these become."""
+    from factory.build.command import read_prompts
+
+    r = loaded.recipe
+    e = r.eval
+    assert e is not None
+    reporter = reporter or Reporter()
+    if alpaca_eval_out is not None:
+        check_alpaca_eval_out(alpaca_eval_out, wh.root)  # before any model call, not after them
+    prompts = read_prompts(loaded, ("eval", "prompts")).rows
+    held_out_check(loaded, prompts, reporter)
+    references = {p["prompt_id"]: json.loads(p["reference_fields"]) for p in prompts}
+    protocol = get_protocol(e.protocol)
+    judge_identity = model_identity(r.models[e.judge])
+    baseline_name = e.baseline or f"model:{e.baseline_model}"
+    specs = {**r.models, **{c.label: c.spec for c in contenders}}
+    name = f"{r.name}.eval"
+    run_hash = Run.hash_of([e.model_dump(mode="json"), [model_identity(c.spec) for c in contenders]])
+    own = run is None
+    if run is None:
+        run = Run(wh, name, run_hash, ModelPool(specs), reporter, str(loaded.path), loop_round)
+    else:
+        run.pool.specs.update(specs)
+    results: list[dict[str, Any]] = []
+    with run if own else contextlib.nullcontext():
+        if e.baseline_model is not None:
+            spec = r.models[e.baseline_model]
+            key, compute = _generations(prompts, e.baseline_model, spec, "baseline", loaded, run)
+            rows = run.materialize("eval_outputs", key, compute, unit=_unit(name, "baseline"), label="eval_baseline")
+            baseline = {x["prompt_id"]: x["text"] for x in rows if x["error"] is None}
+            base_key = key
+        else:
+            baseline = {pid: refs.get(e.baseline) for pid, refs in references.items()}
+            base_key = stable_hash([e.baseline, baseline])
+        for c in contenders:
+            unit = _unit(name, c.label)
+            key, compute = _generations(prompts, c.label, c.spec, "policy", loaded, run)
+            outputs = run.materialize("eval_outputs", key, compute, unit=unit, label=f"eval_outputs[{c.label}]")
+            if c.label != e.judge:
+                run.pool.release(c.label)
+            policy = {x["prompt_id"]: x["text"] for x in outputs if x["error"] is None}
+            calls = []
+            for p in prompts:
+                a, b = policy.get(p["prompt_id"]), baseline.get(p["prompt_id"])
+                ref = references[p["prompt_id"]].get(e.reference_column) if e.reference_column else None
+                if a is None or b is None or (e.reference_column and not ref):
+                    continue
+                for order, first, second in (("policy_first", a, b), ("baseline_first", b, a)):
+                    messages = protocol.render(p["instruction"], first, second, ref)
+                    calls.append(
+                        judge_call(
+                            judge_identity,
+                            messages,
+                            protocol.prefill,
+                            e.generation_tokens,
+                            e.top_logprobs,
+                            prompt_id=p["prompt_id"],
+                            order=order,
+                            len_policy=len(a),
+                            len_baseline=len(b),
+                        )
+                    )
+            judge_key = stable_hash(
+                {
+                    "stage": "eval",
+                    "version": VERSION,
+                    "outputs": key,
+                    "baseline": base_key,
+                    "calls": [x.key for x in calls],
+                }
+            )
+
+            def judge(st: StageStats, calls: list[Any] = calls, c: Contender = c) -> StageOutput:
+                answers = run.call(e.judge, "eval", calls, st)
+                rows = []
+                for call in calls:
+                    res = answers.get(call.key, {})
+                    row = {
+                        **{k: v for k, v in call.meta.items() if k != "prompt_hash"},
+                        "contender": c.label,
+                        "baseline": baseline_name,
+                        "judge": e.judge,
+                        "protocol": e.protocol,
+                        "reference_name": e.reference_column,
+                        "request_key": call.key,
+                        "tokens_in": res.get("tokens_in"),
+                        "tokens_out": res.get("tokens_out"),
+                        "latency_s": res.get("latency_s"),
+                        **verdict_fields(res, protocol),
+                    }
+                    row["p_policy"] = p_policy(row, e.scoring)
+                    rows.append(row)
+                skipped = len(prompts) - len(calls) // 2
+                failed = sum(row["parse_status"] == "error" for row in rows)
+                return StageOutput(rows, {"prompts_skipped": skipped, "failed": failed}, complete=not failed)
+
+            judged = run.materialize("eval", judge_key, judge, unit=unit, label=f"eval[{c.label}]")
+            result_key = stable_hash([judge_key, e.scoring, e.resamples, e.seed])
+
+            def figures(st: StageStats, judged: list[dict[str, Any]] = judged, c: Contender = c) -> StageOutput:
+                row = {
+                    "contender": c.label,
+                    "model_hash": stable_hash(model_identity(c.spec), 16),
+                    "baseline": baseline_name,
+                    "judge": e.judge,
+                    "protocol": e.protocol,
+                    "scoring": e.scoring,
+                    **summary(judged, e.scoring, e.resamples, e.seed),
+                }
+                return StageOutput([row])
+
+            results += run.materialize("eval_results", result_key, figures, unit=unit, label=f"eval_results[{c.label}]")
+            if alpaca_eval_out is not None:
+                write_alpaca_eval(alpaca_eval_out, prompts, policy, c.label, r.name, wh.root)
+    return run.row, results
+
+
+def held_out_check(loaded: LoadedRecipe, prompts: list[dict[str, Any]], reporter: Reporter) -> None:
+    """Warn when held-out prompts are also training prompts (a win rate on them measures memory)."""
+    r = loaded.recipe
+    if r.prompts.dataset is not None:
+        return  # a Hub dataset is not downloaded just to check
+    from factory.build.command import read_prompts
+
+    train_ids = {p["prompt_id"] for p in read_prompts(loaded).rows}
+    shared = sum(p["prompt_id"] in train_ids for p in prompts)
+    if shared:
+        reporter.warn(
+            f"{shared} of {len(prompts)} eval prompts are also training prompts; the win rate is not held-out"
+        )
+
+
+ALPACA_EVAL_KEYS = frozenset({"instruction", "output", "generator", "dataset"})
+
+
+def is_alpaca_eval_file(path: Path) -> bool:
+    """Whether `path` holds exactly what `write_alpaca_eval` writes: a JSON list of records with its four keys
+    and nothing else (so an earlier --alpaca-eval-out is replaced, and any other file is left alone)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(records, list) and all(isinstance(x, dict) and set(x) == ALPACA_EVAL_KEYS for x in records)
+
+
+def check_alpaca_eval_out(path: Path, wh_root: Path) -> None:
+    """Refuse an --alpaca-eval-out that would replace a file factory did not write, or a warehouse file."""
+    from factory.core.owned import check_output_file
+
+    check_output_file(path, "--alpaca-eval-out", is_alpaca_eval_file, wh_root)
+
+
+def write_alpaca_eval(
+    path: Path, prompts: list[dict[str, Any]], outputs: dict[str, str], label: str, dataset: str, wh_root: Path
+) -> None:
+    """The policy's answers in the format `alpaca_eval --model_outputs` reads: a JSON list of
+    {instruction, output, generator, dataset}. Prompts without an answer are left out."""
+    from factory.core.files import atomic_write_bytes
+
+    records = [
+        {"instruction": p["instruction"], "output": outputs[p["prompt_id"]], "generator": label, "dataset": dataset}
+        for p in prompts
+        if p["prompt_id"] in outputs
+    ]
+    check_alpaca_eval_out(path, wh_root)  # again, just before writing: the file may have appeared meanwhile
+    atomic_write_bytes(path, json.dumps(records, ensure_ascii=False, indent=2).encode())
