@@ -1,6 +1,6 @@
 """Adaptive comparison schedule vs all-pairs: same chosen and rejected sample, at what share of the judge calls?
 
-Two measurements, each comparing `factory.judge.schedule.Adaptive` with all-pairs on the SAME judge answers (each
+Two measurements, each comparing `factory.judge.adaptive.Adaptive` with all-pairs on the SAME judge answers (each
 ordered pair of a prompt is answered once and both schedules read that answer):
 
 (a) a simulated judge (the main figure): latent sample qualities q ~ N(0, 1); the judge's soft score for
@@ -36,7 +36,9 @@ from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
 
-from factory.judge.schedule import Adaptive, AllPairs, Schedule, _Fit
+from factory.judge.adaptive import Adaptive
+from factory.judge.rating import Fit
+from factory.judge.schedule import AllPairs, Schedule
 
 # ------------------------------------------------------------------------------------------- the judge
 
@@ -123,7 +125,7 @@ class Oracle(Adaptive):
         super().__init__(sample_ids, **kwargs)
         self.strengths, self.true_noise = strengths, noise
 
-    def _fit(self) -> _Fit:
+    def _fit(self) -> Fit:
         fit = super()._fit()
         n = len(self.sample_ids)
         pos = self._position
@@ -133,7 +135,7 @@ class Oracle(Adaptive):
                 totals[pos[a]] += p
                 totals[pos[b]] += 1.0 - p
         zero = [[0.0] * n for _ in range(n)]
-        return _Fit(self.strengths, zero, self.true_noise, totals, fit.obs_count, fit.unasked, [True] * n, [True] * n)
+        return Fit(self.strengths, zero, self.true_noise, totals, fit.obs_count, fit.unasked, [True] * n, [True] * n)
 
 
 def simulate(

@@ -33,7 +33,8 @@ from fault_proxy import FaultProxy, schedule
 from factory.config.recipe import ModelSpec, SamplingParams
 from factory.core.errors import FactoryError, UserInputError
 from factory.judge.protocols import get_protocol
-from factory.models.openai_backend import OpenAIBackend, model_prices
+from factory.models.openai_backend import OpenAIBackend
+from factory.models.pricing import model_prices
 from factory.models.requests import GenerationRequest, JudgeRequest, RequestFailed
 from factory.warehouse.store import Warehouse
 

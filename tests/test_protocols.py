@@ -15,15 +15,8 @@ from pathlib import Path
 import pytest
 
 from factory.core.errors import UserInputError
-from factory.judge.protocols import (
-    PROTOCOLS,
-    VERDICT_RE,
-    custom_protocol,
-    get_protocol,
-    marker_of,
-    parse_verdict,
-    soft_score,
-)
+from factory.judge.protocols import PROTOCOLS, custom_protocol, get_protocol
+from factory.judge.verdicts import VERDICT_RE, marker_of, parse_verdict, soft_score
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("FACTORY_UPDATE_GOLDEN") == "1"

@@ -1,4 +1,4 @@
-"""Comparison schedules (factory.judge.schedule): pure and fast, no model."""
+"""Comparison schedules (factory.judge.schedule, factory.judge.adaptive): pure and fast, no model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.judge.schedule import Adaptive, AllPairs, Schedule, observed_scores
+from factory.judge.adaptive import Adaptive
+from factory.judge.schedule import AllPairs, Schedule, observed_scores
 from factory.stages.rows import score_rows
 
 Judge = Callable[[str, str], "float | None"]

@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 from factory.build.command import Build
 from factory.cli.main import main
 from factory.config.recipe import load_recipe
-from factory.judge.protocols import SYSTEM
+from factory.judge.prose import SYSTEM
 from factory.warehouse.store import Warehouse
 
 # Rich markup and a terminal escape in the data: both must be shown as text, never obeyed.

@@ -105,8 +105,8 @@ def _judgments(ctx: Context, st: StageStats) -> StageOutput:
 
 def _adaptive_judgments(ctx: Context, st: StageStats, calls: list[Any], protocol: Any) -> StageOutput:
     """Judge round by round, every prompt's schedule in lockstep: each round's calls go to the judge as one
-    batch, and its answers decide the next round's pairs (`factory.judge.schedule.Adaptive`)."""
-    from factory.judge.schedule import Adaptive
+    batch, and its answers decide the next round's pairs (`factory.judge.adaptive.Adaptive`)."""
+    from factory.judge.adaptive import Adaptive
 
     j = ctx.recipe.judgments
     by_pair: dict[tuple[str, str], list[Any]] = {}

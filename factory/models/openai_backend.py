@@ -40,7 +40,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -52,36 +51,13 @@ import httpx
 from factory.config.recipe import ModelSpec
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.redact import redact, register_secret_env
+from factory.models.pricing import model_prices, token_cost
 from factory.models.requests import Generation, GenerationRequest, JudgeOutput, JudgeRequest, RequestFailed
 
 T = TypeVar("T")
 
 MAX_TOP_LOGPROBS = 20
 """The OpenAI API rejects `top_logprobs` above 20 (and vLLM's server caps at 20 by default)."""
-
-PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
-    # USD per million (input, output) tokens: OpenAI list prices (2025). Dated snapshots such as
-    # `gpt-4o-2024-08-06` use their family's price. Set `price_in_per_mtok`/`price_out_per_mtok` to override.
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-}
-_SNAPSHOT = re.compile(r"^(?P<family>.+)-\d{4}-\d{2}-\d{2}$")
-
-
-def model_prices(spec: ModelSpec) -> tuple[float, float] | None:
-    """(input, output) USD per million tokens: the recipe's prices, else the built-in table, else None."""
-    listed = PRICES_PER_MTOK.get(spec.model)
-    if listed is None and (m := _SNAPSHOT.match(spec.model)):
-        listed = PRICES_PER_MTOK.get(m.group("family"))
-    price_in = spec.price_in_per_mtok if spec.price_in_per_mtok is not None else listed and listed[0]
-    price_out = spec.price_out_per_mtok if spec.price_out_per_mtok is not None else listed and listed[1]
-    if price_in is None or price_out is None:
-        return None
-    return float(price_in), float(price_out)
-
 
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 """4xx statuses that may pass on their own (timeout, conflict, rate limit); every 5xx is transient too."""
@@ -309,7 +285,7 @@ class OpenAIBackend:
             for choice, tokens_out in zip(choices, shares, strict=True):
                 text = choice["message"].get("content") or ""
                 reason = "length" if choice.get("finish_reason") == "length" else "stop"
-                cost = self._cost(usage.prompt_tokens / n, tokens_out) if usage.known else None
+                cost = token_cost(self.prices, usage.prompt_tokens / n, tokens_out) if usage.known else None
                 out.append(Generation(text, reason, usage.prompt_tokens, tokens_out, cost_usd=cost))
             return out
 
@@ -319,11 +295,6 @@ class OpenAIBackend:
             first = gens[0]
             gens.append(Generation(first.text, first.finish_reason, first.tokens_in, first.tokens_out))
         return gens
-
-    def _cost(self, tokens_in: float, tokens_out: float) -> float | None:
-        if self.prices is None:
-            return None
-        return (tokens_in * self.prices[0] + tokens_out * self.prices[1]) / 1e6
 
     # -------------------------------------------------------------------------------------- judging
     def supports_prefill(self) -> bool:
@@ -371,7 +342,7 @@ class OpenAIBackend:
             usage = _usage(data)
             out = JudgeOutput(text, tokens, tops, usage.prompt_tokens, usage.completion_tokens)
             if usage.known:
-                out.cost_usd = self._cost(usage.prompt_tokens, usage.completion_tokens)
+                out.cost_usd = token_cost(self.prices, usage.prompt_tokens, usage.completion_tokens)
             return out if prefill or not r.prefill else _drop_prefill(out, r.prefill)
 
         out, retries = self._request("POST", "chat/completions", payload, parse)

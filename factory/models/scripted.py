@@ -26,8 +26,9 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from factory.config.recipe import ModelSpec, ScriptSpec
 from factory.core.keys import stable_hash
 from factory.models.requests import (
     Generation,
@@ -38,9 +39,6 @@ from factory.models.requests import (
     RewardOutput,
     RewardRequest,
 )
-
-if TYPE_CHECKING:
-    from factory.config.recipe import ModelSpec
 
 WORDS = [
     "alpha",
@@ -91,8 +89,6 @@ class ScriptedBackend:
     """Deterministic answers from a seed, with optional injected failures and delays."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        from factory.config.recipe import ScriptSpec
-
         self.spec = spec
         self.script = spec.script or ScriptSpec()
         self.requests_seen = 0

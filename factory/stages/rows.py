@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
-from factory.judge.protocols import Protocol, soft_score
+from factory.judge.protocols import Protocol
+from factory.judge.verdicts import soft_score
 from factory.models.requests import Call, generation_call, judge_call, reward_call
 from factory.pipeline.stage import StageOutput
 
@@ -560,7 +561,7 @@ def distinct_samples(samples: list[dict[str, Any]]) -> dict[str, list[str]]:
 def replay_schedules(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], scoring: str) -> dict[str, Any]:
     """Each prompt's adaptive schedule, replayed from its stored judgments (the pairs a schedule asks depend
     only on its samples, its seed and the answers, so the replay asks exactly what the build asked)."""
-    from factory.judge.schedule import Adaptive
+    from factory.judge.adaptive import Adaptive
 
     votes: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for j in judgments:
@@ -578,7 +579,7 @@ def replay_schedules(samples: list[dict[str, Any]], judgments: list[dict[str, An
 
 def adaptive_score_rows(samples: list[dict[str, Any]], judgments: list[dict[str, Any]], scoring: str) -> StageOutput:
     """Scores under the adaptive schedule: each sample's estimate of its all-pairs score (its judged
-    comparisons plus predictions for those not asked; `factory.judge.schedule`), so best-vs-worst picks the pair
+    comparisons plus predictions for those not asked; `factory.judge.adaptive`), so best-vs-worst picks the pair
     the schedule settled on. A copy of another sample's text takes that sample's score."""
     # One fit per prompt: `scores()` refits the schedule's model each time it is called.
     by_prompt = {pid: schedule.scores() for pid, schedule in replay_schedules(samples, judgments, scoring).items()}

@@ -1,0 +1,147 @@
+"""Reading a judge's answer: the verdict marker it names and the soft score from the marker tokens'
+log-probabilities (docs/DESIGN.md §4).
+
+Logprob protocols prefill the judge's answer with `Output (` so the very next token is the verdict marker,
+which is what the soft score reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+VERDICT_RE = re.compile(r"Output \((\S+)\)")
+BETTER_RE = re.compile(
+    r"Output \((\S+?)\)\s+(?:is|was)\s+(?:clearly\s+|slightly\s+|much\s+)?(?:the\s+)?"
+    r"(?:better|best|preferred|superior)\b",
+    re.IGNORECASE,
+)
+CONCLUSION_RE = re.compile(r"\bTherefore,?\s+" + BETTER_RE.pattern, re.IGNORECASE)
+"""A reasoning answer's statement of its choice; CONCLUSION_RE is the closing sentence the cot protocol asks for."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one judge answer says about an ordered pair (a, b)."""
+
+    verdict: str | None
+    """'a' or 'b' from the regex; None when the answer names neither. Never guessed."""
+    p_a: float | None
+    """Soft probability that (a) wins, from the marker tokens' log-probabilities; None if there were none."""
+    parse_status: str
+    """ok | no_match (no `Output (x)` in the answer) | invalid_marker (`Output (x)` with x not a/b) | error."""
+    p_source: str
+    """Which token the soft score read: verdict_token | first_token | none."""
+    marker_tokens: str
+    """JSON of the token variants found for each marker at that position, e.g. {"a": [" a"], "b": ["B"]}."""
+    p_a_exact: float | None = None
+    """The soft score counting only the tokens that are exactly `a` and `b` (the paper's rule), at the same
+    position; `p_a` is the score under the rule the caller asked for."""
+
+
+def marker_of(token: str) -> str | None:
+    """'a' or 'b' if a token is a variant of a marker (`a`, ` A`, `(a`, `a)`), else None."""
+    core = token.strip().strip("()").strip().lower()
+    return core if core in ("a", "b") else None
+
+
+def soft_score(top_logprobs: Sequence[tuple[str, float]], exact: bool = False) -> tuple[float, dict[str, list[str]]]:
+    """p(a) at one position: mass of a-variants over mass of both markers (docs/DESIGN.md §4).
+
+    Only a in the top-k gives 1, only b gives 0, neither gives 0.5. Variants of one marker are summed,
+    since a small tokenizer can split the same answer as `a`, ` a` or `A`; `exact` counts only the tokens
+    that are `a` and `b` themselves, as the paper's code does.
+    """
+    mass = {"a": 0.0, "b": 0.0}
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    for token, logprob in top_logprobs:
+        m = (token if token in ("a", "b") else None) if exact else marker_of(token)
+        if m is not None:
+            mass[m] += math.exp(logprob)
+            seen[m].append(token)
+    if seen["a"] and seen["b"]:
+        return mass["a"] / (mass["a"] + mass["b"]), seen
+    if seen["a"]:
+        return 1.0, seen
+    if seen["b"]:
+        return 0.0, seen
+    return 0.5, seen
+
+
+def _conclusion(text: str) -> re.Match[str] | None:
+    """A reasoning answer's verdict: the closing "Therefore, Output (x) is better" the cot protocol asks for,
+    else its first "Output (x) is better" statement, else its last non-empty line when that line names one
+    output and no other (a bare final answer such as "Output (b)")."""
+    stated = CONCLUSION_RE.search(text) or BETTER_RE.search(text)
+    if stated is not None:
+        return stated
+    lines = [(m.start(), m.group(0)) for m in re.finditer(r"[^\n]+", text) if m.group(0).strip()]
+    if not lines:
+        return None
+    start, line = lines[-1]
+    named = list(VERDICT_RE.finditer(line))
+    if len({m.group(1) for m in named}) != 1:
+        return None
+    return VERDICT_RE.search(text, start)
+
+
+def _token_at(tokens: Sequence[str], offset: int) -> int | None:
+    """Index of the generated token whose characters cover `offset` (offsets count generated text only)."""
+    pos = 0
+    for i, tok in enumerate(tokens):
+        if pos <= offset < pos + len(tok):
+            return i
+        pos += len(tok)
+    return None
+
+
+def parse_verdict(
+    prefill: str,
+    generated: str,
+    tokens: Sequence[str],
+    top_logprobs: Sequence[Sequence[tuple[str, float]]],
+    *,
+    last_match: bool = False,
+    markers: str = "variants",
+) -> Verdict:
+    """Read a judge's answer: the regex verdict, and the soft score at the verdict's marker token.
+
+    `generated` is the text after `prefill`; `tokens[i]` is the i-th generated token and
+    `top_logprobs[i]` its top-k alternatives. A prefilled answer's verdict is its first `Output (x)`; with
+    no match the first generated token is read. A reasoning answer (`last_match`) mentions both outputs
+    while it argues, so its verdict is, as ReIFE reads one, the first statement that an output is better
+    ("Therefore, Output (a) is better than Output (b)." is a), else a final line naming one output alone;
+    an answer cut off before either has no verdict (never a guess).
+    """
+    text = prefill + generated
+    match = _conclusion(text) if last_match else VERDICT_RE.search(text)
+    step: int | None = None
+    if match is not None:
+        marker = marker_of(match.group(1))
+        verdict = marker
+        status = "ok" if marker else "invalid_marker"
+        offset = match.start(1) - len(prefill)
+        step = _token_at(tokens, offset)
+        if step is not None and marker_of(tokens[step]) is None:
+            # Tokens did not line up with the text (tokenizer decode quirks): take the marker token nearest
+            # to where the text says the verdict is.
+            starts = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            candidates = [i for i, t in enumerate(tokens) if marker_of(t) is not None]
+            step = min(candidates, key=lambda i: abs(starts[i] - offset)) if candidates else None
+        p_source = "verdict_token"
+    else:
+        verdict, status, p_source = None, "no_match", "first_token"
+    if step is None:
+        if not prefill:
+            # A reasoning answer with no verdict: its first token starts the explanation, not a choice.
+            return Verdict(verdict, None, status, "none", json.dumps({"a": [], "b": []}))
+        step, p_source = 0, "first_token"
+    if step >= len(top_logprobs):
+        return Verdict(verdict, None, status, "none", json.dumps({"a": [], "b": []}))
+    p_a, seen = soft_score(top_logprobs[step])
+    p_exact, _ = soft_score(top_logprobs[step], exact=True)
+    chosen = p_exact if markers == "exact" else p_a
+    return Verdict(verdict, chosen, status, p_source, json.dumps(seen, ensure_ascii=False), p_exact)
