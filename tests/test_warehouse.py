@@ -11,8 +11,10 @@ import pytest
 
 from factory.core.errors import UserInputError
 from factory.core.files import atomic_write_bytes
-from factory.warehouse.store import DB_FILE, Warehouse, to_table
+from factory.warehouse.parquet import to_table
+from factory.warehouse.store import Warehouse
 from factory.warehouse.tables import ALL_TABLES
+from factory.warehouse.views import DB_FILE
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

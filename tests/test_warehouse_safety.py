@@ -25,7 +25,8 @@ from test_warehouse import gen_call, prompt_row
 
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.files import atomic_write_bytes, folder_lock
-from factory.warehouse.store import DB_FILE, Warehouse
+from factory.warehouse.store import Warehouse
+from factory.warehouse.views import DB_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -252,7 +252,8 @@ def sql(query: str, warehouse: Path, fmt: str, limit: int, timeout: float, memor
     them exact unless stdout is a terminal.
     """
     from factory.cli.progress import print_csv, print_json, print_table
-    from factory.warehouse.store import SqlLimits, Warehouse
+    from factory.warehouse.sql_run import SqlLimits
+    from factory.warehouse.store import Warehouse
 
     wh = Warehouse(warehouse)
     wh.require()

@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from factory.config.recipe import Recipe
+from factory.warehouse.tables import ALL_TABLES
+
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 
 def rendered() -> dict[str, str]:
     """File name → content of every generated schema file."""
-    from factory.config.recipe import Recipe
-    from factory.warehouse.tables import ALL_TABLES
-
     files = {"recipe.schema.json": json.dumps(Recipe.model_json_schema(), indent=2, ensure_ascii=False) + "\n"}
     tables = {
         name: [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]

@@ -28,6 +28,30 @@ def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
     return pa.schema(list(fields))
 
 
+def _verdict_columns(*scores: tuple[str, pa.DataType]) -> list[tuple[str, pa.DataType]]:
+    """The columns of one parsed judge verdict, shared by `judgments`, `eval_judgments` and `eval`; `scores` are
+    a table's own scores read from it, placed after p_a_exact."""
+    return [
+        ("raw_output", pa.string()),
+        ("verdict", pa.string()),  # a | b | null (never guessed)
+        ("p_a", pa.float64()),
+        ("p_a_exact", pa.float64()),  # the soft score counting only the tokens `a` and `b` (the paper's rule)
+        *scores,
+        ("p_source", pa.string()),
+        ("marker_tokens", pa.string()),
+        ("parse_status", pa.string()),  # ok | no_match | invalid_marker | error
+        ("error", pa.string()),
+    ]
+
+
+# How a judge was asked for its answer (`judgments` and `eval_judgments`).
+ANSWER_SETTINGS = [
+    ("prefill", pa.string()),  # the text the answer was prefilled with ("" for none)
+    ("markers", pa.string()),  # variants | exact: which tokens the soft score p_a counts
+    ("top_logprobs", pa.int64()),  # how many alternatives per token the judge returned
+]
+
+
 STAGE_TABLES: dict[str, pa.Schema] = {
     "prompts": _schema(
         *PROVENANCE,
@@ -75,17 +99,8 @@ STAGE_TABLES: dict[str, pa.Schema] = {
         ("judge", pa.string()),
         ("reference_name", pa.string()),
         ("prompt_hash", pa.string()),
-        ("raw_output", pa.string()),
-        ("verdict", pa.string()),  # a | b | null
-        ("p_a", pa.float64()),
-        ("p_a_exact", pa.float64()),  # the soft score counting only the tokens `a` and `b` (the paper's rule)
-        ("p_source", pa.string()),
-        ("marker_tokens", pa.string()),
-        ("parse_status", pa.string()),  # ok | no_match | invalid_marker | error
-        ("error", pa.string()),
-        ("prefill", pa.string()),  # the text the answer was prefilled with ("" for none)
-        ("markers", pa.string()),  # variants | exact: which tokens the soft score p_a counts
-        ("top_logprobs", pa.int64()),  # how many alternatives per token the judge returned
+        *_verdict_columns(),
+        *ANSWER_SETTINGS,
         ("request_key", pa.string()),
         ("schedule", pa.string()),  # all-pairs | adaptive
         ("schedule_round", pa.int64()),  # the round of the schedule that asked for this comparison (from 1)
@@ -126,17 +141,8 @@ STAGE_TABLES["eval_judgments"] = _schema(
     ("order", pa.string()),  # forward (output_1 shown as (a)) | swapped (output_2 shown as (a)) | swapped_blocks
     # (output_1 stays (a), output_2 stays (b), and (b)'s block is shown first)
     ("prompt_hash", pa.string()),
-    ("raw_output", pa.string()),
-    ("verdict", pa.string()),  # a | b | null (never guessed)
-    ("p_a", pa.float64()),
-    ("p_a_exact", pa.float64()),  # the soft score counting only the tokens `a` and `b` (the paper's rule)
-    ("p_source", pa.string()),
-    ("marker_tokens", pa.string()),
-    ("parse_status", pa.string()),  # ok | no_match | invalid_marker | error
-    ("error", pa.string()),
-    ("prefill", pa.string()),  # the text the answer was prefilled with ("" for none)
-    ("markers", pa.string()),  # variants | exact: which tokens the soft score p_a counts
-    ("top_logprobs", pa.int64()),  # how many alternatives per token the judge returned
+    *_verdict_columns(),
+    *ANSWER_SETTINGS,
     ("len_a", pa.int64()),  # characters of the output shown as (a)
     ("len_b", pa.int64()),
     ("request_key", pa.string()),
@@ -216,15 +222,9 @@ STAGE_TABLES["eval"] = _schema(
     ("protocol", pa.string()),
     ("reference_name", pa.string()),
     ("order", pa.string()),  # policy_first (the policy is Output (a)) | baseline_first
-    ("raw_output", pa.string()),
-    ("verdict", pa.string()),  # a | b | null (never guessed)
-    ("p_a", pa.float64()),
-    ("p_a_exact", pa.float64()),
-    ("p_policy", pa.float64()),  # P(the policy's output is better) read from this judgment; null if unparsed
-    ("p_source", pa.string()),
-    ("marker_tokens", pa.string()),
-    ("parse_status", pa.string()),
-    ("error", pa.string()),
+    *_verdict_columns(
+        ("p_policy", pa.float64()),  # P(the policy's output is better) read from this judgment; null if unparsed
+    ),
     ("len_policy", pa.int64()),  # characters
     ("len_baseline", pa.int64()),
     ("request_key", pa.string()),

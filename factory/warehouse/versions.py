@@ -1,0 +1,142 @@
+"""Stage versions: each materialised version of a stage table is its own file under
+tables/<table>/<recipe>/<stage_key>.parquet, and CURRENT.json points the views at one of them, so going back to
+an earlier recipe is a pointer change, not a recompute."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory.core.files import atomic_write_bytes
+from factory.warehouse.damage import DamageChecks
+from factory.warehouse.parquet import atomic_write_parquet, first_line, to_table
+from factory.warehouse.tables import STAGE_TABLES
+
+# What a CURRENT.json may name: a version file in its own folder (stage keys are hex hashes).
+_VERSION_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class Current:
+    """The version of one stage table that the views show."""
+
+    stage_key: str
+    complete: bool
+    run_id: str
+
+
+class StageVersions(DamageChecks):
+    """The tables/ folder of a warehouse."""
+
+    def _folder(self, table: str, recipe: str) -> Path:
+        return self.root / "tables" / table / recipe
+
+    @staticmethod
+    def _read_pointer(path: Path) -> dict[str, Any]:
+        """A CURRENT.json's content; OSError or ValueError when it is unreadable or names no version file."""
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("stage_key"), str):
+            raise ValueError("no stage_key")
+        if not _VERSION_NAME.fullmatch(data["stage_key"]):  # a path would make the views read outside the folder
+            raise ValueError("its stage_key is not a version name")
+        return data
+
+    def _pointer(self, path: Path) -> dict[str, Any] | None:
+        """A CURRENT.json's content, or None when there is none to use. A damaged one is set aside while a
+        build holds the lock (the stage is then reused or recomputed by key), else skipped and named."""
+        if not path.is_file():
+            return None
+        try:
+            return self._read_pointer(path)
+        except (OSError, ValueError) as exc:
+            self._reject(path, f"not a readable CURRENT.json ({first_line(exc)})")
+        return None
+
+    def current(self, table: str, recipe: str) -> Current | None:
+        """The version of `table` the views show for `recipe`, if any."""
+        data = self._pointer(self._folder(table, recipe) / "CURRENT.json")
+        if data is None:
+            return None
+        return Current(data["stage_key"], bool(data.get("complete")), str(data.get("run_id")))
+
+    def has_version(self, table: str, recipe: str, stage_key: str) -> bool:
+        """Whether a complete version of this stage exists (it may be an older, not current, one)."""
+        marker = self._folder(table, recipe) / f"{stage_key}.complete"
+        return marker.is_file() and (self._folder(table, recipe) / f"{stage_key}.parquet").is_file()
+
+    def write_stage(
+        self, table: str, recipe: str, stage_key: str, run_id: str, rows: Sequence[dict[str, Any]], complete: bool
+    ) -> None:
+        """Materialise a stage version and make it current. Incomplete versions are shown but redone."""
+        self._check_root()
+        folder = self._folder(table, recipe)
+        atomic_write_parquet(folder / f"{stage_key}.parquet", to_table(rows, STAGE_TABLES[table]))
+        marker = folder / f"{stage_key}.complete"
+        if complete:
+            atomic_write_bytes(marker, b"")
+        else:
+            marker.unlink(missing_ok=True)
+        self.set_current(table, recipe, stage_key, run_id, complete)
+
+    def set_current(self, table: str, recipe: str, stage_key: str, run_id: str, complete: bool) -> None:
+        """Point the views at one version of a stage table."""
+        self._check_root()
+        data = {"stage_key": stage_key, "complete": complete, "run_id": run_id}
+        atomic_write_bytes(self._folder(table, recipe) / "CURRENT.json", json.dumps(data).encode())
+
+    def read_stage(self, table: str, recipe: str, stage_key: str) -> list[dict[str, Any]]:
+        """All rows of one stage version."""
+        return pq.read_table(self._folder(table, recipe) / f"{stage_key}.parquet").to_pylist()
+
+    def read_version(self, table: str, unit: str, stage_key: str) -> list[dict[str, Any]] | None:
+        """Rows of the complete version `stage_key` of a stage, or None when there is none to reuse.
+
+        A version that cannot be read is derived data, not an error: while a build holds the lock it is moved
+        to corrupt/ beside it (and named in `set_aside`), so the caller recomputes the stage from its inputs and
+        the call cache; otherwise it is skipped and named in `skipped_parts`.
+        """
+        if not self.has_version(table, unit, stage_key):
+            return None
+        path = self._folder(table, unit) / f"{stage_key}.parquet"
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            self._reject(path, first_line(exc))
+        return None
+
+    def set_aside_in(self, table: str, unit: str, since: int = 0) -> list[Path]:
+        """The files of one stage's folder that this instance moved to corrupt/ (from `set_aside[since]` on),
+        where each was."""
+        folder = self._folder(table, unit)
+        return [p for p in self.set_aside[since:] if p.parent == folder]
+
+    def _current_files(self, table: str) -> list[str]:
+        base = self.root / "tables" / table
+        files = []
+        for pointer in sorted(base.glob("*/CURRENT.json")) if base.is_dir() else []:
+            data = self._pointer(pointer)
+            path = pointer.parent / f"{data['stage_key']}.parquet" if data else None
+            if path is not None and path.is_file():
+                files.append(str(path))
+        return files
+
+    def current_rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of the current versions of a stage table (all recipes or units), as dicts."""
+        if table not in STAGE_TABLES:
+            raise ValueError(f"not a stage table: {table}")
+        tables = []
+        for f in self._usable(self._current_files(table)):
+            try:
+                tables.append(pq.read_table(f))
+            except (OSError, ValueError, pa.ArrowException) as exc:  # skipped and named, like the views do
+                self._reject(Path(f), first_line(exc))
+        if not tables:
+            return []
+        return pa.concat_tables(tables, promote_options="default").to_pylist()
