@@ -12,7 +12,7 @@ import yaml
 
 from factory.config.recipe import LoadedRecipe, load_recipe
 from factory.judge_eval.command import PRESETS as JUDGE_EVAL_PRESETS
-from factory.train.command import resolved, settings_from
+from factory.train.settings import resolved, settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "FIDELITY.md"

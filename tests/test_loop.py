@@ -132,7 +132,7 @@ def test_each_round_samples_with_the_previous_checkpoint(loop: dict[str, Any]) -
     from factory.config.recipe import load_recipe
     from factory.models.registry import model_identity
     from factory.models.requests import generation_call
-    from factory.rounds.loop import checkpoint_spec
+    from factory.train.selection import checkpoint_spec
 
     wh = loop["wh"]
     r = load_recipe(loop["recipe"]).recipe

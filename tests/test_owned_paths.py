@@ -173,6 +173,22 @@ def test_publish_dry_run_replaces_only_its_own_folder(built: tuple[Path, Path], 
     assert (fresh / "todo.txt").read_text() == "mine"
 
 
+def test_an_old_copy_a_dry_run_could_not_remove_is_swept_by_the_next(
+    built: tuple[Path, Path], tmp_path: Path, monkeypatch: Any
+) -> None:
+    _, wh = built
+    export, folder = wh / "exports" / "scripted", tmp_path / "preview"
+    ok(cli("publish", export, "--repo-id", "me/ds", "-w", wh, f"--dry-run={folder}"))
+    with monkeypatch.context() as patched:  # the replaced copy cannot be removed (a busy mount, say)
+        patched.setattr("factory.core.owned._remove_leftover", lambda folder: None)
+        ok(cli("publish", export, "--repo-id", "me/ds", "-w", wh, f"--dry-run={folder}"))
+    old = [p for p in tmp_path.iterdir() if p.name.startswith(".preview.factory-old-")]
+    assert len(old) == 1 and (old[0] / LEFTOVER).is_file()
+    ok(cli("publish", export, "--repo-id", "me/ds", "-w", wh, f"--dry-run={folder}"))
+    assert not [p.name for p in tmp_path.iterdir() if ".factory-" in p.name]
+    assert (folder / "README.md").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ report
 def test_report_writes_over_its_own_page_only(built: tuple[Path, Path], tmp_path: Path) -> None:
     _, wh = built

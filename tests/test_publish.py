@@ -113,7 +113,7 @@ def card_of(folder: Path) -> Any:
 def test_dry_run_writes_loadable_shards_and_a_valid_card(export: Path, tmp_path: Path, monkeypatch: Any) -> None:
     import datasets
 
-    from factory.train.command import dataset_hash
+    from factory.export.content_hash import dataset_hash
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dry run needs no network and no token
     wh = tmp_path / "wh"

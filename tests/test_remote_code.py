@@ -26,7 +26,8 @@ from factory.core.errors import UserInputError
 from factory.models.registry import model_identity
 from factory.models.remote_code import RECIPE_OPT_IN, TRAIN_OPT_IN
 from factory.models.requests import judge_call
-from factory.rounds.loop import checkpoint_spec, train_base
+from factory.rounds.loop import train_base
+from factory.train.selection import checkpoint_spec
 
 MODULE = """\
 from pathlib import Path

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from factory.cli.main import main
 from factory.config.recipe import ModelSpec, TrainSettings
 from factory.core.errors import UserInputError
-from factory.train.command import PRESETS, parse_overrides, resolved, settings_from
+from factory.train.presets import PRESETS
+from factory.train.settings import parse_overrides, resolved, settings_from
 
 # ------------------------------------------------------------------------------------------ settings (fast)
 
@@ -43,7 +44,7 @@ def test_the_paper_preset_follows_the_authors_code() -> None:
 
 
 def test_steps_warmup_and_accumulation_are_counted_by_factory() -> None:
-    from factory.train.command import accumulation, optimizer_steps, warmup_steps
+    from factory.train.settings import accumulation, optimizer_steps, warmup_steps
 
     # 64 pairs per step: 8 accumulation on the authors' 8 GPUs, 64 on one device.
     paper = resolved(TrainSettings(preset="paper"), "dpo")
@@ -61,7 +62,7 @@ def test_steps_warmup_and_accumulation_are_counted_by_factory() -> None:
 
 
 def test_selection_rule_is_decided_and_refused_before_training() -> None:
-    from factory.train.command import selection_rule
+    from factory.train.selection import selection_rule
 
     sweep = resolved(TrainSettings(preset="cpu", beta=[0.1, 0.2]), "dpo")
     assert selection_rule(resolved(TrainSettings(preset="cpu"), "dpo"), 1, False, None, "d") == "only"
@@ -93,7 +94,7 @@ def test_trl_config_overrides_trls_own_defaults(tmp_path: Path) -> None:
 
     from trl import DPOConfig
 
-    from factory.train.command import trl_config
+    from factory.train.trl_config import trl_config
 
     defaults = {f.name: f.default for f in fields(DPOConfig)}
     values = resolved(TrainSettings(preset="paper"), "dpo")
@@ -372,7 +373,7 @@ def test_a_prompt_longer_than_512_tokens_is_not_cut(tmp_path: Path, embedded_dir
     import datasets
     from transformers import AutoTokenizer
 
-    from factory.train.command import _build_trainer
+    from factory.train.trainer import build_trainer
 
     long = " ".join(f"word{i}" for i in range(300))  # about 900 tokens
     row = {
@@ -386,7 +387,7 @@ def test_a_prompt_longer_than_512_tokens_is_not_cut(tmp_path: Path, embedded_dir
     n_prompt = len(prompt["input_ids"])
     assert 512 < n_prompt < 1500
     values = resolved(TrainSettings(preset="cpu", max_length=2048, precompute_ref_log_probs=False), "dpo")
-    trainer = _build_trainer("dpo", values, 0.1, 0, str(embedded_dir), dd, tmp_path / "out")
+    trainer = build_trainer("dpo", values, 0.1, 0, str(embedded_dir), dd, tmp_path / "out")
     processed = trainer.train_dataset[0]
     assert len(processed["prompt_ids"]) == n_prompt
     assert processed["prompt_ids"] == list(prompt["input_ids"])

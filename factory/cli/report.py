@@ -84,7 +84,7 @@ def show(
     paper authors') can be checked on a small build before a large one.
     """
     from factory.report.show import MessageOptions, show_prompt
-    from factory.train.command import parse_overrides
+    from factory.train.settings import parse_overrides
     from factory.warehouse.store import Warehouse
 
     if (recipe_file is not None or overrides) and not messages:

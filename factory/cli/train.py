@@ -48,8 +48,9 @@ def train(
     """
     from factory.cli.progress import RichReporter
     from factory.config.recipe import read_yaml
-    from factory.train.command import held_out_for, parse_overrides, settings_from
     from factory.train.command import train as run_training
+    from factory.train.selection import held_out_for
+    from factory.train.settings import parse_overrides, settings_from
     from factory.warehouse.store import Warehouse
 
     wh = Warehouse(warehouse)
@@ -119,7 +120,7 @@ def _policy_contender(policy: str, like: Any, recipe: Path, models: list[str]) -
     import re
 
     from factory.policy_eval.command import Contender
-    from factory.rounds.loop import checkpoint_spec
+    from factory.train.selection import checkpoint_spec
 
     folder = Path(policy)
     if folder.exists():

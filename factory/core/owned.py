@@ -164,7 +164,23 @@ def writing(target: Path, what: str) -> Iterator[None]:
 def discard(built: Path) -> None:
     """Remove a folder `new_folder_beside` made (after a failure); anything else is left alone."""
     if _is_leftover(built):
-        shutil.rmtree(built, ignore_errors=True)
+        _remove_leftover(built)
+
+
+def _remove_leftover(folder: Path) -> None:
+    """Remove a marked leftover folder, its `LEFTOVER` file last: a removal that fails part-way leaves a folder
+    the next command's sweep still recognises, never an unmarked one it must leave alone."""
+    for path in folder.iterdir():
+        if path.name == LEFTOVER:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    with contextlib.suppress(OSError):
+        (folder / LEFTOVER).unlink()
+        folder.rmdir()
 
 
 def _is_leftover(path: Path) -> bool:
@@ -186,7 +202,7 @@ def sweep_leftovers(target: Path) -> list[Path]:
     for path in target.parent.iterdir():
         match = _LEFTOVER_NAME.fullmatch(path.name)
         if match and match.group("name") == target.name and _is_leftover(path):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_leftover(path)
             swept.append(path)
     return swept
 
@@ -205,7 +221,7 @@ def replace_folder(built: Path, target: Path, kind: FolderKind, wh_root: Path | 
         except OSError:
             os.rename(old, target)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_leftover(old)  # what a failed removal leaves, the next command's sweep (`writing`) removes
     else:
         os.rename(built, target)
     with contextlib.suppress(FileNotFoundError):

@@ -71,7 +71,7 @@ class Run:
         wh: Warehouse,
         recipe: str,
         recipe_hash: str,
-        pool: ModelPool,
+        models: ModelPool | None = None,
         reporter: Reporter | None = None,
         recipe_path: str | None = None,
         loop_round: int | None = None,
@@ -79,7 +79,7 @@ class Run:
         self.wh = wh
         self.round = loop_round
         self.recipe = recipe
-        self.pool = pool
+        self.pool = models if models is not None else ModelPool({})
         self.reporter = reporter or Reporter()
         self.run_id = new_run_id()
         self.stats: list[StageStats] = []
@@ -93,7 +93,7 @@ class Run:
             "status": "running",
             "round": loop_round,
         }
-        self.calls = CallRunner(wh, self.run_id, recipe, pool, self.reporter)
+        self.calls = CallRunner(wh, self.run_id, recipe, self.pool, self.reporter)
         self._t0 = 0.0
         self._lock: Any = None
         self.recheck = False

@@ -24,6 +24,9 @@ from factory.build.command import Build
 from factory.config.recipe import LoadedRecipe, ModelSpec, Recipe, TrainSettings
 from factory.pipeline.calls import Reporter
 from factory.policy_eval.command import Contender, evaluate
+from factory.train.command import train
+from factory.train.selection import checkpoint_spec, held_out_for
+from factory.train.settings import betas, resolved, settings_from
 from factory.warehouse.store import Warehouse
 
 
@@ -33,20 +36,6 @@ def train_base(spec: ModelSpec) -> dict[str, Any]:
         return {"base_model": f"embedded:{spec.model}"}
     # A base model that needed its own code to run needs it to train too: the entry's opt-in carries over.
     return {"base_model": spec.model, "revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-
-
-def checkpoint_spec(policy: ModelSpec, folder: str | Path) -> ModelSpec:
-    """The model spec of a trained folder, run the way the policy was (threads, batch size, device, dtype)."""
-    return ModelSpec(
-        backend="vllm" if policy.backend == "vllm" else "transformers",
-        model=str(folder),
-        threads=policy.threads,
-        batch_size=policy.batch_size,
-        dtype=policy.dtype,
-        device=policy.device,
-        engine=policy.engine,
-        trust_remote_code=policy.trust_remote_code,  # a checkpoint keeps its base model's code (save_pretrained)
-    )
 
 
 def round_recipe(loaded: LoadedRecipe, k: int, policy: ModelSpec | None, *, sft_only: bool = False) -> LoadedRecipe:
@@ -141,8 +130,6 @@ class Loop:
 
     @staticmethod
     def _settings(settings: TrainSettings, method: str, base: ModelSpec, name: str) -> TrainSettings:
-        from factory.train.command import settings_from
-
         layers = [
             ("rounds (default preset)", {"preset": "cpu"}),
             (f"rounds.{method}", settings.model_dump(exclude_unset=True)),
@@ -153,7 +140,6 @@ class Loop:
     def _check_selection(self, settings: TrainSettings, policy: ModelSpec) -> None:
         """A β sweep in the rounds must keep one model: the next round samples with a single checkpoint."""
         from factory.core.errors import UserInputError
-        from factory.train.command import betas, resolved
 
         values = resolved(self._settings(settings, "dpo", policy, "check"), "dpo")
         if len(betas(values)) > 1 and values.get("select") == "all":
@@ -165,8 +151,6 @@ class Loop:
     def _train(
         self, data: Path | None, settings: TrainSettings, method: str, base: ModelSpec, name: str, k: int
     ) -> dict[str, Any]:
-        from factory.train.command import held_out_for, train
-
         assert data is not None
         merged = self._settings(settings, method, base, name)
         # A β sweep picks its checkpoint by the held-out win rate when the recipe has an `eval:` section; each
