@@ -68,6 +68,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from factory.core.stats import sigmoid
+
 Pair = tuple[str, str]
 
 __all__ = ["Adaptive", "AllPairs", "SampleScore", "Schedule", "observed_scores"]
@@ -399,13 +401,9 @@ def _logit(p: float, eps: float = 0.005) -> float:
     return math.log(p / (1.0 - p))
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-def _noisy_sigmoid(d: float, sd: float) -> tuple[float, float, float]:
+def _noisysigmoid(d: float, sd: float) -> tuple[float, float, float]:
     """Mean, slope (d/dd of the mean) and variance of sigmoid(d + sd·Z), Z ~ N(0, 1)."""
-    s = (_sigmoid(d), _sigmoid(d + sd * _X1), _sigmoid(d - sd * _X1), _sigmoid(d + sd * _X2), _sigmoid(d - sd * _X2))
+    s = (sigmoid(d), sigmoid(d + sd * _X1), sigmoid(d - sd * _X1), sigmoid(d + sd * _X2), sigmoid(d - sd * _X2))
     mean = _W0 * s[0] + _W1 * (s[1] + s[2]) + _W2 * (s[3] + s[4])
     square = _W0 * s[0] ** 2 + _W1 * (s[1] ** 2 + s[2] ** 2) + _W2 * (s[3] ** 2 + s[4] ** 2)
     slope = (
@@ -447,7 +445,7 @@ class _Fit:
             total = obs_sum[i]
             for j in range(i + 1, n):
                 if unasked[i][j]:
-                    m, g, v = _noisy_sigmoid(q[i] - q[j], noise)
+                    m, g, v = _noisysigmoid(q[i] - q[j], noise)
                     self.mean[i][j], self.slope[i][j], self.var[i][j] = m, g, v
                     self.mean[j][i], self.slope[j][i], self.var[j][i] = 1.0 - m, g, v
             total += 2.0 * sum(m for m, u in zip(self.mean[i], unasked[i], strict=True) if u)
