@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from factory.core.errors import UserInputError
-from factory.inputs.labelled_sets import DataSource, data_source, read_eval_set
+from factory.inputs.data_sources import DataSource, data_source
+from factory.inputs.labelled_sets import read_eval_set
 from factory.inputs.presets import INSTRUSUM_INSTRUCTION, PRESETS
 
 DATA = Path(__file__).resolve().parent / "data" / "evalsets"

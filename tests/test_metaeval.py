@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from factory.config.recipe import ModelSpec
 from factory.core.errors import UserInputError
 from factory.core.stats import bootstrap_ci
-from factory.inputs.labelled_sets import NamedPath, read_eval_set
+from factory.inputs.data_sources import NamedPath
+from factory.inputs.labelled_sets import read_eval_set
 from factory.judge.protocols import PROTOCOLS
 from factory.judge_eval.command import (
     EvalSettings,

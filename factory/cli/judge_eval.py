@@ -175,7 +175,8 @@ def judge_eval(
     call. Prints Table 1 and the full metrics, and writes them as CSV and Markdown.
     """
     from factory.cli.progress import RichReporter
-    from factory.inputs.labelled_sets import data_source, read_eval_set, split_named
+    from factory.inputs.data_sources import data_source, split_named
+    from factory.inputs.labelled_sets import read_eval_set
     from factory.judge_eval.command import (
         DEFAULT_PROTOCOLS,
         EvalSettings,

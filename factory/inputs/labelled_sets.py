@@ -25,13 +25,12 @@ from typing import Any
 from factory.config.recipe import clip_value, shown_path
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
+from factory.inputs.data_sources import NAME_RE, NamedPath, default_name
 from factory.inputs.presets import PRESETS, hub_records
+from factory.inputs.references import INSTRUCTION_COLUMNS, reference_texts
 from factory.inputs.sources import path_kind, read_dataset, read_json, read_jsonl, read_table_file
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-INSTRUCTION_COLUMNS = ("input", "instruction")
 LABEL_COLUMNS = ("label", "winner")
-REFERENCE_TEXT_KEYS = ("reference", "output", "text", "response", "generation", "answer")
 
 
 @dataclass(frozen=True)
@@ -65,50 +64,6 @@ class EvalSet:
     def fingerprint(self) -> str:
         """Hash of the cases' content (not of the references, which reach request keys anyway)."""
         return stable_hash([(c.case_id, c.instruction, c.output_1, c.output_2, c.label) for c in self.cases], 16)
-
-
-@dataclass(frozen=True)
-class NamedPath:
-    """`NAME=PATH` or a bare `PATH` from the command line (the name then comes from the path)."""
-
-    name: str | None
-    path: str
-
-
-def split_named(value: str) -> NamedPath:
-    """Split `NAME=PATH`; a bare path (or one that exists as written, '=' and all) has no name."""
-    if "=" in value and not Path(value).exists():
-        name, _, path = value.partition("=")
-        if NAME_RE.match(name) and path:
-            return NamedPath(name, path)
-    return NamedPath(None, value)
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """One `--data` value: a file, folder or Hub name in LLMBar format, or a preset (from the Hub when `path`
-    is None, else a local file in the preset's Hub layout)."""
-
-    name: str | None
-    path: str | None
-    preset: str | None = None
-
-
-def data_source(value: str) -> DataSource:
-    """Read a `--data` value: `PRESET` (when no such file exists), `PRESET=FILE`, `NAME=PATH` or `PATH`."""
-    named = split_named(value)
-    if named.name is None and named.path in PRESETS and not Path(named.path).expanduser().exists():
-        return DataSource(named.path, None, named.path)
-    if named.name in PRESETS:
-        return DataSource(named.name, named.path, named.name)
-    return DataSource(named.name, named.path)
-
-
-def _default_name(path: str) -> str:
-    stem = Path(path.rstrip("/")).name
-    for suffix in (".jsonl", ".json", ".parquet"):
-        stem = stem.removesuffix(suffix)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) or "data"
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -173,56 +128,6 @@ def _text(row: dict[str, Any], column: str, where: str) -> str:
     return value
 
 
-def _reference_text(item: Any, where: str) -> str | None:
-    if item is None or isinstance(item, str):
-        return item
-    if isinstance(item, dict):
-        for key in REFERENCE_TEXT_KEYS:
-            if key in item:
-                value = item[key]
-                if value is not None and not isinstance(value, str):
-                    raise UserInputError(f"{where}: '{key}' must be text, got {type(value).__name__}")
-                return value
-        keys = list(REFERENCE_TEXT_KEYS)
-        raise UserInputError(f"{where}: no reference text (looked for {keys}; found {clip_value(sorted(item))})")
-    raise UserInputError(f"{where}: a reference must be a string or an object, got {type(item).__name__}")
-
-
-def align_references(
-    rows: list[dict[str, Any]], ids: list[str | None], items: list[Any], where: str
-) -> list[str | None]:
-    """Reference texts in the order of `rows`: by `id` when both sides carry ids, else by position.
-
-    Position alignment needs the same number of items as rows; when an item names its instruction
-    (`instruction` / `input`) it must match the row's, so a shifted file is an error rather than noise.
-    """
-    item_ids = [it.get("id") if isinstance(it, dict) else None for it in items]
-    if items and all(i is not None for i in item_ids) and all(i is not None for i in ids):
-        by_id: dict[str, Any] = {}
-        for n, (i, it) in enumerate(zip(item_ids, items, strict=True)):
-            if str(i) in by_id:
-                raise UserInputError(f"{where}: item {n}: id {clip_value(i)} appears twice")
-            by_id[str(i)] = it
-        matched = [by_id.get(str(i)) for i in ids]
-        if not any(m is not None for m in matched):
-            raise UserInputError(f"{where}: no reference id matches an id of the data set")
-        return [_reference_text(m, f"{where} (id {i})") for i, m in zip(ids, matched, strict=True)]
-    if len(items) != len(rows):
-        raise UserInputError(
-            f"{where}: {len(items)} references for {len(rows)} cases; aligning by position needs equal counts "
-            "(or give both files an `id` field)"
-        )
-    texts = []
-    for n, (row, item) in enumerate(zip(rows, items, strict=True)):
-        if isinstance(item, dict):
-            named = next((item[k] for k in INSTRUCTION_COLUMNS if isinstance(item.get(k), str)), None)
-            mine = next((row[k] for k in INSTRUCTION_COLUMNS if isinstance(row.get(k), str)), None)
-            if named is not None and mine is not None and named.strip() != mine.strip():
-                raise UserInputError(f"{where}: item {n} is for a different instruction than case {n} (misaligned?)")
-        texts.append(_reference_text(item, f"{where} (item {n})"))
-    return texts
-
-
 def read_eval_set(
     source: str | None,
     *,
@@ -248,7 +153,7 @@ def read_eval_set(
     if chosen is not None and source is None:
         source = f"{chosen.hub} ({chosen.name})"
     assert source is not None
-    name = name or (chosen.name if chosen is not None else _default_name(source))
+    name = name or (chosen.name if chosen is not None else default_name(source))
     if not NAME_RE.match(name):
         raise UserInputError(f"{source}: data set name {clip_value(name)} may hold only letters, digits, '_', '.', '-'")
     if from_hub:
@@ -268,28 +173,7 @@ def read_eval_set(
             raise UserInputError(f"{source}: no case left after mapping the {chosen.name} layout ({'; '.join(notes)})")
     rows: list[dict[str, Any]] = records
     ids = [None if r.get("id") is None else str(r["id"]) for r in rows]
-    refs: dict[str, list[str | None]] = {}
-    if reference_columns is None:
-        reference_columns = ["reference"] if any("reference" in r for r in rows) else []
-    for column in reference_columns:
-        if not any(column in r for r in rows):
-            columns = clip_value(sorted(rows[0]))
-            raise UserInputError(f"{source}: no reference column {clip_value(column)} (columns: {columns})")
-        refs[column] = [_reference_text(r.get(column), f"{source}: row {n}: '{column}'") for n, r in enumerate(rows)]
-    for ref in reference_files or []:
-        ref_name = ref.name or _default_name(ref.path)
-        if ref_name in refs:
-            raise UserInputError(
-                f"{ref.path}: reference name {clip_value(ref_name)} is already used; name it with NAME=FILE"
-            )
-        path = Path(ref.path).expanduser()
-        kind = path_kind(path)
-        if kind == "missing":
-            raise UserInputError(f"{ref.path}: reference file not found")
-        if kind == "folder":
-            raise UserInputError(f"{ref.path}: is a folder; expected a reference file (.jsonl or .json)")
-        items = read_jsonl(path, objects=False) if path.suffix.lower() == ".jsonl" else read_json(path, objects=False)
-        refs[ref_name] = align_references(rows, ids, items, str(path))
+    refs = reference_texts(rows, ids, source, reference_columns, reference_files)
     cases = []
     seen: set[str] = set()
     for n, r in enumerate(rows):
