@@ -17,7 +17,8 @@ import pytest
 from test_recipe_errors import BASE, assert_one_error_line, line_of, run_cli
 
 from factory.core.errors import UserInputError
-from factory.inputs.labelled_sets import NamedPath, read_eval_set
+from factory.inputs.data_sources import NamedPath
+from factory.inputs.labelled_sets import read_eval_set
 
 MAX_LINE = 400
 """No error line may be longer than this, whatever the size of the input."""

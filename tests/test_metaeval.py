@@ -22,7 +22,9 @@ from click.testing import CliRunner
 
 from factory.config.recipe import ModelSpec
 from factory.core.errors import UserInputError
-from factory.inputs.labelled_sets import NamedPath, read_eval_set
+from factory.core.stats import bootstrap_ci
+from factory.inputs.data_sources import NamedPath
+from factory.inputs.labelled_sets import read_eval_set
 from factory.judge.protocols import PROTOCOLS
 from factory.judge_eval.command import (
     EvalSettings,
@@ -31,19 +33,9 @@ from factory.judge_eval.command import (
     parse_judges,
     run_judge_eval,
 )
-from factory.judge_eval.metrics import (
-    CaseResult,
-    Judged,
-    Unparsed,
-    Variant,
-    bootstrap_ci,
-    build_report,
-    coin,
-    compare,
-    compare_stored,
-    mcnemar_exact,
-    table1,
-)
+from factory.judge_eval.comparison import compare, compare_stored, mcnemar_exact
+from factory.judge_eval.tables import build_report, table1
+from factory.judge_eval.variants import CaseResult, Judged, Unparsed, Variant, coin
 from factory.models.requests import JudgeOutput, JudgeRequest, TransientError
 from factory.warehouse.store import Warehouse
 

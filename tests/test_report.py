@@ -26,7 +26,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from factory.cli.main import main
-from factory.report.page import CSP, html_table
+from factory.report.html import CSP, html_table
 
 CHROMIUM = shutil.which("chromium")
 NEEDS_CHROMIUM = pytest.mark.skipif(

@@ -12,16 +12,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from factory.stages import rows as stages
-from factory.models.registry import model_identity
-from factory.pipeline.calls import ModelPool, Reporter
+from factory.config.recipe import LoadedRecipe
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
-from factory.labelers.registry import judge_protocol, labeler_of
-from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats, execute, order
-from factory.config.recipe import LoadedRecipe
-from factory.pipeline.run import Run
 from factory.inputs.sources import read_rows
+from factory.labelers.registry import judge_protocol, labeler_of
+from factory.models.registry import model_identity
+from factory.pipeline.calls import ModelPool, Reporter
+from factory.pipeline.run import Run
+from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats, execute, order
+from factory.stages import rows as stages
 from factory.warehouse.store import Warehouse
 
 

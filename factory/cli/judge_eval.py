@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -18,110 +17,11 @@ from factory.core.text import clean
 from factory.judge.protocols import PROTOCOLS
 
 PRESET_NAMES = ("llmbar-natural", "llmbar-adversarial", "mtbench", "instrusum", "href")
-"""`factory.inputs.labelled_sets.PRESETS` by name, repeated so `--help` needs no import beyond click (a test checks)."""
+"""`factory.inputs.presets.PRESETS` by name, repeated so `--help` needs no import beyond click (a test checks)."""
 JUDGE_PRESET_NAMES = ("reife",)
 """`factory.judge_eval.command.PRESETS` by name, for `--preset` (a test checks they agree)."""
 PRESET_OPTIONS = ("prefill", "max_tokens", "cot_max_tokens", "top_logprobs", "markers", "swap", "unparsed")
 """The options a `--preset` sets: giving one of them beside it is refused."""
-
-
-REPORT_FOLDER_MARKER = ".factory-judge-eval.json"
-
-
-def report_folder_kind() -> Any:
-    """judge-eval's report folder as factory recognises it (its marker lists the files it wrote)."""
-    from factory.core.owned import FolderKind
-
-    return FolderKind("judge-eval report folder", REPORT_FOLDER_MARKER, "--out")
-
-
-LEGACY_REPORT_FILES = frozenset(
-    f"{name}.{ext}" for name in ("table1", "metrics", "agreement", "bias") for ext in ("csv", "md")
-)
-
-
-def adopt_legacy_report_folder(folder: Path) -> None:
-    """Mark the default report folder of a release that wrote no marker as factory's, when it holds nothing but
-    the files judge-eval writes: it lies inside the warehouse and factory wrote it, so it stays replaceable."""
-    from factory.core.owned import seal
-
-    if folder.is_symlink() or not folder.is_dir() or (folder / REPORT_FOLDER_MARKER).exists():
-        return
-    entries = list(folder.iterdir())
-    if entries and all(p.is_file() and not p.is_symlink() and p.name in LEGACY_REPORT_FILES for p in entries):
-        seal(folder, report_folder_kind(), {"files_written_by": "factory judge-eval (an earlier release)"})
-
-
-def write_files(folder: Path, files: dict[str, str], wh_root: Path) -> list[Path]:
-    """Write the report files (CSV, Markdown) as one folder, built beside `folder` and renamed into place; an
-    existing folder is replaced only when an earlier judge-eval wrote it (docs/RELIABILITY.md)."""
-    from factory.core.owned import building_beside, replace_folder, seal, writing
-
-    kind = report_folder_kind()
-    with writing(folder, kind.what), building_beside(folder) as built:
-        for name, text in files.items():
-            (built / name).write_text(text, encoding="utf-8")
-        seal(built, kind, {"files_written_by": "factory judge-eval"})
-        replace_folder(built, folder, kind, wh_root)
-    return [folder / name for name in files]
-
-
-def _console() -> Any:
-    """A rich console on stdout; when output goes to a file or pipe, wide enough that no number is cut."""
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 200))
-    return console
-
-
-SHORT = {
-    "acc_forward": "fwd",
-    "acc_swapped": "swapped",
-    "acc_soft": "soft",
-    "acc_soft_exact": "soft (exact)",
-    "soft_unscored": "soft unscored",
-    "position_first_rate": "position: first shown",
-    "letter_a_rate": "letter: (a)",
-    "top_logprobs": "top-k",
-    "consistency": "consistent",
-    "first_position_rate": "first pos.",
-    "parse_failure_rate": "unparsed",
-    "call_errors": "errors",
-    "len_preferred": "len pref.",
-    "len_other": "len other",
-    "len_human_preferred": "len human pref.",
-    "len_human_other": "len human other",
-    "ci_low": "CI low",
-    "ci_high": "CI high",
-}
-TEXT_COLUMNS = ("dataset", "judge", "protocol", "judge_1", "judge_2")
-DECODING_COLUMNS = ("prefill", "markers", "top_logprobs")
-SECOND_ORDER = {"outputs": "swapped", "blocks": "blocks-swapped", "both": "2nd order"}
-"""The header of `acc_swapped` by --swap (with both, a protocol's +blocks row is blocks-swapped)."""
-
-
-def _print_rows(
-    title: str, columns: list[str], rows: list[dict[str, Any]], percent: bool, labels: dict[str, str] | None = None
-) -> None:
-    """Rows as a rich table; with `percent`, rate columns are shown in percent; `labels` rename headers. Cells
-    and the title are rich Text: a judge's or data set's name is printed literally, never as markup."""
-    from rich.table import Table
-
-    from factory.core.text import text
-    from factory.judge_eval.metrics import shown
-
-    names = {**SHORT, **(labels or {})}
-    table = Table(title=text(title), header_style="bold")
-    for c in columns:
-        table.add_column(
-            text(names.get(c, c)), justify="left" if c in TEXT_COLUMNS else "right", no_wrap=c not in TEXT_COLUMNS
-        )
-    for r in rows:
-        cells = [shown(c, r.get(c)) if percent else ("" if r.get(c) is None else str(r.get(c))) for c in columns]
-        table.add_row(*map(text, cells))
-    _console().print(table)
 
 
 @click.command(name="judge-eval")
@@ -275,7 +175,8 @@ def judge_eval(
     call. Prints Table 1 and the full metrics, and writes them as CSV and Markdown.
     """
     from factory.cli.progress import RichReporter
-    from factory.inputs.labelled_sets import data_source, read_eval_set, split_named
+    from factory.inputs.data_sources import data_source, split_named
+    from factory.inputs.labelled_sets import read_eval_set
     from factory.judge_eval.command import (
         DEFAULT_PROTOCOLS,
         EvalSettings,
@@ -285,7 +186,9 @@ def judge_eval(
         preset_settings,
         run_judge_eval,
     )
-    from factory.judge_eval.metrics import BIAS_COLUMNS, METRIC_COLUMNS, build_report
+    from factory.judge_eval.console import print_report
+    from factory.judge_eval.report_folder import adopt_legacy_report_folder, report_folder_kind, write_files
+    from factory.judge_eval.tables import build_report
     from factory.warehouse.store import Warehouse
 
     if preset is None:
@@ -342,33 +245,7 @@ def judge_eval(
             sets, judge_specs, chosen, settings, wh, explicit_protocols=bool(protocols), reporter=reporter
         )
     report = build_report(run.rows, settings.bootstrap, settings.seed, settings.unparsed, settings.preset)
-    rule = report.rule.describe()
-    table1_title = f"judge accuracy (%), both orders averaged; {rule}; unparsed: parse-failure rate (%)"
-    if settings.preset:
-        table1_title += f"; preset {settings.preset}"
-    _print_rows(table1_title, report.table1_columns, report.table1, percent=False)
-    accuracy = ["dataset", "judge", "protocol", "cases", "accuracy", "ci_low", "ci_high", "parse_failure_rate"]
-    accuracy += ["acc_forward", "acc_swapped", "acc_soft", "acc_soft_exact"]
-    decoding = f"prefill {settings.prefill}, top-{settings.top_logprobs}, swap {settings.swap}"
-    _print_rows(
-        f"accuracy (%) with bootstrap 95% CI; {rule}; soft accuracy under both marker rules; {decoding}",
-        accuracy,
-        report.metrics,
-        percent=True,
-        labels={"acc_swapped": SECOND_ORDER[settings.swap], "acc_soft": f"soft ({settings.markers})"},
-    )
-    rest = [c for c in METRIC_COLUMNS if c not in accuracy and c not in ("unparsed", "swap", *DECODING_COLUMNS)]
-    _print_rows("bias, parsing, lengths (chars) and cost", ["protocol", *rest], report.metrics, percent=True)
-    if report.bias:
-        _print_rows(
-            "position bias vs letter bias (%; 50 = none): first-shown block chosen (forward vs blocks-swapped), "
-            "(a) chosen (outputs-swapped vs blocks-swapped); first pos.: the outputs-swapped rate, which mixes both",
-            list(BIAS_COLUMNS),
-            report.bias,
-            percent=True,
-        )
-    if report.agreement:
-        _print_rows("agreement between judges (%)", list(report.agreement[0]), report.agreement, percent=True)
+    print_report(report, settings)
     for note in run.notes:
         click.echo(clean(f"note: {note}"))
     paths = write_files(folder, report.files(), wh.root)
@@ -418,7 +295,9 @@ def judge_compare(
     of the accuracy difference (cases resampled with both orders together). A protocol judged with
     `--swap blocks` is the variant PROTOCOL+blocks.
     """
-    from factory.judge_eval.metrics import Unparsed, compare_stored
+    from factory.judge_eval.comparison import compare_stored
+    from factory.judge_eval.console import print_rows
+    from factory.judge_eval.variants import Unparsed
 
     if protocol_a == protocol_b:
         raise UserInputError("--protocol-a and --protocol-b are the same")
@@ -453,7 +332,7 @@ def judge_compare(
         shown_rows.append(r)
     rule = Unparsed(unparsed, seed).describe()
     title = f"{results[0].judge}: {protocol_a} (A) vs {protocol_b} (B); accuracies in %; {rule}"
-    _print_rows(title, columns, shown_rows, percent=False)
+    print_rows(title, columns, shown_rows, percent=False)
     for note in notes:
         click.echo(clean(f"note: {note}"))
 

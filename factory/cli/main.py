@@ -295,7 +295,14 @@ def _register_plugins() -> None:
     """Commands that live in their own modules (kept light: they import heavy libraries when run)."""
     import importlib
 
-    for module in ("factory.cli.judge_eval", "factory.cli.train", "factory.cli.publish", "factory.cli.report"):
+    for module in (
+        "factory.cli.judge_eval",
+        "factory.cli.train",
+        "factory.cli.policy_eval",
+        "factory.cli.publish",
+        "factory.cli.report",
+        "factory.cli.show",
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import operator
 
+from factory.core.stats import sigmoid
+
 # Gauss–Hermite nodes and weights for E f(Z), Z ~ N(0, 1) (probabilists', 5 points).
 _X1, _X2 = 1.3556261799742657, 2.8569700138728056
 _W0, _W1, _W2 = 0.5333333333333333, 0.2220759220056126, 0.011257411327720691
@@ -18,13 +20,9 @@ def logit(p: float, eps: float = 0.005) -> float:
     return math.log(p / (1.0 - p))
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
 def noisy_sigmoid(d: float, sd: float) -> tuple[float, float, float]:
     """Mean, slope (d/dd of the mean) and variance of sigmoid(d + sd·Z), Z ~ N(0, 1)."""
-    s = (_sigmoid(d), _sigmoid(d + sd * _X1), _sigmoid(d - sd * _X1), _sigmoid(d + sd * _X2), _sigmoid(d - sd * _X2))
+    s = (sigmoid(d), sigmoid(d + sd * _X1), sigmoid(d - sd * _X1), sigmoid(d + sd * _X2), sigmoid(d - sd * _X2))
     mean = _W0 * s[0] + _W1 * (s[1] + s[2]) + _W2 * (s[3] + s[4])
     square = _W0 * s[0] ** 2 + _W1 * (s[1] ** 2 + s[2] ** 2) + _W2 * (s[3] ** 2 + s[4] ** 2)
     slope = (

@@ -28,7 +28,7 @@ from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
 from factory.inputs.labelled_sets import EvalCase, EvalSet
 from factory.judge.protocols import PROTOCOLS, Protocol, custom_protocol
-from factory.judge_eval.metrics import BLOCKS
+from factory.judge_eval.variants import BLOCKS
 from factory.models.registry import BACKENDS, Backend, backends_for, load_backend, model_identity
 from factory.models.requests import Call, judge_call
 from factory.pipeline.calls import ModelPool, Reporter

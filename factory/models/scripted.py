@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from factory.config.recipe import ModelSpec, ScriptSpec
 from factory.core.keys import stable_hash
+from factory.core.stats import sigmoid
 from factory.models.requests import (
     Generation,
     GenerationRequest,
@@ -145,7 +146,7 @@ class ScriptedBackend:
         if match is None:  # a template without the usual blocks: still deterministic, just not comparative
             return unit("p", seed, prompt)
         margin = quality(match["a"].strip(), seed) - quality(match["b"].strip(), seed)
-        return 1.0 / (1.0 + math.exp(-(margin + self.script.position_bias)))
+        return sigmoid(margin + self.script.position_bias)
 
     def _judge_one(self, r: JudgeRequest) -> JudgeOutput:
         prompt = r.messages[-1]["content"]

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from factory.judge_eval.metrics import bootstrap_ci, quantile
+from factory.core.stats import bootstrap_ci, quantile, sigmoid
 from factory.stages.rows import win_probability
 
 LC_MIN_PROMPTS = 50
@@ -79,10 +79,6 @@ def prompts_of(rows: Iterable[dict[str, Any]], scoring: str) -> list[Prompt]:
     return out
 
 
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-
-
 def length_features(prompts: Sequence[Prompt]) -> list[float]:
     """tanh(Δ / sd(Δ)) per prompt, Δ = policy length − baseline length in characters (0 when sd is 0)."""
     deltas = [p.len_policy - p.len_baseline for p in prompts]
@@ -101,7 +97,7 @@ def fit_length_model(y: Sequence[float], x: Sequence[float], c: float = 1.0) -> 
         h00 = h11 = 1.0
         h01 = 0.0
         for yi, xi in zip(y, x, strict=True):
-            p = _sigmoid(theta + phi * xi)
+            p = sigmoid(theta + phi * xi)
             r, w = c * (p - yi), c * p * (1.0 - p)
             g0 += r
             g1 += r * xi
@@ -124,7 +120,7 @@ def length_controlled(prompts: Sequence[Prompt]) -> tuple[float | None, float | 
         return None, None
     y = [p.preference for p in scored]
     theta, phi = fit_length_model(y, length_features(scored))  # type: ignore[arg-type]
-    return 100.0 * _sigmoid(theta), phi
+    return 100.0 * sigmoid(theta), phi
 
 
 def summary(rows: Iterable[dict[str, Any]], scoring: str, resamples: int, seed: int = 0) -> dict[str, Any]:
