@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
 from factory.core.errors import UserInputError
 from factory.inputs.labelled_sets import NamedPath, read_eval_set
 from factory.judge.protocols import PROTOCOLS

@@ -47,7 +47,7 @@ def train(
     model and settings reuses the trained model.
     """
     from factory.cli.progress import RichReporter
-    from factory.config.recipe import read_yaml
+    from factory.config.yaml_loader import read_yaml
     from factory.train.command import held_out_for, parse_overrides, settings_from
     from factory.train.command import train as run_training
     from factory.warehouse.store import Warehouse
@@ -56,9 +56,8 @@ def train(
     layers: list[tuple[str, dict]] = []
     source, recipe_hash, held_out = data, None, None
     if data.endswith((".yaml", ".yml")):
-        from factory.config.recipe import load_recipe
+        from factory.config.loading import load_recipe
         from factory.export.dataset import export_path
-        from factory.pipeline.run import Run
 
         loaded = load_recipe(data)
         r = loaded.recipe
@@ -67,7 +66,7 @@ def train(
             source += "-sft"
         if not Path(source).is_dir():
             raise UserInputError(f"{data}: its export {source} does not exist yet; run `factory build {data}` first")
-        recipe_hash = Run.hash_of(r.model_dump(mode="json"))
+        recipe_hash = r.content_hash
         held_out = held_out_for(loaded)  # `select: eval` (a β sweep's default) with the recipe's `eval:` section
         if r.train is not None:
             layers.append((f"{data} (train)", r.train.model_dump(exclude_unset=True)))
@@ -165,7 +164,7 @@ def eval_(
     and figures land in the tables `eval_outputs`, `eval` and `eval_results`.
     """
     from factory.cli.progress import RichReporter, print_eval
-    from factory.config.recipe import load_recipe, with_eval_overrides
+    from factory.config.loading import load_recipe, with_eval_overrides
     from factory.policy_eval.command import Contender, evaluate, recipe_policy
     from factory.warehouse.store import Warehouse
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.config.recipe import clip_value, one_line, shown_path
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
+from factory.core.reading import shown_path
+from factory.core.text import clip_value, message_line
 from factory.inputs.sources import path_kind, read_dataset, read_json, read_jsonl, read_table_file
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -403,7 +404,7 @@ def _hub_records(preset: Preset) -> list[Any]:
             reason = str(exc).removeprefix(f"{preset.hub}: ").removeprefix("could not load the dataset: ")
             where = f"{preset.hub}" + (f" ({preset.config}, split {split})" if preset.config else f" (split {split})")
             raise UserInputError(
-                f"--data {preset.name}: could not load {where} from the Hugging Face Hub: {one_line(reason)}; "
+                f"--data {preset.name}: could not load {where} from the Hugging Face Hub: {message_line(reason)}; "
                 f"without network, give {preset.name}=FILE with the rows in the same layout"
             ) from None
         if len(preset.splits) > 1:

@@ -15,6 +15,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from factory.config.vocabulary import CUSTOM
 from factory.core.errors import UserInputError
 from factory.core.text import one_line
 
@@ -312,8 +313,6 @@ PROTOCOLS: dict[str, Protocol] = {
         ),
     )
 }
-CUSTOM = "custom"
-"""The protocol name that reads a user template instead of a registered one."""
 
 
 def get_protocol(name: str) -> Protocol:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from factory.config.vocabulary import CUSTOM, Role
 from factory.core.errors import UserInputError
-from factory.judge.protocols import CUSTOM, Protocol, custom_protocol, get_protocol, with_template
+from factory.core.reading import read_input_text
+from factory.judge.protocols import Protocol, custom_protocol, get_protocol, with_template
 from factory.models.registry import model_identity
-from factory.models.requests import Role
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
 from factory.stages import rows as stages
 
@@ -60,8 +61,6 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         protocol = get_protocol(j.protocol)
         return protocol.unprefilled() if j.prefill == "none" else protocol
     path = loaded.resolve(j.template)
-    from factory.config.recipe import read_input_text  # late: the recipe module imports this one
-
     where = loaded.where("judgments", "template")
     try:
         text = read_input_text(path, "judge template file")

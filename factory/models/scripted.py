@@ -40,7 +40,7 @@ from factory.models.requests import (
 )
 
 if TYPE_CHECKING:
-    from factory.config.recipe import ModelSpec
+    from factory.config.models import ModelSpec
 
 WORDS = [
     "alpha",
@@ -91,7 +91,7 @@ class ScriptedBackend:
     """Deterministic answers from a seed, with optional injected failures and delays."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        from factory.config.recipe import ScriptSpec
+        from factory.config.models import ScriptSpec
 
         self.spec = spec
         self.script = spec.script or ScriptSpec()

@@ -49,6 +49,7 @@ from factory.core.owned import (
     seal,
     writing,
 )
+from factory.core.text import one_line
 from factory.warehouse.store import Warehouse
 
 # datasets' own `push_to_hub` default: shards the Hub's viewer and loaders handle comfortably.
@@ -436,7 +437,7 @@ def hub_failure(exc: BaseException, repo_id: str, hub: str) -> FactoryError | No
                 "and HF_ENDPOINT"
             )
         if isinstance(cause, ValueError) and "Invalid metadata in README.md" in str(cause):
-            said = " ".join(str(cause).split())
+            said = one_line(cause)
             return FactoryError(f"{repo_id}: the Hub refused the dataset card's metadata ({said})")
     return None
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from factory.core.errors import UserInputError
 from factory.core.files import atomic_write_bytes
 from factory.core.owned import check_output_file, head
+from factory.core.text import one_line
 from factory.labelers.registry import position_consistency
 from factory.warehouse.store import Warehouse
 
@@ -131,8 +132,7 @@ def esc(value: Any) -> str:
 
 def short(text: Any, limit: int = MAX_LABEL) -> str:
     """A label that fits a figure's axis: one line, cut with … past `limit` characters."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return one_line(str(text), limit)
 
 
 def label(*parts: Any) -> str:

@@ -30,11 +30,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from factory.config.recipe import TrainSettings, clip_value, one_line
+from factory.config.errors import error_field, error_text
+from factory.config.training import TrainSettings
 from factory.core import owned
 from factory.core.errors import UserInputError
 from factory.core.keys import canonical_json, stable_hash
 from factory.core.owned import FolderKind, check_replaceable, new_folder_beside, replace_folder, seal
+from factory.core.text import clip_value, message_line
 from factory.models.registry import folder_fingerprint
 from factory.models.remote_code import TRAIN_OPT_IN, remote_code_refused
 
@@ -156,11 +158,11 @@ def settings_from(layers: list[tuple[str, dict[str, Any]]]) -> TrainSettings:
         return TrainSettings.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         origin = next((name for name, layer in reversed(layers) if err["loc"] and err["loc"][0] in layer), "settings")
-        message = "unknown setting" if err["type"] == "extra_forbidden" else one_line(str(err["msg"]))
-        got = f"; got {clip_value(err['input'])}" if err["type"] not in ("extra_forbidden", "missing") else ""
-        raise UserInputError(f"{origin}: field '{field}': {message.removeprefix('Value error, ')}{got}") from None
+        message = error_text(
+            err, unknown="unknown setting", missing=None, echo_value_errors=True, name_non_finite=False
+        )
+        raise UserInputError(f"{origin}: field '{error_field(err)}': {message}") from None
 
 
 def resolved(settings: TrainSettings, method: Method) -> dict[str, Any]:
@@ -363,7 +365,7 @@ def load_splits(source: str | Path) -> tuple[Any, str]:
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(f"{source}: could not load the dataset: {one_line(str(exc))}") from None
+        raise UserInputError(f"{source}: could not load the dataset: {message_line(str(exc))}") from None
     if "train" not in dd or len(dd["train"]) == 0:
         raise UserInputError(f"{source}: the train split is empty or missing; nothing to train on")
     name = path.name if path.exists() else str(source).replace("/", "--")
@@ -447,7 +449,7 @@ def base_model_path(settings: TrainSettings) -> str:
 
 def base_identity(settings: TrainSettings) -> dict[str, Any]:
     """The base model's identity as request keys see it (a local folder is identified by its content)."""
-    from factory.config.recipe import ModelSpec
+    from factory.config.models import ModelSpec
     from factory.models.registry import model_identity
 
     return model_identity(ModelSpec(backend="transformers", model=settings.base_model, revision=settings.revision))

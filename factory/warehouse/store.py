@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.files import atomic_write_bytes, check_folder, exclusive_lock, make_folder
-from factory.core.text import clean
+from factory.core.text import clean, first_line
 from factory.warehouse.tables import ALL_TABLES, CALL_TABLES, RUNS, STAGE_TABLES
 
 DB_FILE = "factory.duckdb"
@@ -96,11 +96,6 @@ def _arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     return fetch()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _sql_list(paths: Sequence[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
@@ -131,7 +126,7 @@ def _footer_problem(path: Path, required: Sequence[str]) -> str | None:
     try:
         schema = pq.read_schema(path)
     except (OSError, ValueError, pa.ArrowException) as exc:
-        return _first_line(exc)
+        return first_line(exc)
     if not schema.names:
         return "no columns"
     missing = [c for c in required if c not in schema.names]
@@ -150,7 +145,7 @@ def _data_problem(path: Path) -> str | None:
     try:
         pq.read_table(path)
     except (OSError, ValueError, pa.ArrowException) as exc:
-        return _first_line(exc)
+        return first_line(exc)
     try:  # pyarrow and DuckDB have different readers: a file only DuckDB chokes on is just as unusable
         con = duckdb.connect(config={"threads": 1, "autoload_known_extensions": False})
         try:
@@ -158,7 +153,7 @@ def _data_problem(path: Path) -> str | None:
         finally:
             con.close()
     except duckdb.Error as exc:
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 
@@ -411,7 +406,7 @@ class Warehouse:
             except duckdb.Error as exc:
                 if not self._set_aside_named(str(exc), parts):
                     folder = self.root / "calls" / table
-                    raise FactoryError(f"{folder}: cannot read the call cache: {_first_line(exc)}") from None
+                    raise FactoryError(f"{folder}: cannot read the call cache: {first_line(exc)}") from None
 
     @staticmethod
     def _read_cached(parts: list[str], wanted: pa.Table) -> dict[str, dict[str, Any]]:
@@ -451,7 +446,7 @@ class Warehouse:
         try:
             return self._read_pointer(path)
         except (OSError, ValueError) as exc:
-            self._reject(path, f"not a readable CURRENT.json ({_first_line(exc)})")
+            self._reject(path, f"not a readable CURRENT.json ({first_line(exc)})")
         return None
 
     def current(self, table: str, recipe: str) -> Current | None:
@@ -503,7 +498,7 @@ class Warehouse:
         try:
             return pq.read_table(path).to_pylist()
         except (OSError, ValueError, pa.ArrowException) as exc:
-            self._reject(path, _first_line(exc))
+            self._reject(path, first_line(exc))
         return None
 
     def set_aside_in(self, table: str, unit: str, since: int = 0) -> list[Path]:
@@ -579,7 +574,7 @@ class Warehouse:
                 except duckdb.Error as exc:
                     if self._set_aside_named(str(exc), self._view_files):
                         continue
-                    raise FactoryError(f"{target}: cannot write the views: {_first_line(exc)}") from None
+                    raise FactoryError(f"{target}: cannot write the views: {first_line(exc)}") from None
                 try:
                     os.replace(tmp, target)
                 except OSError as exc:
@@ -625,7 +620,7 @@ class Warehouse:
             except duckdb.Error as exc:
                 con.close()
                 if not self._set_aside_named(str(exc), self._view_files):
-                    raise FactoryError(f"{self.root}: cannot define the table views: {_first_line(exc)}") from None
+                    raise FactoryError(f"{self.root}: cannot define the table views: {first_line(exc)}") from None
             except BaseException:
                 con.close()
                 raise
@@ -687,7 +682,7 @@ class Warehouse:
         try:
             return self._with_views(count)
         except duckdb.Error as exc:
-            raise FactoryError(f"{self.root}: cannot count rows: {_first_line(exc)}") from None
+            raise FactoryError(f"{self.root}: cannot count rows: {first_line(exc)}") from None
 
     # ------------------------------------------------------------------------- judge-eval (new helpers)
     def current_rows(self, table: str) -> list[dict[str, Any]]:
@@ -699,7 +694,7 @@ class Warehouse:
             try:
                 tables.append(pq.read_table(f))
             except (OSError, ValueError, pa.ArrowException) as exc:  # skipped and named, like the views do
-                self._reject(Path(f), _first_line(exc))
+                self._reject(Path(f), first_line(exc))
         if not tables:
             return []
         return pa.concat_tables(tables, promote_options="default").to_pylist()
@@ -842,17 +837,17 @@ def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
 def _sql_error(exc: duckdb.Error, sql: str, limits: SqlLimits | None) -> UserInputError:
     """A query's DuckDB error as one line that says what happened and what to change."""
     if isinstance(exc, duckdb.PermissionException):
-        short = re.sub(r"^Permission Error:\s*", "", _first_line(exc))
+        short = re.sub(r"^Permission Error:\s*", "", first_line(exc))
         return UserInputError(f"factory sql reads only the warehouse's tables: {short}")
     if isinstance(exc, duckdb.OutOfMemoryException) and limits is not None and limits.memory is not None:
         return UserInputError(
-            f"out of memory under the --memory-limit {limits.memory_text} ({_first_line(exc)}); raise it with "
+            f"out of memory under the --memory-limit {limits.memory_text} ({first_line(exc)}); raise it with "
             "--memory-limit, e.g. --memory-limit 8GB"
         )
     hint = ""
     if isinstance(exc, duckdb.ParserException) and re.search(r'(?<!")\breferences\b(?!")', sql, re.I):
         hint = ' (REFERENCES is an SQL keyword: quote the table name, FROM "references")'
-    return UserInputError(f"SQL error: {_first_line(exc)}{hint}")
+    return UserInputError(f"SQL error: {first_line(exc)}{hint}")
 
 
 # DuckDB types whose Arrow form the table, CSV and JSON outputs all show as the value itself. Any other column
