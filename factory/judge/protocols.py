@@ -196,8 +196,8 @@ is better.", and write nothing after it.
 @dataclass(frozen=True)
 class Protocol:
     """A judge protocol and every fact about it: the template, whether it shows a reference, how many tokens
-    its answer needs, how the answer is read, and how a card or plan describes it. The recipe schema,
-    builds, judge-eval and the CLI all read these facts from `PROTOCOLS`."""
+    its answer needs, how the answer is read, and how a card or plan describes it. Builds, judge-eval and
+    the CLI read these facts from `PROTOCOLS`; the recipe schema checks them from `factory/config/vocabulary.py`."""
 
     name: str
     template: str

@@ -2,8 +2,9 @@
 
 A labeler is a recipe section (`judgments`, `rewards`, `similarity`) that adds stages ending in a `scores`
 table, names the model it calls and the role that model must play, and says how the export's provenance
-columns, the dataset card and the dry-run plan describe it. The recipe schema, the build, the export and
-the CLI read these facts from `LABELERS`; adding a labeler touches this file and its tests.
+columns, the dataset card and the dry-run plan describe it. The build, the export and the CLI read these
+facts from `LABELERS`; the recipe schema checks the same sections from `factory/config/vocabulary.py`
+(tests/test_vocabulary.py holds them equal), so adding a labeler touches both files and their tests.
 """
 
 from __future__ import annotations
