@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from factory.core.errors import UserInputError
-from factory.inputs.labelled_sets import INSTRUSUM_INSTRUCTION, PRESETS, DataSource, data_source, read_eval_set
+from factory.inputs.labelled_sets import DataSource, data_source, read_eval_set
+from factory.inputs.presets import INSTRUSUM_INSTRUCTION, PRESETS
 
 DATA = Path(__file__).resolve().parent / "data" / "evalsets"
 FILES = {
@@ -112,7 +113,7 @@ def test_a_file_in_another_layout_is_one_error_line(tmp_path: Path) -> None:
 
 
 def test_hub_load_reads_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    import factory.inputs.labelled_sets
+    import factory.inputs.presets
 
     asked: list[tuple[str, str | None, str | None]] = []
 
@@ -120,7 +121,7 @@ def test_hub_load_reads_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
         asked.append((where, config, split))
         return [{"input": f"{split} task {i}", "output_1": "x", "output_2": "y", "label": 1 + i % 2} for i in range(2)]
 
-    monkeypatch.setattr(factory.inputs.labelled_sets, "read_dataset", fake)
+    monkeypatch.setattr(factory.inputs.presets, "read_dataset", fake)
     ds = read_eval_set(None, preset="llmbar-adversarial", limit=5)
     assert [a[2] for a in asked] == list(PRESETS["llmbar-adversarial"].splits)
     assert {a[:2] for a in asked} == {("princeton-nlp/LLMBar", "LLMBar")}
@@ -136,7 +137,7 @@ def test_hub_load_reads_every_split(monkeypatch: pytest.MonkeyPatch) -> None:
     def down(where: str, **_: Any) -> list[dict[str, Any]]:
         raise UserInputError(f"{where}: could not load the dataset: Couldn't reach '{where}' on the Hub (Offline)")
 
-    monkeypatch.setattr(factory.inputs.labelled_sets, "read_dataset", down)
+    monkeypatch.setattr(factory.inputs.presets, "read_dataset", down)
     with pytest.raises(UserInputError) as info:
         read_eval_set(None, preset="mtbench")
     message = str(info.value)

@@ -18,7 +18,7 @@ from factory.core.text import clean
 from factory.judge.protocols import PROTOCOLS
 
 PRESET_NAMES = ("llmbar-natural", "llmbar-adversarial", "mtbench", "instrusum", "href")
-"""`factory.inputs.labelled_sets.PRESETS` by name, repeated so `--help` needs no import beyond click (a test checks)."""
+"""`factory.inputs.presets.PRESETS` by name, repeated so `--help` needs no import beyond click (a test checks)."""
 JUDGE_PRESET_NAMES = ("reife",)
 """`factory.judge_eval.command.PRESETS` by name, for `--preset` (a test checks they agree)."""
 PRESET_OPTIONS = ("prefill", "max_tokens", "cot_max_tokens", "top_logprobs", "markers", "swap", "unparsed")
