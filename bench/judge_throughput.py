@@ -92,7 +92,7 @@ def factory_rows(inputs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 
 def mode_setup(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     """Each mode's judgments spec and protocol (the paper's: unprefilled, 16 tokens, top-5, exact markers)."""
-    from factory.config.recipe import JudgmentsSpec
+    from factory.config.labeling import JudgmentsSpec
     from factory.judge.protocols import get_protocol
 
     refeval = get_protocol("refeval")
@@ -206,7 +206,7 @@ def run_mode(
     mode: str, judge: Judge, rows: dict[str, list[dict[str, Any]]], spec: Any, protocol: Any, max_calls: int | None
 ) -> list[dict[str, Any]]:
     """One mode's judgment rows (`stages.judgment_rows`), judged on `judge`."""
-    from factory.config.recipe import ModelSpec
+    from factory.config.models import ModelSpec
     from factory.models.registry import model_identity
     from factory.stages import rows as stages
 
@@ -259,7 +259,7 @@ def adaptive_rows(
 
 def pairs_of(mode: str, rows: dict[str, list[dict[str, Any]]], judgments: list[dict[str, Any]], scoring: str) -> Any:
     """prompt_id -> (chosen, rejected), as the scores and pairs stages make them."""
-    from factory.config.recipe import PairsSpec
+    from factory.config.labeling import PairsSpec
     from factory.stages import rows as stages
 
     score = stages.adaptive_score_rows if mode == "adaptive" else stages.score_rows
@@ -272,7 +272,7 @@ def pairs_of(mode: str, rows: dict[str, list[dict[str, Any]]], judgments: list[d
 
 
 def bench_backend(name: str, rows: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    from factory.config.recipe import ModelSpec
+    from factory.config.models import ModelSpec
     from factory.models.registry import load_backend
 
     setup = mode_setup(args)

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from factory.build.command import Build
-from factory.config.recipe import load_recipe
+from factory.config.loading import load_recipe
 from factory.labelers.registry import judge_protocol
 from factory.models.registry import load_backend, model_identity
 from factory.models.requests import GenerationRequest, JudgeRequest

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from factory.build.command import Build, plan, stages_for
 from factory.cli.main import main
-from factory.config.recipe import load_recipe
+from factory.config.loading import load_recipe
 from factory.core.errors import UserInputError
 from factory.models.scripted import ScriptedCrash
 from factory.pipeline.stage import Context, Stage, StageOutput, execute, order
@@ -333,7 +333,7 @@ def test_every_shipped_recipe_validates(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_scripted_backend_is_deterministic_and_injects_trouble() -> None:
-    from factory.config.recipe import ModelSpec, SamplingParams
+    from factory.config.models import ModelSpec, SamplingParams
     from factory.models.registry import load_backend
     from factory.models.requests import GenerationRequest, JudgeRequest, RequestFailed
 

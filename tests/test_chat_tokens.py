@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from test_build_scripted import write_edited
 
 from factory.cli.main import main
-from factory.config.recipe import ModelSpec, SamplingParams
+from factory.config.models import ModelSpec, SamplingParams
 from factory.core.keys import stable_hash
 from factory.judge.protocols import PROTOCOLS
 from factory.models.chat_tokens import BREAK, CHAT_CONTROL_MARKERS, chat_ids, neutralise, neutralise_messages
@@ -85,7 +85,7 @@ def test_request_keys_of_clean_data_are_unchanged() -> None:
 def test_quickstart_request_keys_are_unchanged() -> None:
     """The quickstart's data carries no control token: its calls are keyed exactly as before."""
     from factory.build.command import read_prompts
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
     from factory.stages import rows as stages
 
     loaded = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")

@@ -22,7 +22,7 @@ PROMPTS, N = 3, 2
 def export_path(tmp_path_factory: pytest.TempPathFactory, kit: Any, embedded_dir: Path) -> Path:
     """A tiny build's export folder, with every pair in train."""
     from factory.build.command import Build
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
     from factory.warehouse.store import Warehouse
 
     root = tmp_path_factory.mktemp("dpo")

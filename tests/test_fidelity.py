@@ -13,7 +13,8 @@ import pytest
 from test_build_scripted import recipe
 
 from factory.build.command import Build
-from factory.config.recipe import JudgmentsSpec, PairsSpec, load_recipe
+from factory.config.labeling import JudgmentsSpec, PairsSpec
+from factory.config.loading import load_recipe
 from factory.judge.protocols import PROTOCOLS, custom_protocol
 from factory.judge.verdicts import soft_score
 from factory.labelers.registry import judge_protocol

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from factory.config.recipe import LoadedRecipe, load_recipe
+from factory.config.loading import load_recipe
+from factory.config.recipe import LoadedRecipe
 from factory.judge_eval.command import PRESETS as JUDGE_EVAL_PRESETS
 from factory.train.settings import resolved, settings_from
 

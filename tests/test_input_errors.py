@@ -94,7 +94,7 @@ def test_merge_keys_may_override_without_being_duplicates(tmp_path: Path) -> Non
     )
     path = tmp_path / "recipe.yaml"
     path.write_text(text, encoding="utf-8")
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
 
     models = load_recipe(path).recipe.models
     assert (models["smol"].batch_size, models["other"].batch_size) == (4, 2)
@@ -148,7 +148,7 @@ def test_recipe_not_utf8(tmp_path: Path) -> None:
 def test_recipe_with_byte_order_mark_is_fine(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
 
     assert load_recipe(path).recipe.name == "errors"
 

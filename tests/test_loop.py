@@ -129,7 +129,7 @@ def test_the_last_checkpoint_reloads_and_generates(loop: dict[str, Any]) -> None
 
 def test_each_round_samples_with_the_previous_checkpoint(loop: dict[str, Any]) -> None:
     """A round's request keys name the checkpoint that made its samples (a hash of its weights and config)."""
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
     from factory.models.registry import model_identity
     from factory.models.requests import generation_call
     from factory.train.selection import checkpoint_spec

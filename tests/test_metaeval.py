@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
 from factory.core.errors import UserInputError
 from factory.core.stats import bootstrap_ci
 from factory.inputs.data_sources import NamedPath

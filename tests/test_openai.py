@@ -30,7 +30,7 @@ pytest.importorskip("httpx", reason="the openai backend needs the `openai` extra
 
 from fault_proxy import FaultProxy, schedule
 
-from factory.config.recipe import ModelSpec, SamplingParams
+from factory.config.models import ModelSpec, SamplingParams
 from factory.core.errors import FactoryError, UserInputError
 from factory.judge.protocols import get_protocol
 from factory.models.openai_backend import OpenAIBackend

@@ -286,7 +286,8 @@ def test_model_conversion_sweeps_only_its_own_leftovers(tmp_path: Path, monkeypa
     monkeypatch.setenv("FACTORY_CACHE", str(tmp_path / "cache"))
     models = tmp_path / "cache" / "models"
     name = embedded_model_dir.__defaults__[0]
-    from factory.models.registry import EMBEDDED_MODELS, package_version
+    from factory.config.vocabulary import EMBEDDED_MODELS
+    from factory.models.registry import package_version
 
     version = package_version(EMBEDDED_MODELS[name][0].replace("_", "-"))
     target = models / f"{name}-{version}"

@@ -21,7 +21,8 @@ import pytest
 from test_build_scripted import recipe
 
 from factory.build.command import Build, stages_for
-from factory.config.recipe import JudgmentsSpec, load_recipe
+from factory.config.labeling import JudgmentsSpec
+from factory.config.loading import load_recipe
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
 from factory.judge.protocols import PROTOCOLS

@@ -22,7 +22,7 @@ from test_build_scripted import RECIPE
 
 from factory.build.command import Build
 from factory.cli.main import main
-from factory.config.recipe import load_recipe
+from factory.config.loading import load_recipe
 from factory.publish.command import DRY_RUN_MARKER
 from factory.warehouse.store import Warehouse
 

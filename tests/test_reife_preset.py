@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from test_metaeval import Scripted, data_file, make_rows, shown, write_jsonl  # noqa: F401 (data_file: a fixture)
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
 from factory.core.keys import stable_hash
 from factory.inputs.labelled_sets import read_eval_set
 from factory.judge_eval.command import (

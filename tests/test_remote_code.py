@@ -21,7 +21,8 @@ import yaml
 from click.testing import CliRunner, Result
 
 from factory.cli.main import main
-from factory.config.recipe import ModelSpec, TrainSettings
+from factory.config.models import ModelSpec
+from factory.config.training import TrainSettings
 from factory.core.errors import UserInputError
 from factory.models.registry import model_identity
 from factory.models.remote_code import RECIPE_OPT_IN, TRAIN_OPT_IN
@@ -156,7 +157,7 @@ def test_with_the_opt_in_the_models_code_loads_and_runs(tmp_path: Path, model_fo
     script = textwrap.dedent(
         f"""
         from factory.models.hf import TransformersBackend
-        from factory.config.recipe import ModelSpec
+        from factory.config.models import ModelSpec
         from factory.models.requests import JudgeRequest
 
         spec = ModelSpec(backend="transformers", model={str(model_folder)!r}, threads=1, trust_remote_code=True)

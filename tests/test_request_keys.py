@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from factory.build.command import read_prompts
-from factory.config.recipe import ModelSpec, load_recipe
+from factory.config.loading import load_recipe
+from factory.config.models import ModelSpec
 from factory.labelers.registry import judge_protocol
 from factory.models.registry import model_identity
 from factory.models.requests import reward_call

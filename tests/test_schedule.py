@@ -275,7 +275,7 @@ def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tm
     from test_build_scripted import recipe
 
     from factory.build.command import Build
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
     from factory.warehouse.store import Warehouse
 
     calls = {}
@@ -298,7 +298,7 @@ def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tm
 def test_the_adaptive_schedule_refuses_forward_only_orders(tmp_path: Path) -> None:
     from test_build_scripted import recipe
 
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
     from factory.core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="both orders"):

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from factory.build.command import Build
 from factory.cli.main import main
-from factory.config.recipe import load_recipe
+from factory.config.loading import load_recipe
 from factory.judge.prose import SYSTEM
 from factory.warehouse.store import Warehouse
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from factory.config.recipe import JudgmentsSpec, ModelSpec, PairsSpec, PromptSource, ReferenceSpec
+from factory.config.labeling import JudgmentsSpec, PairsSpec
+from factory.config.models import ModelSpec
+from factory.config.sources import PromptSource, ReferenceSpec
 from factory.core.errors import UserInputError
 from factory.judge.protocols import PROTOCOLS
 from factory.models.registry import model_identity

@@ -11,7 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from factory.cli.main import main
-from factory.config.recipe import ModelSpec, TrainSettings
+from factory.config.models import ModelSpec
+from factory.config.training import TrainSettings
 from factory.core.errors import UserInputError
 from factory.train.presets import PRESETS
 from factory.train.settings import parse_overrides, resolved, settings_from

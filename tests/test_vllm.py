@@ -41,7 +41,7 @@ def _columns(warehouse: Path, table: str) -> list[str]:
 
 def test_vllm_judges_like_transformers(embedded_dir: Path) -> None:
     """Same prompt, same prefill, same greedy tokens and (nearly) the same log-probabilities."""
-    from factory.config.recipe import ModelSpec, SamplingParams
+    from factory.config.models import ModelSpec, SamplingParams
     from factory.judge.protocols import get_protocol
     from factory.models.registry import GenerationRequest, JudgeRequest, load_backend
 

@@ -209,7 +209,7 @@ class Build:
         # Bad input is the user's to fix: find it before anything is written to the warehouse.
         prompt_output = read_prompts(self.loaded)
         preflight(self.loaded, self.wh.root)
-        recipe_hash = Run.hash_of(self.recipe.model_dump(mode="json"))
+        recipe_hash = self.recipe.content_hash
         run = Run(self.wh, self.recipe.name, recipe_hash, self.pool, self.reporter, str(self.loaded.path), self.round)
         self.run_id = run.run_id
         ctx = Context(self.loaded, run.call, run_id=run.run_id)

@@ -55,7 +55,7 @@ SET_OPTION = click.option(
 
 def _load(recipe: Path, overrides: tuple[str, ...]) -> Any:
     """The recipe with its `--set` overrides applied (parsed as `factory train --set` parses its own)."""
-    from factory.config.recipe import load_recipe
+    from factory.config.loading import load_recipe
     from factory.train.settings import parse_overrides
 
     return load_recipe(recipe, parse_overrides(list(overrides)))

@@ -66,7 +66,7 @@ def eval_(
     and figures land in the tables `eval_outputs`, `eval` and `eval_results`.
     """
     from factory.cli.progress import RichReporter, print_eval
-    from factory.config.recipe import load_recipe, with_eval_overrides
+    from factory.config.loading import load_recipe, with_eval_overrides
     from factory.policy_eval.command import Contender, evaluate, recipe_policy
     from factory.warehouse.store import Warehouse
 

@@ -47,7 +47,7 @@ def train(
     model and settings reuses the trained model.
     """
     from factory.cli.progress import RichReporter
-    from factory.config.recipe import read_yaml
+    from factory.config.yaml_loader import read_yaml
     from factory.train.command import train as run_training
     from factory.train.selection import held_out_for
     from factory.train.settings import parse_overrides, settings_from
@@ -57,9 +57,8 @@ def train(
     layers: list[tuple[str, dict]] = []
     source, recipe_hash, held_out = data, None, None
     if data.endswith((".yaml", ".yml")):
-        from factory.config.recipe import load_recipe
+        from factory.config.loading import load_recipe
         from factory.export.dataset import export_path
-        from factory.pipeline.run import Run
 
         loaded = load_recipe(data)
         r = loaded.recipe
@@ -68,7 +67,7 @@ def train(
             source += "-sft"
         if not Path(source).is_dir():
             raise UserInputError(f"{data}: its export {source} does not exist yet; run `factory build {data}` first")
-        recipe_hash = Run.hash_of(r.model_dump(mode="json"))
+        recipe_hash = r.content_hash
         held_out = held_out_for(loaded)  # `select: eval` (a β sweep's default) with the recipe's `eval:` section
         if r.train is not None:
             layers.append((f"{data} (train)", r.train.model_dump(exclude_unset=True)))

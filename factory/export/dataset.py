@@ -91,7 +91,7 @@ def preference_records(ctx: Context, pairs: list[dict[str, Any]]) -> list[dict[s
     labeler = found.provenance(recipe)
     prompts = {p["prompt_id"]: p for p in ctx.rows["prompts"]}
     samples = {s["sample_id"]: s for s in ctx.rows["samples"]}
-    recipe_hash = stable_hash(recipe.model_dump(mode="json"), 16)
+    recipe_hash = recipe.content_hash
     records = []
     for pair in pairs:
         records.append(
@@ -272,7 +272,7 @@ def sft_records(ctx: Context) -> list[dict[str, Any]]:
                 "source_kind": ref["source_kind"],
                 "reference_model": ref.get("model"),
                 "recipe": r.name,
-                "recipe_hash": stable_hash(r.model_dump(mode="json"), 16),
+                "recipe_hash": r.content_hash,
             }
         )
     return records

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.config.recipe import clip_value, shown_path
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
+from factory.core.reading import shown_path
+from factory.core.text import clip_value
 from factory.inputs.data_sources import NAME_RE, NamedPath, default_name
 from factory.inputs.presets import PRESETS, hub_records
 from factory.inputs.references import INSTRUCTION_COLUMNS, reference_texts

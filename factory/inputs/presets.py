@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from factory.config.recipe import clip_value, one_line
 from factory.core.errors import UserInputError
+from factory.core.text import clip_value, message_line
 from factory.inputs.sources import read_dataset
 
 
@@ -275,7 +275,7 @@ def hub_records(preset: Preset) -> list[Any]:
             reason = str(exc).removeprefix(f"{preset.hub}: ").removeprefix("could not load the dataset: ")
             where = f"{preset.hub}" + (f" ({preset.config}, split {split})" if preset.config else f" (split {split})")
             raise UserInputError(
-                f"--data {preset.name}: could not load {where} from the Hugging Face Hub: {one_line(reason)}; "
+                f"--data {preset.name}: could not load {where} from the Hugging Face Hub: {message_line(reason)}; "
                 f"without network, give {preset.name}=FILE with the rows in the same layout"
             ) from None
         if len(preset.splits) > 1:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from factory.config.recipe import clip_value
 from factory.core.errors import UserInputError
+from factory.core.text import clip_value
 from factory.inputs.data_sources import NamedPath, default_name
 from factory.inputs.sources import path_kind, read_json, read_jsonl
 

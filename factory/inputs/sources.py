@@ -12,17 +12,11 @@ import stat
 from pathlib import Path
 from typing import Any, Literal
 
-from factory.config.recipe import (
-    LoadedRecipe,
-    PromptSource,
-    clip_value,
-    decode_utf8,
-    one_line,
-    read_input_bytes,
-    read_input_text,
-    shown_path,
-)
+from factory.config.recipe import LoadedRecipe
+from factory.config.sources import PromptSource
 from factory.core.errors import UserInputError
+from factory.core.reading import decode_utf8, read_input_bytes, read_input_text, shown_path
+from factory.core.text import clip_value, first_line, message_line
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 """File types a prompt source may be (besides a saved dataset folder)."""
@@ -58,8 +52,7 @@ def path_kind(path: Path) -> Literal["missing", "folder", "file"]:
 
 def _exception_line(exc: BaseException) -> str:
     """A library exception as one short line (pyarrow and datasets messages may span lines or echo data)."""
-    text = str(exc).strip()
-    return one_line(text.splitlines()[0] if text else type(exc).__name__)
+    return message_line(first_line(exc))
 
 
 def _parse_json(text: str, path: Path, line: int | None = None) -> Any:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from factory.config.vocabulary import CUSTOM
 from factory.core.errors import UserInputError
 from factory.judge.prompt_files import template_turns
 from factory.judge.prose import (
@@ -33,8 +34,8 @@ from factory.judge.verdicts import Verdict, parse_verdict
 @dataclass(frozen=True)
 class Protocol:
     """A judge protocol and every fact about it: the template, whether it shows a reference, how many tokens
-    its answer needs, how the answer is read, and how a card or plan describes it. The recipe schema,
-    builds, judge-eval and the CLI all read these facts from `PROTOCOLS`."""
+    its answer needs, how the answer is read, and how a card or plan describes it. Builds, judge-eval and
+    the CLI read these facts from `PROTOCOLS`; the recipe schema checks them from `factory/config/vocabulary.py`."""
 
     name: str
     template: str
@@ -150,8 +151,6 @@ PROTOCOLS: dict[str, Protocol] = {
         ),
     )
 }
-CUSTOM = "custom"
-"""The protocol name that reads a user template instead of a registered one."""
 
 
 def get_protocol(name: str) -> Protocol:

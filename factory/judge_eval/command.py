@@ -23,9 +23,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from factory.config.recipe import ModelSpec, clip_value, one_line, read_input_text, read_yaml
+from factory.config.errors import error_field, error_text
+from factory.config.models import ModelSpec
+from factory.config.yaml_loader import read_yaml
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
+from factory.core.reading import read_input_text
+from factory.core.text import clip_value
 from factory.inputs.labelled_sets import EvalCase, EvalSet
 from factory.judge.protocols import PROTOCOLS, Protocol, custom_protocol
 from factory.judge_eval.variants import BLOCKS
@@ -195,8 +199,8 @@ def load_custom_template(path: str | Path, settings: EvalSettings) -> EvalProtoc
             spec = CustomTemplate.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise UserInputError(f"{path}: field '{where}': {one_line(str(err['msg']))}") from None
+            message = error_text(err, unknown=None, missing=None, keep_prefix=True, echo=False)
+            raise UserInputError(f"{path}: field '{error_field(err)}': {message}") from None
     else:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem) or "template"
         spec = CustomTemplate(name=name, template=text)
@@ -232,9 +236,9 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
                     judges[str(name)] = ModelSpec.model_validate(spec)
                 except ValidationError as exc:
                     err = exc.errors()[0]
-                    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+                    message = error_text(err, unknown=None, missing=None, keep_prefix=True, echo=False)
                     raise UserInputError(
-                        f"{path}: judge {clip_value(name)}: field '{where}': {one_line(str(err['msg']))}"
+                        f"{path}: judge {clip_value(name)}: field '{error_field(err)}': {message}"
                     ) from None
             continue
         backend, _, model = value.partition(":")
@@ -250,11 +254,9 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
             judges[value] = ModelSpec.model_validate(fields)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field_name = ".".join(map(str, err["loc"]))
-            message = str(err["msg"]).removeprefix("Value error, ")
-            where = f"field '{field_name}': " if field_name else ""
+            where = f"field '{error_field(err)}': " if err["loc"] else ""
             raise UserInputError(
-                f"--judge {clip_value(value)}: {where}{one_line(message)} "
+                f"--judge {clip_value(value)}: {where}{error_text(err, unknown=None, missing=None, echo=False)} "
                 "(give such a judge as a YAML/JSON model spec file)"
             ) from None
     if not judges:

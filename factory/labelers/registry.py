@@ -2,8 +2,9 @@
 
 A labeler is a recipe section (`judgments`, `rewards`, `similarity`) that adds stages ending in a `scores`
 table, names the model it calls and the role that model must play, and says how the export's provenance
-columns, the dataset card and the dry-run plan describe it. The recipe schema, the build, the export and
-the CLI read these facts from `LABELERS`; adding a labeler touches this file and its tests.
+columns, the dataset card and the dry-run plan describe it. The build, the export and the CLI read these
+facts from `LABELERS`; the recipe schema checks the same sections from `factory/config/vocabulary.py`
+(tests/test_vocabulary.py holds them equal), so adding a labeler touches both files and their tests.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from factory.config.vocabulary import CUSTOM, Role
 from factory.core.errors import UserInputError
-from factory.judge.protocols import CUSTOM, Protocol, custom_protocol, get_protocol, with_template
+from factory.core.reading import read_input_text
+from factory.judge.protocols import Protocol, custom_protocol, get_protocol, with_template
 from factory.models.registry import model_identity
-from factory.models.requests import Role
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
 from factory.stages import rows as stages
 
@@ -60,8 +62,6 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         protocol = get_protocol(j.protocol)
         return protocol.unprefilled() if j.prefill == "none" else protocol
     path = loaded.resolve(j.template)
-    from factory.config.recipe import read_input_text  # late: the recipe module imports this one
-
     where = loaded.where("judgments", "template")
     try:
         text = read_input_text(path, "judge template file")

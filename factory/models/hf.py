@@ -21,13 +21,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
+from factory.config.vocabulary import EMBEDDED_MODELS
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.files import folder_lock
 from factory.core.keys import stable_hash
 from factory.core.owned import LEFTOVER, building_beside, sweep_leftovers
 from factory.models.chat_tokens import chat_ids, chat_text, tokenizer_markers
-from factory.models.registry import EMBEDDED_MODELS, package_version
+from factory.models.registry import package_version
 from factory.models.remote_code import remote_code_refused
 from factory.models.requests import (
     Generation,

@@ -48,9 +48,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.redact import redact, register_secret_env
+from factory.core.text import one_line
 from factory.models.pricing import model_prices, token_cost
 from factory.models.requests import Generation, GenerationRequest, JudgeOutput, JudgeRequest, RequestFailed
 
@@ -200,7 +201,7 @@ class OpenAIBackend:
     def _one_line(self, detail: str) -> str:
         """A message naming this model and endpoint, on one line and redacted."""
         text = f"openai model '{self.spec.model}' at {self.spec.base_url}: {detail}"
-        return redact(" ".join(text.split())) or ""
+        return redact(one_line(text)) or ""
 
     def _refused(self, method: str, path: str, response: httpx.Response) -> FactoryError:
         """The error for a non-transient 4xx: the request or the recipe is wrong, so the build must stop."""

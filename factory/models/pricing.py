@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
 
 PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
     # USD per million (input, output) tokens: OpenAI list prices (2025). Dated snapshots such as

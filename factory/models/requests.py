@@ -15,16 +15,13 @@ Failure has two kinds (docs/DESIGN.md, "No silent failure"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from factory.core.keys import stable_hash
 from factory.models.chat_tokens import neutralise_messages
 
 if TYPE_CHECKING:
-    from factory.config.recipe import SamplingParams
-
-Role = Literal["generate", "judge", "reward"]
-"""What a backend can be asked to do; a recipe names a model for one or more roles."""
+    from factory.config.models import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from factory.config.recipe import ModelSpec, ScriptSpec
+from factory.config.models import ModelSpec, ScriptSpec
 from factory.core.keys import stable_hash
 from factory.core.stats import sigmoid
 from factory.models.requests import (

@@ -34,7 +34,7 @@ from vllm import SamplingParams as VSamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
 from factory.models.chat_tokens import chat_ids, tokenizer_markers

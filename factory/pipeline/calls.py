@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
+from factory.config.vocabulary import Role
 from factory.core.errors import FactoryError
 from factory.core.keys import stable_hash
 from factory.core.redact import redact
@@ -29,14 +30,13 @@ from factory.models.requests import (
     JudgeRequest,
     RequestFailed,
     RewardRequest,
-    Role,
     TransientError,
 )
 from factory.pipeline.stage import StageStats
 from factory.warehouse.store import Warehouse
 
 if TYPE_CHECKING:
-    from factory.config.recipe import ModelSpec
+    from factory.config.models import ModelSpec
 
 
 @dataclass(frozen=True)

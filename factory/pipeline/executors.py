@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from factory.core.errors import FactoryError, MissingExtraError
+from factory.core.text import first_line
 from factory.models.requests import Call
 from factory.pipeline.calls import CallKind, LocalExecutor, ModelPool, call_batch
 
 if TYPE_CHECKING:
-    from factory.config.recipe import ModelSpec, RunOptions
+    from factory.config.models import ModelSpec
+    from factory.config.outcomes import RunOptions
     from factory.models.registry import Backend
 
 MAX_RESTARTS = 3
@@ -169,7 +171,7 @@ class RayExecutor:
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at '{self.address}'" if self.address else "a local Ray cluster"
-                raise FactoryError(f"could not start or join {where}: {_first_line(exc)}") from None
+                raise FactoryError(f"could not start or join {where}: {first_line(exc)}") from None
             finally:
                 notice.setLevel(level)
             self.started_ray = True
@@ -278,7 +280,7 @@ class RayExecutor:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as exc:
-                raise FactoryError(f"a Ray worker for model '{model}' could not start: {_first_line(exc)}") from None
+                raise FactoryError(f"a Ray worker for model '{model}' could not start: {first_line(exc)}") from None
             workers.ready.append(actor)
             started.append(actor)
         return started
@@ -322,7 +324,7 @@ class RayExecutor:
             except ray.exceptions.RayError as exc:
                 raise FactoryError(
                     f"a Ray worker for model '{model}' died and was restarted {self.max_restarts} time(s) without "
-                    f"finishing its shard; finished calls are saved, run again to resume: {_first_line(exc)}"
+                    f"finishing its shard; finished calls are saved, run again to resume: {first_line(exc)}"
                 ) from None
             self.pids.setdefault(model, []).append(pid)
             yield batches[index], rows
@@ -346,8 +348,3 @@ class RayExecutor:
         """Stop every model's workers; Ray itself stays up for a later pool (see `shutdown`)."""
         for model in list(self.models):
             self.release(model)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

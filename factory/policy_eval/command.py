@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory.config.recipe import LoadedRecipe, ModelSpec
+from factory.config.models import ModelSpec
+from factory.config.recipe import LoadedRecipe
 from factory.core.keys import stable_hash
 from factory.judge.protocols import get_protocol
 from factory.models.registry import model_identity

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.redact import redact
+from factory.core.text import one_line
 from factory.publish.staged import Staged
 
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as a true environment flag
@@ -118,7 +119,7 @@ def hub_failure(exc: BaseException, repo_id: str, hub: str) -> FactoryError | No
                 "and HF_ENDPOINT"
             )
         if isinstance(cause, ValueError) and "Invalid metadata in README.md" in str(cause):
-            said = " ".join(str(cause).split())
+            said = one_line(cause)
             return FactoryError(f"{repo_id}: the Hub refused the dataset card's metadata ({said})")
     return None
 

@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from factory.core.text import one_line
 from factory.report.style import MAX_LABEL
 
 
@@ -19,8 +20,7 @@ def esc(value: Any) -> str:
 
 def short(text: Any, limit: int = MAX_LABEL) -> str:
     """A label that fits a figure's axis: one line, cut with … past `limit` characters."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return one_line(str(text), limit)
 
 
 def label(*parts: Any) -> str:

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from factory.build.command import Build
-from factory.config.recipe import LoadedRecipe, ModelSpec, Recipe, TrainSettings
+from factory.config.models import ModelSpec
+from factory.config.recipe import LoadedRecipe, Recipe
+from factory.config.training import TrainSettings
 from factory.pipeline.calls import Reporter
 from factory.policy_eval.command import Contender, evaluate
 from factory.train.command import train

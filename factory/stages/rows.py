@@ -20,7 +20,8 @@ from factory.models.requests import Call, generation_call, judge_call, reward_ca
 from factory.pipeline.stage import StageOutput
 
 if TYPE_CHECKING:
-    from factory.config.recipe import JudgmentsSpec, PairsSpec, PromptSource, ReferenceSpec, SamplesSpec
+    from factory.config.labeling import JudgmentsSpec, PairsSpec, SamplesSpec
+    from factory.config.sources import PromptSource, ReferenceSpec
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -22,7 +22,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from factory.config.recipe import ModelSpec, TrainSettings
+from factory.config.models import ModelSpec
+from factory.config.training import TrainSettings
 from factory.core import owned
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash

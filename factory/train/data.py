@@ -7,8 +7,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from factory.config.recipe import clip_value, one_line
 from factory.core.errors import UserInputError
+from factory.core.text import clip_value, message_line
 from factory.train.presets import Method
 
 
@@ -44,7 +44,7 @@ def load_splits(source: str | Path) -> tuple[Any, str]:
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(f"{source}: could not load the dataset: {one_line(str(exc))}") from None
+        raise UserInputError(f"{source}: could not load the dataset: {message_line(str(exc))}") from None
     if "train" not in dd or len(dd["train"]) == 0:
         raise UserInputError(f"{source}: the train split is empty or missing; nothing to train on")
     name = path.name if path.exists() else str(source).replace("/", "--")

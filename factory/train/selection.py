@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory.config.recipe import ModelSpec
+from factory.config.models import ModelSpec
 from factory.core.errors import UserInputError
 from factory.policy_eval.command import Contender, evaluate
 

@@ -8,8 +8,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from factory.config.recipe import TrainSettings, clip_value, one_line
+from factory.config.errors import error_field, error_text
+from factory.config.training import TrainSettings
 from factory.core.errors import UserInputError
+from factory.core.text import clip_value
 from factory.train.presets import DEFAULTS, DPO_ONLY, PRESETS, Method
 
 
@@ -38,11 +40,11 @@ def settings_from(layers: list[tuple[str, dict[str, Any]]]) -> TrainSettings:
         return TrainSettings.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         origin = next((name for name, layer in reversed(layers) if err["loc"] and err["loc"][0] in layer), "settings")
-        message = "unknown setting" if err["type"] == "extra_forbidden" else one_line(str(err["msg"]))
-        got = f"; got {clip_value(err['input'])}" if err["type"] not in ("extra_forbidden", "missing") else ""
-        raise UserInputError(f"{origin}: field '{field}': {message.removeprefix('Value error, ')}{got}") from None
+        message = error_text(
+            err, unknown="unknown setting", missing=None, echo_value_errors=True, name_non_finite=False
+        )
+        raise UserInputError(f"{origin}: field '{error_field(err)}': {message}") from None
 
 
 def resolved(settings: TrainSettings, method: Method) -> dict[str, Any]:

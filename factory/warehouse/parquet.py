@@ -12,18 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.core.files import atomic_write_bytes
+from factory.core.text import first_line
 
 
 def arrow(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     """A query result as Arrow (DuckDB 2 renamed `arrow()` to `to_arrow_table()`)."""
     fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
     return fetch()
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (the name of its type when it has none)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> None:

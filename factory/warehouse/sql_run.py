@@ -14,7 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from factory.core.errors import UserInputError
-from factory.warehouse.parquet import first_line
+from factory.core.text import first_line
 
 # Errors that come from the query, not from a file: after one of these, only files the message names are read
 # in full to look for damage (reading every file on every typo would make mistakes slow on a big warehouse).

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.core.files import atomic_write_bytes
+from factory.core.text import first_line
 from factory.warehouse.damage import DamageChecks
-from factory.warehouse.parquet import atomic_write_parquet, first_line, to_table
+from factory.warehouse.parquet import atomic_write_parquet, to_table
 from factory.warehouse.tables import STAGE_TABLES
 
 # What a CURRENT.json may name: a version file in its own folder (stage keys are hex hashes).
