@@ -15,8 +15,9 @@ from test_build_scripted import recipe
 from factory.build.command import Build
 from factory.config.recipe import JudgmentsSpec, PairsSpec, load_recipe
 from factory.judge.protocols import PROTOCOLS, custom_protocol, soft_score
-from factory.labelers.registry import judge_protocol
-from factory.stages.rows import judge_calls, pair_rows, score_rows
+from factory.stages.judgments import judge_calls, judge_protocol
+from factory.stages.pairs import pair_rows
+from factory.stages.scores import score_rows
 from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from factory.config.recipe import LoadedRecipe, load_recipe
-from factory.judge_eval.command import PRESETS as JUDGE_EVAL_PRESETS
+from factory.judge_eval.settings import PRESETS as JUDGE_EVAL_PRESETS
 from factory.train.command import resolved, settings_from
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,13 +24,8 @@ from factory.config.recipe import ModelSpec
 from factory.core.errors import UserInputError
 from factory.inputs.labelled_sets import NamedPath, read_eval_set
 from factory.judge.protocols import PROTOCOLS
-from factory.judge_eval.command import (
-    EvalSettings,
-    builtin_protocol,
-    load_custom_template,
-    parse_judges,
-    run_judge_eval,
-)
+from factory.judge_eval.command import run_judge_eval
+from factory.judge_eval.judges import parse_judges
 from factory.judge_eval.metrics import (
     CaseResult,
     Judged,
@@ -44,6 +39,8 @@ from factory.judge_eval.metrics import (
     mcnemar_exact,
     table1,
 )
+from factory.judge_eval.settings import EvalSettings
+from factory.judge_eval.templates import builtin_protocol, load_custom_template
 from factory.models.requests import JudgeOutput, JudgeRequest, TransientError
 from factory.warehouse.store import Warehouse
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from factory.judge.schedule import Adaptive, AllPairs, Schedule, observed_scores
-from factory.stages.rows import score_rows
+from factory.stages.scores import score_rows
 
 Judge = Callable[[str, str], "float | None"]
 

@@ -20,7 +20,7 @@ from factory.judge.protocols import PROTOCOLS
 PRESET_NAMES = ("llmbar-natural", "llmbar-adversarial", "mtbench", "instrusum", "href")
 """`factory.inputs.labelled_sets.PRESETS` by name, repeated so `--help` needs no import beyond click (a test checks)."""
 JUDGE_PRESET_NAMES = ("reife",)
-"""`factory.judge_eval.command.PRESETS` by name, for `--preset` (a test checks they agree)."""
+"""`factory.judge_eval.settings.PRESETS` by name, for `--preset` (a test checks they agree)."""
 PRESET_OPTIONS = ("prefill", "max_tokens", "cot_max_tokens", "top_logprobs", "markers", "swap", "unparsed")
 """The options a `--preset` sets: giving one of them beside it is refused."""
 
@@ -276,16 +276,11 @@ def judge_eval(
     """
     from factory.cli.progress import RichReporter
     from factory.inputs.labelled_sets import data_source, read_eval_set, split_named
-    from factory.judge_eval.command import (
-        DEFAULT_PROTOCOLS,
-        EvalSettings,
-        builtin_protocol,
-        load_custom_template,
-        parse_judges,
-        preset_settings,
-        run_judge_eval,
-    )
+    from factory.judge_eval.command import run_judge_eval
+    from factory.judge_eval.judges import parse_judges
     from factory.judge_eval.metrics import BIAS_COLUMNS, METRIC_COLUMNS, build_report
+    from factory.judge_eval.settings import EvalSettings, preset_settings
+    from factory.judge_eval.templates import DEFAULT_PROTOCOLS, builtin_protocol, load_custom_template
     from factory.warehouse.store import Warehouse
 
     if preset is None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from factory.core.errors import UserInputError
 from factory.core.files import atomic_write_bytes
 from factory.core.owned import check_output_file, head
-from factory.labelers.registry import position_consistency
+from factory.labelers.judge import position_consistency
 from factory.warehouse.store import Warehouse
 
 if TYPE_CHECKING:
