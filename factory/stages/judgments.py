@@ -34,7 +34,8 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         protocol = get_protocol(j.protocol)
         return protocol.unprefilled() if j.prefill == "none" else protocol
     path = loaded.resolve(j.template)
-    from factory.config.recipe import read_input_text  # late: the recipe module imports this one
+    # Late: factory/config/recipe.py imports the labeler registry, which imports this module.
+    from factory.config.recipe import read_input_text
 
     where = loaded.where("judgments", "template")
     try:
