@@ -9,6 +9,10 @@ hash) is evaluated anew:
   model's answers when the baseline is a model rather than a column);
 - `eval`: every prompt judged twice, the policy shown as Output (a) and then as Output (b);
 - `eval_results`: one row of figures (`factory.policy_eval.winrate`).
+
+Each is a `Stage` run by `factory.pipeline.stage.execute`, in the key layout its table had before (`flat`,
+and `chained` for `eval_results`), so the versions a warehouse holds are reused. A contender's answers are
+run on their own, so its policy leaves memory before the judge is loaded.
 """
 
 from __future__ import annotations
