@@ -185,7 +185,9 @@ def replay(
     path: str, recipe: str | None, scoring: str, seed: int, **kwargs: Any
 ) -> tuple[dict[int, dict[str, float]], str]:
     """Adaptive vs all-pairs on a warehouse's judgments, per number of samples n."""
-    from factory.stages.rows import pair_probability, pair_rows, score_rows
+    from factory.stages.judgments import pair_probability
+    from factory.stages.pairs import pair_rows
+    from factory.stages.scores import score_rows
     from factory.warehouse.store import Warehouse
 
     wh = Warehouse(path)

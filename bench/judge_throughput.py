@@ -3,7 +3,7 @@
 Same inputs, same backend, same protocol (RefEval) in ONE run. Inputs: the first P prompts of an LLMBar-format
 JSONL (instruction, output_1, output_2, reference), each with S fixed candidate "samples" (output_1, output_2,
 the reference, output_2 cut to half, output_1 cut to half); identical texts are merged as a build merges them
-(`stages.judge_calls`), so a prompt has at most S(S−1) ordered pairs. Three modes:
+(`factory.stages.judgments.judge_calls`), so a prompt has at most S(S−1) ordered pairs. Three modes:
 
 - paper (the baseline): every ordered pair of every prompt in ONE batched engine call, no prefill, 16 greedy
   new tokens, top-5 log-probabilities, the verdict found by regex and the soft score read at its marker token
@@ -13,17 +13,17 @@ the reference, output_2 cut to half, output_1 cut to half); identical texts are 
 - all-pairs: as factory judges today: `backend.judge` on the requests in build order, in batches of
   `--vllm-batch` / `--hf-batch` (what CallRunner submits), the answer prefilled with `Output (`, top-20,
   up to 8 tokens (the recipe defaults), soft score over marker variants.
-- adaptive: the same judge calls, but only those `factory.judge.adaptive.Adaptive` asks for, round by round with
-  all prompts in lockstep, each round's calls in batches as above (`labelers._adaptive_judgments`).
+- adaptive: the same judge calls, but only those `factory.judge.schedule.Adaptive` asks for, round by round with
+  all prompts in lockstep, each round's calls in batches as above (`factory.stages.judgments._adaptive_judgments`).
 
-Pairs are made as a build makes them: `stages.score_rows` (paper, all-pairs) or `stages.adaptive_score_rows`
-(adaptive), then `stages.pair_rows` (best vs worst; exact ties give no pair). The headline is preference pairs
-per judge-second: prompts that yield a chosen/rejected pair ÷ the mode's judge seconds (the wall time of its
-backend calls, parsing and scheduling). "same pair" is the share of prompts where a mode picks the same
-chosen AND rejected sample as the paper's mode (a prompt where neither yields a pair counts as the same).
-The per-judgment figures the earlier version of this script reported (judgments/s, parsed verdicts, verdict
-agreement per ordered pair) are kept; its one-request-at-a-time loop is gone (the baseline is now the paper's
-one batched call).
+Pairs are made as a build makes them: `factory.stages.scores.score_rows` (paper, all-pairs) or
+`factory.stages.scores.adaptive_score_rows` (adaptive), then `factory.stages.pairs.pair_rows` (best vs worst;
+exact ties give no pair). The headline is preference pairs per judge-second: prompts that yield a
+chosen/rejected pair ÷ the mode's judge seconds (the wall time of its backend calls, parsing and scheduling).
+"same pair" is the share of prompts where a mode picks the same chosen AND rejected sample as the paper's mode
+(a prompt where neither yields a pair counts as the same). The per-judgment figures the earlier version of
+this script reported (judgments/s, parsed verdicts, verdict agreement per ordered pair) are kept; its
+one-request-at-a-time loop is gone (the baseline is now the paper's one batched call).
 
 Engine/model load time is reported apart and excluded; each mode is warmed up once (on 2 requests of the first
 prompt) before timing, and vLLM's prefix cache is emptied before each timed mode, so no mode reuses the
@@ -112,7 +112,8 @@ def mode_setup(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
 
 
 def result_of(output: Any) -> dict[str, Any]:
-    """A backend's judge output as the call-row fields `stages.judgment_rows` reads (`calls._judge_fields`)."""
+    """A backend's judge output as the call-row fields `factory.stages.judgments.judgment_rows` reads
+    (`calls._judge_fields`)."""
     if isinstance(output, Exception):
         return {"status": "error", "error": f"{type(output).__name__}: {output}"}
     tops = [[{"token": t, "logprob": lp} for t, lp in step] for step in output.top_logprobs]
@@ -205,19 +206,19 @@ class Judge:
 def run_mode(
     mode: str, judge: Judge, rows: dict[str, list[dict[str, Any]]], spec: Any, protocol: Any, max_calls: int | None
 ) -> list[dict[str, Any]]:
-    """One mode's judgment rows (`stages.judgment_rows`), judged on `judge`."""
+    """One mode's judgment rows (`factory.stages.judgments.judgment_rows`), judged on `judge`."""
     from factory.config.models import ModelSpec
     from factory.models.registry import model_identity
-    from factory.stages import rows as stages
+    from factory.stages.judgments import judge_calls, judgment_rows
 
     identity = model_identity(ModelSpec(**MODELS[judge.name]))
-    calls, _ = stages.judge_calls(rows["prompts"], rows["samples"], rows["references"], spec, protocol, identity)
+    calls, _ = judge_calls(rows["prompts"], rows["samples"], rows["references"], spec, protocol, identity)
     if max_calls is not None and mode != "adaptive":
         calls = calls[:max_calls]
     if mode == "paper":
-        return stages.judgment_rows(calls, judge.all_at_once(calls), spec, protocol).rows
+        return judgment_rows(calls, judge.all_at_once(calls), spec, protocol).rows
     if mode == "all-pairs":
-        return stages.judgment_rows(calls, judge.batched(calls), spec, protocol).rows
+        return judgment_rows(calls, judge.batched(calls), spec, protocol).rows
     return adaptive_rows(judge, rows, calls, spec, protocol, max_calls)
 
 
@@ -229,16 +230,18 @@ def adaptive_rows(
     protocol: Any,
     max_calls: int | None,
 ) -> list[dict[str, Any]]:
-    """`labelers._adaptive_judgments`: every prompt's schedule in lockstep, each round's calls judged together."""
+    """`factory.stages.judgments._adaptive_judgments`: every prompt's schedule in lockstep, each round's calls
+    judged together."""
     from factory.judge.adaptive import Adaptive
-    from factory.stages import rows as stages
+    from factory.stages.judgments import judgment_rows, pair_probability, schedule_seed
+    from factory.stages.samples import distinct_samples
 
     by_pair: dict[tuple[str, str], list[Any]] = {}
     for c in calls:
         by_pair.setdefault((c.meta["sample_a"], c.meta["sample_b"]), []).append(c)
     schedules = {
-        pid: Adaptive(ids, seed=stages.schedule_seed(pid), max_calls=max_calls)
-        for pid, ids in stages.distinct_samples(rows["samples"]).items()
+        pid: Adaptive(ids, seed=schedule_seed(pid), max_calls=max_calls)
+        for pid, ids in distinct_samples(rows["samples"]).items()
     }
     out: list[dict[str, Any]] = []
     while True:
@@ -246,13 +249,13 @@ def adaptive_rows(
         if not asked:
             break
         batch = [c for _, a, b in asked for c in by_pair.get((a, b), [])]
-        answered = stages.judgment_rows(batch, judge.batched(batch), spec, protocol).rows
+        answered = judgment_rows(batch, judge.batched(batch), spec, protocol).rows
         votes: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in answered:
             votes.setdefault((row["sample_a"], row["sample_b"]), []).append(row)
         for schedule, a, b in asked:
             found = votes.get((a, b))
-            schedule.record(a, b, stages.pair_probability(found, spec.scoring)[0] if found else None)
+            schedule.record(a, b, pair_probability(found, spec.scoring)[0] if found else None)
         out += answered
     return out
 
@@ -260,11 +263,12 @@ def adaptive_rows(
 def pairs_of(mode: str, rows: dict[str, list[dict[str, Any]]], judgments: list[dict[str, Any]], scoring: str) -> Any:
     """prompt_id -> (chosen, rejected), as the scores and pairs stages make them."""
     from factory.config.labeling import PairsSpec
-    from factory.stages import rows as stages
+    from factory.stages.pairs import pair_rows
+    from factory.stages.scores import adaptive_score_rows, score_rows
 
-    score = stages.adaptive_score_rows if mode == "adaptive" else stages.score_rows
+    score = adaptive_score_rows if mode == "adaptive" else score_rows
     scores = score(rows["samples"], judgments, scoring).rows
-    made = stages.pair_rows(rows["samples"], scores, PairsSpec()).rows
+    made = pair_rows(rows["samples"], scores, PairsSpec()).rows
     return {p["prompt_id"]: (p["chosen_sample_id"], p["rejected_sample_id"]) for p in made}
 
 

@@ -24,11 +24,11 @@ import yaml
 
 from factory.build.command import Build
 from factory.config.loading import load_recipe
-from factory.labelers.registry import judge_protocol
 from factory.models.registry import load_backend, model_identity
 from factory.models.requests import GenerationRequest, JudgeRequest
 from factory.pipeline.calls import KINDS, CallRunner, ModelPool
-from factory.stages.rows import generation_calls, judge_calls
+from factory.stages.judgments import judge_calls, judge_protocol
+from factory.stages.samples import generation_calls
 from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -84,16 +84,16 @@ def test_request_keys_of_clean_data_are_unchanged() -> None:
 
 def test_quickstart_request_keys_are_unchanged() -> None:
     """The quickstart's data carries no control token: its calls are keyed exactly as before."""
-    from factory.build.command import read_prompts
     from factory.config.loading import load_recipe
-    from factory.stages import rows as stages
+    from factory.stages.prompts import read_prompts
+    from factory.stages.samples import generation_calls
 
     loaded = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")
     r = loaded.recipe
     assert r.samples is not None
     identity = model_identity(r.models[r.samples.policy])
     prompts = read_prompts(loaded).rows
-    calls = stages.generation_calls(prompts, identity, r.samples.params, r.samples.seed, r.samples.n)
+    calls = generation_calls(prompts, identity, r.samples.params, r.samples.seed, r.samples.n)
     assert len(calls) == 64 and not any(c.neutralised for c in calls)
     for c, p in zip(calls[:: r.samples.n], prompts, strict=True):
         payload = {"messages": json.loads(p["messages"]), "params": r.samples.params.model_dump(), "seed": 0}

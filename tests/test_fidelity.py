@@ -17,8 +17,9 @@ from factory.config.labeling import JudgmentsSpec, PairsSpec
 from factory.config.loading import load_recipe
 from factory.judge.protocols import PROTOCOLS, custom_protocol
 from factory.judge.verdicts import soft_score
-from factory.labelers.registry import judge_protocol
-from factory.stages.rows import judge_calls, pair_rows, score_rows
+from factory.stages.judgments import judge_calls, judge_protocol
+from factory.stages.pairs import pair_rows
+from factory.stages.scores import score_rows
 from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent

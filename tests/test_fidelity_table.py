@@ -12,7 +12,7 @@ import yaml
 
 from factory.config.loading import load_recipe
 from factory.config.recipe import LoadedRecipe
-from factory.judge_eval.command import PRESETS as JUDGE_EVAL_PRESETS
+from factory.judge_eval.settings import PRESETS as JUDGE_EVAL_PRESETS
 from factory.train.settings import resolved, settings_from
 
 ROOT = Path(__file__).resolve().parents[1]

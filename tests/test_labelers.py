@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from factory.cli.main import main
-from factory.stages.rows import similarity_score_rows
+from factory.labelers.similarity import similarity_score_rows
 from factory.warehouse.store import Warehouse
 
 

@@ -11,7 +11,7 @@ HEAVY = ("torch", "transformers", "vllm")
 SCRIPT = f"""
 import json, sys
 import factory, factory.cli.main, factory.config.recipe, factory.warehouse.store
-import factory.stages.rows, factory.judge.protocols
+import factory.stages.judgments, factory.judge.protocols
 after_import = sorted(m for m in {HEAVY!r} if m in sys.modules)
 code = None
 try:

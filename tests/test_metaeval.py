@@ -26,15 +26,12 @@ from factory.core.stats import bootstrap_ci
 from factory.inputs.data_sources import NamedPath
 from factory.inputs.labelled_sets import read_eval_set
 from factory.judge.protocols import PROTOCOLS
-from factory.judge_eval.command import (
-    EvalSettings,
-    builtin_protocol,
-    load_custom_template,
-    parse_judges,
-    run_judge_eval,
-)
+from factory.judge_eval.command import run_judge_eval
 from factory.judge_eval.comparison import compare, compare_stored, mcnemar_exact
+from factory.judge_eval.judges import parse_judges
+from factory.judge_eval.settings import EvalSettings
 from factory.judge_eval.tables import build_report, table1
+from factory.judge_eval.templates import builtin_protocol, load_custom_template
 from factory.judge_eval.variants import CaseResult, Judged, Unparsed, Variant, coin
 from factory.models.requests import JudgeOutput, JudgeRequest, TransientError
 from factory.warehouse.store import Warehouse

@@ -27,7 +27,8 @@ from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
 from factory.judge.protocols import PROTOCOLS
 from factory.pipeline.stage import Context, stage_key
-from factory.stages.rows import judge_calls, paper_score_rows, score_rows, verdict_fields
+from factory.stages.judgments import judge_calls, verdict_fields
+from factory.stages.scores import paper_score_rows, score_rows
 from factory.warehouse.store import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,16 +23,9 @@ from test_metaeval import Scripted, data_file, make_rows, shown, write_jsonl  # 
 from factory.config.models import ModelSpec
 from factory.core.keys import stable_hash
 from factory.inputs.labelled_sets import read_eval_set
-from factory.judge_eval.command import (
-    PRESETS,
-    EvalSettings,
-    Unit,
-    builtin_protocol,
-    preset_settings,
-    reife_verdict,
-    unit_calls,
-    unit_key,
-)
+from factory.judge_eval.settings import PRESETS, EvalSettings, preset_settings, reife_verdict
+from factory.judge_eval.templates import builtin_protocol
+from factory.judge_eval.units import Unit, unit_calls, unit_key
 from factory.models.registry import model_identity
 from factory.models.requests import JudgeOutput, JudgeRequest
 from factory.warehouse.store import Warehouse

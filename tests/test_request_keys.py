@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from factory.build.command import read_prompts
 from factory.config.loading import load_recipe
 from factory.config.models import ModelSpec
-from factory.labelers.registry import judge_protocol
 from factory.models.registry import model_identity
 from factory.models.requests import reward_call
-from factory.stages.rows import generation_calls, judge_calls
+from factory.stages.judgments import judge_calls, judge_protocol
+from factory.stages.prompts import read_prompts
+from factory.stages.samples import generation_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "request_keys.json"

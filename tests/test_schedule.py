@@ -11,7 +11,7 @@ import pytest
 
 from factory.judge.adaptive import Adaptive
 from factory.judge.schedule import AllPairs, Schedule, observed_scores
-from factory.stages.rows import score_rows
+from factory.stages.scores import score_rows
 
 Judge = Callable[[str, str], "float | None"]
 

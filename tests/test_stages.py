@@ -15,7 +15,11 @@ from factory.config.sources import PromptSource, ReferenceSpec
 from factory.core.errors import UserInputError
 from factory.judge.protocols import PROTOCOLS
 from factory.models.registry import model_identity
-from factory.stages.rows import column_reference_rows, judge_calls, pair_rows, prompt_rows, score_rows
+from factory.stages.judgments import judge_calls
+from factory.stages.pairs import pair_rows
+from factory.stages.prompts import prompt_rows
+from factory.stages.references import column_reference_rows
+from factory.stages.scores import score_rows
 
 # ------------------------------------------------------------------------------------------------ prompts
 

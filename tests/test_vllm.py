@@ -43,7 +43,8 @@ def test_vllm_judges_like_transformers(embedded_dir: Path) -> None:
     """Same prompt, same prefill, same greedy tokens and (nearly) the same log-probabilities."""
     from factory.config.models import ModelSpec, SamplingParams
     from factory.judge.protocols import get_protocol
-    from factory.models.registry import GenerationRequest, JudgeRequest, load_backend
+    from factory.models.registry import load_backend
+    from factory.models.requests import GenerationRequest, JudgeRequest
 
     protocol = get_protocol("refeval")
     pairs = [("Red.", "I like cake."), ("I like cake.", "Red."), ("Blue!", "Red.")]

@@ -1,9 +1,10 @@
-"""`factory build`: a recipe's stages, declared as data, run by the one loop in `factory.pipeline.stage` inside
-one run lifecycle (`factory.pipeline.run`).
+"""`factory build`: a recipe's stages run by the one loop in `factory.pipeline.stage` inside one run lifecycle
+(`factory.pipeline.run`): the build's lifecycle, its checks before anything is written, and its dry-run plan.
 
-The pipeline is prompts → references → samples → (the labeler's stages → scores) → pairs → export. Adding a
-stage means adding one `Stage` to `stages_for`; adding a labeler means adding an entry to
-`factory.labelers.registry.LABELERS`.
+The pipeline is prompts → references → samples → (the labeler's stages → scores) → pairs → export; each stage
+is declared in its own file under `factory/stages/` (the export sink in `factory/export/stage.py`). Adding a
+stage means declaring it there and adding it to `stages_for`; adding a labeler means adding a file under
+`factory/labelers/` and an entry to `factory.labelers.registry.LABELERS`.
 """
 
 from __future__ import annotations
@@ -14,35 +15,24 @@ from typing import Any
 
 from factory.config.recipe import LoadedRecipe
 from factory.core.errors import UserInputError
-from factory.core.keys import stable_hash
-from factory.inputs.sources import read_rows
-from factory.labelers.registry import judge_protocol, labeler_of
-from factory.models.registry import model_identity
+from factory.export.dataset import check_export_target, export_path
+from factory.export.stage import export_stage
+from factory.labelers.registry import labeler_of
 from factory.pipeline.calls import ModelPool, Reporter
 from factory.pipeline.run import Run
-from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats, execute, order
-from factory.stages import rows as stages
+from factory.pipeline.stage import Context, PlannedStage, Stage, StageStats, execute, order
+from factory.stages.judgments import judge_protocol
+from factory.stages.pairs import PAIRS
+from factory.stages.prompts import PROMPTS, read_prompts
+from factory.stages.references import REFERENCES
+from factory.stages.samples import SAMPLES
 from factory.warehouse.store import Warehouse
-
-
-def read_prompts(loaded: LoadedRecipe, loc: tuple[str, ...] = ("prompts",)) -> StageOutput:
-    """The prompt rows of the recipe's `prompts` (or of the prompt source at `loc`, e.g. `eval.prompts`), read
-    and checked (raises UserInputError naming file, field and row)."""
-    spec = loaded.recipe.eval.prompts if loc == ("eval", "prompts") else loaded.recipe.prompts
-    source_name, raw = read_rows(loaded, spec, loc)
-    source_field = "inline" if spec.inline is not None else "path" if spec.path is not None else "dataset"
-    where = loaded.where(*loc, source_field)
-    if spec.path is not None:
-        where += f" ({loaded.resolve(spec.path).name})"  # name the data file too: the problem is in it
-    return stages.prompt_rows(source_name, raw, spec, where=where)
 
 
 def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool = True) -> None:
     """Every check that needs more than the recipe text, made before anything is written: a custom judge
     template, local eval prompts, the API key variables (unless `keys` is off: a dry run spends nothing), and
     an export folder that factory did not write."""
-    from factory.export.dataset import check_export_target, export_path
-
     r = loaded.recipe
     if r.judgments is not None:
         judge_protocol(loaded)
@@ -62,120 +52,14 @@ def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool =
             check_export_target(path.with_name(path.name + "-sft"), wh_root)
 
 
-# ------------------------------------------------------------------------------------------ core stages
-
-
-def _prompts(ctx: Context, st: StageStats) -> StageOutput:
-    return ctx.outputs["prompt_output"]
-
-
-def _references_spec(ctx: Context) -> Any:
-    r = ctx.recipe
-    identities = {ref.name: model_identity(r.models[ref.model]) for ref in r.references if ref.model}
-    return [[ref.model_dump() for ref in r.references], identities]
-
-
-def _references(ctx: Context, st: StageStats) -> StageOutput:
-    r = ctx.recipe
-    rows: list[dict[str, Any]] = []
-    notes: dict[str, Any] = {}
-    for ref in r.references:
-        if ref.kind == "column":
-            out = stages.column_reference_rows(ctx.rows["prompts"], ref, r.column_field(ref))
-        else:
-            identity = model_identity(r.models[ref.model])
-            calls = stages.generation_calls(ctx.rows["prompts"], identity, ref.params, ref.seed, 1)
-            out = stages.model_reference_rows(calls, ctx.call(ref.model, "references", calls, st), ref)
-        rows += out.rows
-        notes[ref.name] = out.notes
-    return StageOutput(rows, notes, complete=all(not n.get("failed") for n in notes.values()))
-
-
-def _plan_references(ctx: Context, n: int | None) -> list[PlannedStage]:
-    chars = ctx.outputs.get("instruction_chars")
-    planned = []
-    for ref in ctx.recipe.references:
-        if ref.kind == "model":
-            approx = None if n is None or chars is None else n * int(chars / 4)
-            planned.append(
-                PlannedStage(
-                    f"references:{ref.name}", ref.model, n, None if n is None else n * ref.params.max_tokens, approx
-                )
-            )
-    return planned
-
-
-def _samples_spec(ctx: Context) -> Any:
-    s = ctx.recipe.samples
-    return [s.model_dump(), model_identity(ctx.recipe.models[s.policy])]
-
-
-def _samples(ctx: Context, st: StageStats) -> StageOutput:
-    s = ctx.recipe.samples
-    identity = model_identity(ctx.recipe.models[s.policy])
-    calls = stages.generation_calls(ctx.rows["prompts"], identity, s.params, s.seed, s.n)
-    out = stages.sample_rows(calls, ctx.call(s.policy, "samples", calls, st), s)
-    out.complete = not out.notes["failed"]
-    return out
-
-
-def _plan_samples(ctx: Context, n: int | None) -> list[PlannedStage]:
-    s = ctx.recipe.samples
-    chars = ctx.outputs.get("instruction_chars")
-    per = None if n is None else n * s.n
-    approx = None if per is None or chars is None else int(per * chars / 4)
-    return [
-        PlannedStage(
-            "samples", s.policy, per, None if per is None else per * s.params.max_tokens, approx, f"{s.n} per prompt"
-        )
-    ]
-
-
-def _pairs(ctx: Context, st: StageStats) -> StageOutput:
-    return stages.pair_rows(ctx.rows["samples"], ctx.rows["scores"], ctx.recipe.pairs)
-
-
-def _export_spec(ctx: Context) -> Any:
-    r = ctx.recipe
-    # The metadata hash covers what the card prints but no row depends on, so an edited description or
-    # recipe comment rewrites the card instead of leaving it stale.
-    return [r.export.model_dump(), {"metadata": stable_hash([r.description, ctx.loaded.text])}]
-
-
-def _export(ctx: Context, st: StageStats) -> StageOutput:
-    from factory.export.dataset import export_dataset, export_path, export_sft
-
-    r = ctx.recipe
-    path = export_path(ctx.loaded, ctx.outputs["warehouse_root"])
-    key = ctx.keys["export"]
-    notes: dict[str, Any] = {}
-    if r.samples is not None:
-        result = export_dataset(path, ctx, ctx.rows["pairs"], key)
-        notes, st.rows = result.notes, result.rows
-        ctx.outputs["export_path"] = path
-    if r.export.sft_reference is not None:
-        sft_path = path.with_name(path.name + "-sft")
-        notes["sft"] = export_sft(sft_path, ctx, key).notes
-        ctx.outputs["sft_path"] = sft_path
-    return StageOutput([], notes)
-
-
 def stages_for(loaded: LoadedRecipe) -> list[Stage]:
     """The recipe's stages, declared as data; `factory.pipeline.stage.order` sorts them by their parents."""
     r = loaded.recipe
-    found: list[Stage] = [
-        Stage(
-            "prompts", (), lambda ctx: stable_hash([p["messages"] for p in ctx.outputs["prompt_output"].rows]), _prompts
-        ),
-        Stage("references", ("prompts",), _references_spec, _references, plan=_plan_references),
-    ]
+    found: list[Stage] = [PROMPTS, REFERENCES]
     labeler = labeler_of(r)
     if r.samples is not None and labeler is not None:
-        found.append(Stage("samples", ("prompts",), _samples_spec, _samples, plan=_plan_samples))
-        found += labeler.stages()
-        # version 2: a sample whose text repeats another's is never chosen or rejected in its place.
-        found.append(Stage("pairs", ("samples", "scores"), lambda ctx: ctx.recipe.pairs.model_dump(), _pairs, 2))
-    found.append(Stage("export", tuple(s.name for s in found), _export_spec, _export, sink=True))
+        found += [SAMPLES, *labeler.stages(), PAIRS]
+    found.append(export_stage(tuple(s.name for s in found)))
     return found
 
 
@@ -209,8 +93,10 @@ class Build:
         # Bad input is the user's to fix: find it before anything is written to the warehouse.
         prompt_output = read_prompts(self.loaded)
         preflight(self.loaded, self.wh.root)
-        recipe_hash = self.recipe.content_hash
-        run = Run(self.wh, self.recipe.name, recipe_hash, self.pool, self.reporter, str(self.loaded.path), self.round)
+        recipe_hash = Run.hash_of(self.recipe.model_dump(mode="json"))
+        run = Run(
+            self.wh, self.recipe.name, recipe_hash, self.reporter, str(self.loaded.path), self.round, models=self.pool
+        )
         self.run_id = run.run_id
         ctx = Context(self.loaded, run.call, run_id=run.run_id)
         ctx.outputs.update(prompt_output=prompt_output, warehouse_root=self.wh.root)

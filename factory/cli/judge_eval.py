@@ -19,7 +19,7 @@ from factory.judge.protocols import PROTOCOLS
 PRESET_NAMES = ("llmbar-natural", "llmbar-adversarial", "mtbench", "instrusum", "href")
 """`factory.inputs.presets.PRESETS` by name, repeated so `--help` needs no import beyond click (a test checks)."""
 JUDGE_PRESET_NAMES = ("reife",)
-"""`factory.judge_eval.command.PRESETS` by name, for `--preset` (a test checks they agree)."""
+"""`factory.judge_eval.settings.PRESETS` by name, for `--preset` (a test checks they agree)."""
 PRESET_OPTIONS = ("prefill", "max_tokens", "cot_max_tokens", "top_logprobs", "markers", "swap", "unparsed")
 """The options a `--preset` sets: giving one of them beside it is refused."""
 
@@ -177,18 +177,13 @@ def judge_eval(
     from factory.cli.progress import RichReporter
     from factory.inputs.data_sources import data_source, split_named
     from factory.inputs.labelled_sets import read_eval_set
-    from factory.judge_eval.command import (
-        DEFAULT_PROTOCOLS,
-        EvalSettings,
-        builtin_protocol,
-        load_custom_template,
-        parse_judges,
-        preset_settings,
-        run_judge_eval,
-    )
+    from factory.judge_eval.command import run_judge_eval
     from factory.judge_eval.console import print_report
+    from factory.judge_eval.judges import parse_judges
     from factory.judge_eval.report_folder import adopt_legacy_report_folder, report_folder_kind, write_files
+    from factory.judge_eval.settings import EvalSettings, preset_settings
     from factory.judge_eval.tables import build_report
+    from factory.judge_eval.templates import DEFAULT_PROTOCOLS, builtin_protocol, load_custom_template
     from factory.warehouse.store import Warehouse
 
     if preset is None:

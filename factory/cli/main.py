@@ -86,7 +86,8 @@ def main() -> None:
 def validate(recipe: Path, warehouse: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe, its prompt data when it is local, its template files, API key variables and export
     folder, without building anything."""
-    from factory.build.command import preflight, read_prompts
+    from factory.build.command import preflight
+    from factory.stages.prompts import read_prompts
 
     loaded = _load(recipe, overrides)
     r = loaded.recipe

@@ -14,7 +14,7 @@ sample ids (in the order given: the stage passes them by sample index), the seed
 so a resumed build that replays the recorded answers asks exactly the same calls again.
 
 All-pairs (the paper's way) asks every ordered pair and scores a sample by its mean soft win probability over
-the comparisons it was in (`factory.stages.rows.score_rows`); best-vs-worst takes the highest and the lowest score.
+the comparisons it was in (`factory.stages.scores.score_rows`); best-vs-worst takes the highest and the lowest score.
 
 `Adaptive` (`factory/judge/adaptive.py`) aims at the same chosen and rejected sample with far fewer calls.
 
@@ -55,7 +55,7 @@ class SampleScore:
 def observed_scores(comparisons: Iterable[tuple[str, str, float | None]]) -> dict[str, tuple[float, int, int]]:
     """Per sample (mean soft win probability, parsed comparisons, wins) over (a, b, P(a beats b)) answers.
 
-    The score is `factory.stages.rows.score_rows`' (a gets p, b gets 1 − p, None is left out), given one answer per
+    The score is `factory.stages.scores.score_rows`' (a gets p, b gets 1 − p, None is left out), given one answer per
     ordered pair (several references' votes already combined by `pair_probability`). Wins here count p > 0.5
     for a and p < 0.5 for b; score_rows counts parsed verdicts instead (the same unless they disagree).
     """

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from factory.core.text import text
-from factory.judge_eval.command import EvalSettings
+from factory.judge_eval.settings import EvalSettings
 from factory.judge_eval.tables import BIAS_COLUMNS, METRIC_COLUMNS, Report, shown
 
 

@@ -24,14 +24,7 @@ from factory.core.errors import FactoryError
 from factory.core.keys import stable_hash
 from factory.core.redact import redact
 from factory.models.registry import BACKENDS, Backend, load_backend
-from factory.models.requests import (
-    Call,
-    GenerationRequest,
-    JudgeRequest,
-    RequestFailed,
-    RewardRequest,
-    TransientError,
-)
+from factory.models.requests import Call, GenerationRequest, JudgeRequest, RequestFailed, RewardRequest, TransientError
 from factory.pipeline.stage import StageStats
 from factory.warehouse.store import Warehouse
 
@@ -189,11 +182,14 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 class CallRunner:
     """Runs one stage's calls against the cache and a model pool, writing every result as it arrives."""
 
-    def __init__(self, wh: Warehouse, run_id: str, recipe: str, pool: ModelPool, reporter: Reporter) -> None:
-        self.wh, self.run_id, self.recipe, self.pool, self.reporter = wh, run_id, recipe, pool, reporter
+    def __init__(self, wh: Warehouse, run_id: str, recipe: str, reporter: Reporter) -> None:
+        self.wh, self.run_id, self.recipe, self.reporter = wh, run_id, recipe, reporter
 
-    def run(self, stage: str, model: str, calls: list[Call], st: StageStats) -> dict[str, dict[str, Any]]:
-        """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""
+    def run(
+        self, stage: str, model: str, calls: list[Call], st: StageStats, pool: ModelPool
+    ) -> dict[str, dict[str, Any]]:
+        """Results for every call: cached successes, then new calls flushed batch by batch as they finish on
+        `pool`'s models."""
         if not calls:
             self.reporter.stage_started(stage, 0)
             return {}
@@ -208,10 +204,10 @@ class CallRunner:
         self.reporter.stage_started(stage, len(missing))
         if not missing:
             return results
-        self.pool.check(model, kind.role)
-        batches = list(self._batches(kind, missing, self.pool.specs[model].batch_size))
+        pool.check(model, kind.role)
+        batches = list(self._batches(kind, missing, pool.specs[model].batch_size))
         base = {"recipe": self.recipe, "run_id": self.run_id, "model": model}
-        for _, rows in self.pool.executor.map(self.pool, kind, model, base, batches):
+        for _, rows in pool.executor.map(pool, kind, model, base, batches):
             self.wh.append_calls(kind.table, self.run_id, rows)
             for row in rows:
                 st.model_calls += 1
@@ -225,8 +221,8 @@ class CallRunner:
                 else:
                     st.failed_calls += 1
             self.reporter.calls_done(stage, len(rows), sum(r.get("tokens_out") or 0 for r in rows))
-        if self.pool.executor.name != "local":
-            st.notes.setdefault("executor", self.pool.executor.name)
+        if pool.executor.name != "local":
+            st.notes.setdefault("executor", pool.executor.name)
         return results
 
     @staticmethod

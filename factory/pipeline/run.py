@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import factory
 from factory.core.errors import mark_recorded
@@ -31,6 +31,9 @@ from factory.models.requests import Call
 from factory.pipeline.calls import CallRunner, ModelPool, Reporter, now
 from factory.pipeline.stage import StageOutput, StageStats
 from factory.warehouse.store import Warehouse
+
+if TYPE_CHECKING:
+    from factory.config.models import ModelSpec
 
 
 def new_run_id() -> str:
@@ -71,15 +74,17 @@ class Run:
         wh: Warehouse,
         recipe: str,
         recipe_hash: str,
-        models: ModelPool | None = None,
         reporter: Reporter | None = None,
         recipe_path: str | None = None,
         loop_round: int | None = None,
+        *,
+        models: ModelPool | None = None,
     ) -> None:
         self.wh = wh
         self.round = loop_round
         self.recipe = recipe
-        self.pool = models if models is not None else ModelPool({})
+        self.models = models
+        """The models its stages may call; None for a command that calls none (publish, train's own stages)."""
         self.reporter = reporter or Reporter()
         self.run_id = new_run_id()
         self.stats: list[StageStats] = []
@@ -93,7 +98,7 @@ class Run:
             "status": "running",
             "round": loop_round,
         }
-        self.calls = CallRunner(wh, self.run_id, recipe, self.pool, self.reporter)
+        self.calls = CallRunner(wh, self.run_id, recipe, self.reporter)
         self._t0 = 0.0
         self._lock: Any = None
         self.recheck = False
@@ -138,7 +143,8 @@ class Run:
                 self.row.update(status="interrupted", error="KeyboardInterrupt")
             else:
                 self.row.update(status="failed", error=redact(f"{kind.__name__}: {exc}"))
-            self.pool.close()
+            if self.models is not None:
+                self.models.close()
             self.row["finished_at"] = now()
             self.row["seconds"] = round(time.perf_counter() - self._t0, 3)
             self.row.update(run_totals(self.stats))
@@ -218,9 +224,24 @@ class Run:
                 "tables among them are recomputed from cached calls: " + ", ".join(str(p) for p in paths)
             )
 
+    def add_models(self, specs: dict[str, ModelSpec]) -> ModelPool:
+        """The run's model pool, made (or widened) to hold `specs`: a command that joins an open run (a
+        training choosing among its β runs by win rate) brings the models its own stages call."""
+        if self.models is None:
+            self.models = ModelPool(dict(specs))
+        else:
+            self.models.specs.update(specs)
+        return self.models
+
     def call(self, model: str, stage: str, calls: list[Call], st: StageStats) -> dict[str, dict[str, Any]]:
         """Results for every call: cached successes, then new calls flushed batch by batch as they finish."""
-        return self.calls.run(stage, model, calls, st)
+        if self.models is None:
+            # A programming error, not the user's: the command opened its run without the models it calls.
+            raise RuntimeError(
+                f"stage '{stage}' asks model '{model}' for {len(calls)} call(s), but its run was opened without "
+                "a model pool (Run(..., models=ModelPool(...)))"
+            )
+        return self.calls.run(stage, model, calls, st, self.models)
 
 
 def _call_keys(rows: list[dict[str, Any]]) -> set[str]:

@@ -17,9 +17,9 @@ Nothing here touches a file or a model: `execute` hands keys and compute functio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from factory.core.keys import stable_hash
 
@@ -78,7 +78,8 @@ CallFn = Callable[[str, str, "list[Call]", StageStats], "dict[str, dict[str, Any
 class Context:
     """What compute functions see: the recipe, the rows of finished stages, and a way to call models."""
 
-    loaded: LoadedRecipe
+    loaded: LoadedRecipe | None
+    """The recipe the stages build from (None for a command that runs none: judge-eval)."""
     call: CallFn
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
@@ -91,7 +92,15 @@ class Context:
     @property
     def recipe(self) -> Any:
         """The validated recipe."""
+        if self.loaded is None:
+            raise RuntimeError("these stages run without a recipe")
         return self.loaded.recipe
+
+
+KeyLayout = Literal["nested", "flat", "chained"]
+"""How a stage key's document is laid out (`stage_key`). Build stages are `nested`; policy eval and judge-eval
+keyed their tables `flat` and `chained` before they were stages, and keep those layouts so the versions a
+warehouse already holds are reused."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,8 @@ class Stage:
     """One step of a pipeline, declared as data."""
 
     name: str
-    """The table the stage writes (or, for a sink, the name its stats carry)."""
+    """The stage's name among its run's stages, in progress output and the runs table: by default also the
+    table it writes (or, for a sink, the name its stats carry)."""
     parents: tuple[str, ...]
     spec: Callable[[Context], Any]
     """What the key hashes besides the code version and the parents' keys: the recipe section, the model
@@ -111,6 +121,18 @@ class Stage:
     """Writes outside the tables (an export folder): run every time, skipping its own work when current."""
     plan: Callable[[Context, int | None], list[PlannedStage]] | None = None
     """For `--dry-run`: the calls it would make for a number of prompts (None when that is unknown)."""
+    table: str | None = None
+    """The table it writes when that is not its name (several stages of one run write one table, each in
+    its own `unit`)."""
+    unit: str | None = None
+    """The folder its versions live in under the table (None: the run's recipe)."""
+    layout: KeyLayout = "nested"
+    """How its key is laid out (`stage_key`)."""
+
+    @property
+    def writes(self) -> str:
+        """The table the stage writes."""
+        return self.table or self.name
 
 
 class Materializer(Protocol):
@@ -120,14 +142,23 @@ class Materializer(Protocol):
     """Stages whose saved version is incomplete in this run."""
 
     def materialize(
-        self, table: str, key: str, compute: Callable[[StageStats], StageOutput], *, sink: bool = False
+        self,
+        table: str,
+        key: str,
+        compute: Callable[[StageStats], StageOutput],
+        *,
+        sink: bool = False,
+        unit: str | None = None,
+        label: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Rows of the stage version `key`: reused when complete, else computed, saved and made current."""
+        """Rows of the stage version `key` in folder `unit` of `table` (shown as `label`): reused when
+        complete, else computed, saved and made current."""
         ...
 
 
-def order(stages: list[Stage]) -> list[Stage]:
-    """Parents before children, keeping the declared order among independent stages."""
+def order(stages: list[Stage], earlier: Collection[str] = ()) -> list[Stage]:
+    """Parents before children, keeping the declared order among independent stages. A parent named in
+    `earlier` (run by an earlier `execute` on the same context) need not be in the list."""
     by_name = {s.name: s for s in stages}
     if len(by_name) != len(stages):
         raise ValueError(f"stage names repeat: {[s.name for s in stages]}")
@@ -142,6 +173,8 @@ def order(stages: list[Stage]) -> list[Stage]:
             raise ValueError(f"stage cycle through '{stage.name}'")
         visiting.add(stage.name)
         for parent in stage.parents:
+            if parent in earlier and parent not in by_name:
+                continue
             if parent not in by_name:
                 raise ValueError(f"stage '{stage.name}' names an unknown parent '{parent}'")
             visit(by_name[parent])
@@ -155,15 +188,28 @@ def order(stages: list[Stage]) -> list[Stage]:
 
 
 def stage_key(stage: Stage, ctx: Context) -> str:
-    """The stage's key: its name, code version, spec and its parents' keys."""
+    """The stage's key: its table, code version, spec and its parents' keys, laid out as `stage.layout` says.
+
+    - `nested`: {stage, version, spec, parents};
+    - `flat`: {stage, version, **spec}; the spec is a mapping that names its parents' keys itself;
+    - `chained`: [*parents' keys, *spec]; the spec is a list (policy eval's `eval_results`).
+    """
     parents = [ctx.keys[p] for p in stage.parents]
-    return stable_hash({"stage": stage.name, "version": stage.version, "spec": stage.spec(ctx), "parents": parents})
+    spec = stage.spec(ctx)
+    if stage.layout == "flat":
+        return stable_hash({"stage": stage.writes, "version": stage.version, **spec})
+    if stage.layout == "chained":
+        return stable_hash([*parents, *spec])
+    return stable_hash({"stage": stage.writes, "version": stage.version, "spec": spec, "parents": parents})
 
 
 def execute(stages: list[Stage], ctx: Context, run: Materializer) -> set[str]:
-    """Run every stage in order through `run`; returns the names of the stages left incomplete."""
+    """Run every stage in order through `run`; returns the names of the stages left incomplete.
+
+    A command that must act between stages (policy eval frees a policy before its judge is loaded) calls
+    `execute` more than once on one context: a later list's stages may name the earlier ones as parents."""
     incomplete = ctx.incomplete
-    for stage in order(stages):
+    for stage in order(stages, set(ctx.keys)):
         key = stage_key(stage, ctx)
         ctx.keys[stage.name] = key
         upstream_ok = not incomplete.intersection(stage.parents)
@@ -173,7 +219,9 @@ def execute(stages: list[Stage], ctx: Context, run: Materializer) -> set[str]:
             out.complete = out.complete and upstream_ok
             return out
 
-        ctx.rows[stage.name] = run.materialize(stage.name, key, compute, sink=stage.sink)
+        # Where and under what label: only a stage that writes another table or folder says (`Stage.table`).
+        where = {} if stage.table is None and stage.unit is None else {"unit": stage.unit, "label": stage.name}
+        ctx.rows[stage.name] = run.materialize(stage.writes, key, compute, sink=stage.sink, **where)
         if not upstream_ok or stage.name in run.incomplete:
             incomplete.add(stage.name)
     return incomplete

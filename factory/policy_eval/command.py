@@ -9,6 +9,10 @@ hash) is evaluated anew:
   model's answers when the baseline is a model rather than a column);
 - `eval`: every prompt judged twice, the policy shown as Output (a) and then as Output (b);
 - `eval_results`: one row of figures (`factory.policy_eval.winrate`).
+
+Each is a `Stage` run by `factory.pipeline.stage.execute`, in the key layout its table had before (`flat`,
+and `chained` for `eval_results`), so the versions a warehouse holds are reused. A contender's answers are
+run on their own, so its policy leaves memory before the judge is loaded.
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ from factory.config.recipe import LoadedRecipe
 from factory.core.keys import stable_hash
 from factory.judge.protocols import get_protocol
 from factory.models.registry import model_identity
-from factory.models.requests import generation_call, judge_call
+from factory.models.requests import Call, generation_call, judge_call
 from factory.pipeline.calls import ModelPool, Reporter
 from factory.pipeline.run import Run
-from factory.pipeline.stage import StageOutput, StageStats
+from factory.pipeline.stage import Context, Stage, StageOutput, StageStats, execute
 from factory.policy_eval.winrate import p_policy, summary
-from factory.stages.rows import verdict_fields
+from factory.stages.judgments import judgment_row
+from factory.stages.prompts import read_prompts
+from factory.stages.samples import generation_row
 from factory.warehouse.store import Warehouse
 
 VERSION = 1
+"""Bump when this module changes what it writes: it is part of the `eval_outputs` and `eval` stage keys."""
 
 
 @dataclass(frozen=True)
@@ -56,43 +63,131 @@ def _unit(name: str, label: str) -> str:
     return f"{name}.{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}"
 
 
-def _generations(
-    prompts: list[dict[str, Any]], label: str, spec: ModelSpec, role: str, loaded: LoadedRecipe, run: Run
-) -> tuple[str, Any]:
-    """(key, compute) of one model's answers to the held-out prompts."""
+def _outputs_stage(
+    name: str, prompts: list[dict[str, Any]], label: str, spec: ModelSpec, role: str, loaded: LoadedRecipe
+) -> Stage:
+    """One model's answers to the held-out prompts, in the contender's unit (or the baseline's)."""
     e = loaded.recipe.eval
     identity = model_identity(spec)
     calls = [
         generation_call(identity, json.loads(p["messages"]), e.params, e.seed, 0, prompt_id=p["prompt_id"])
         for p in prompts
     ]
-    key = stable_hash({"stage": "eval_outputs", "version": VERSION, "calls": [c.key for c in calls], "role": role})
+    head = {"role": role, "contender": label, "model_hash": stable_hash(identity, 16)}
 
-    def compute(st: StageStats) -> StageOutput:
-        results = run.call(label, "eval_outputs", calls, st)
-        rows = []
-        for c in calls:
-            res = results.get(c.key, {})
-            ok = res.get("status") == "ok"
-            rows.append(
-                {
-                    "prompt_id": c.meta["prompt_id"],
-                    "role": role,
-                    "contender": label,
-                    "model_hash": stable_hash(identity, 16),
-                    "text": res.get("text") if ok else None,
-                    "finish_reason": res.get("finish_reason") if ok else "error",
-                    "request_key": c.key,
-                    "error": None if ok else (res.get("error") or "no result"),
-                    "tokens_in": res.get("tokens_in"),
-                    "tokens_out": res.get("tokens_out"),
-                    "latency_s": res.get("latency_s"),
-                }
-            )
+    def compute(ctx: Context, st: StageStats) -> StageOutput:
+        results = ctx.call(label, "eval_outputs", calls, st)
+        rows = [{"prompt_id": c.meta["prompt_id"], **head, **generation_row(c, results.get(c.key))} for c in calls]
         failed = sum(r["error"] is not None for r in rows)
         return StageOutput(rows, {"failed": failed}, complete=not failed)
 
-    return key, compute
+    stage_name = "eval_baseline" if role == "baseline" else f"eval_outputs[{label}]"
+    unit = _unit(name, "baseline" if role == "baseline" else label)
+    spec_of = {"calls": [c.key for c in calls], "role": role}
+    return Stage(stage_name, (), lambda ctx: spec_of, compute, VERSION, table="eval_outputs", unit=unit, layout="flat")
+
+
+def _answers(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Prompt id → text of the generation rows whose call succeeded."""
+    return {x["prompt_id"]: x["text"] for x in rows if x["error"] is None}
+
+
+def _contender_stages(
+    name: str, prompts: list[dict[str, Any]], c: Contender, outputs: str, loaded: LoadedRecipe
+) -> list[Stage]:
+    """A contender's `eval` (every prompt judged twice, the policy shown as Output (a) and then as Output
+    (b)) and `eval_results` (one row of figures), after its `outputs` stage and the baseline's."""
+    r = loaded.recipe
+    e = r.eval
+    protocol = get_protocol(e.protocol)
+    judge_identity = model_identity(r.models[e.judge])
+    baseline_name = e.baseline or f"model:{e.baseline_model}"
+    references = {p["prompt_id"]: json.loads(p["reference_fields"]) for p in prompts}
+    unit = _unit(name, c.label)
+    judged_by = f"eval[{c.label}]"
+    parents = (outputs, "eval_baseline") if e.baseline_model is not None else (outputs,)
+
+    def baseline(ctx: Context) -> dict[str, str | None]:
+        if e.baseline_model is not None:
+            return dict(_answers(ctx.rows["eval_baseline"]))
+        return {pid: refs.get(e.baseline) for pid, refs in references.items()}
+
+    def judge_calls(ctx: Context) -> list[Call]:
+        policy, base = _answers(ctx.rows[outputs]), baseline(ctx)
+        calls = []
+        for p in prompts:
+            a, b = policy.get(p["prompt_id"]), base.get(p["prompt_id"])
+            ref = references[p["prompt_id"]].get(e.reference_column) if e.reference_column else None
+            if a is None or b is None or (e.reference_column and not ref):
+                continue
+            for order, first, second in (("policy_first", a, b), ("baseline_first", b, a)):
+                messages = protocol.render(p["instruction"], first, second, ref)
+                calls.append(
+                    judge_call(
+                        judge_identity,
+                        messages,
+                        protocol.prefill,
+                        e.generation_tokens,
+                        e.top_logprobs,
+                        prompt_id=p["prompt_id"],
+                        order=order,
+                        len_policy=len(a),
+                        len_baseline=len(b),
+                    )
+                )
+        return calls
+
+    def judge_spec(ctx: Context) -> dict[str, Any]:
+        # A column baseline has no stage: its texts stand in its place.
+        base_key = (
+            ctx.keys["eval_baseline"] if e.baseline_model is not None else stable_hash([e.baseline, baseline(ctx)])
+        )
+        return {"outputs": ctx.keys[outputs], "baseline": base_key, "calls": [x.key for x in judge_calls(ctx)]}
+
+    def judge(ctx: Context, st: StageStats) -> StageOutput:
+        calls = judge_calls(ctx)
+        answers = ctx.call(e.judge, "eval", calls, st)
+        fields = {
+            "contender": c.label,
+            "baseline": baseline_name,
+            "judge": e.judge,
+            "protocol": e.protocol,
+            "reference_name": e.reference_column,
+        }
+        rows = []
+        for call in calls:
+            row = judgment_row(call, answers.get(call.key), protocol, fields)
+            del row["prompt_hash"]  # the eval table keys its rows by prompt, contender and order
+            row["p_policy"] = p_policy(row, e.scoring)
+            rows.append(row)
+        skipped = len(prompts) - len(calls) // 2
+        failed = sum(row["parse_status"] == "error" for row in rows)
+        return StageOutput(rows, {"prompts_skipped": skipped, "failed": failed}, complete=not failed)
+
+    def figures(ctx: Context, st: StageStats) -> StageOutput:
+        row = {
+            "contender": c.label,
+            "model_hash": stable_hash(model_identity(c.spec), 16),
+            "baseline": baseline_name,
+            "judge": e.judge,
+            "protocol": e.protocol,
+            "scoring": e.scoring,
+            **summary(ctx.rows[judged_by], e.scoring, e.resamples, e.seed),
+        }
+        return StageOutput([row])
+
+    return [
+        Stage(judged_by, parents, judge_spec, judge, VERSION, table="eval", unit=unit, layout="flat"),
+        Stage(
+            f"eval_results[{c.label}]",
+            (judged_by,),
+            lambda ctx: [e.scoring, e.resamples, e.seed],
+            figures,
+            table="eval_results",
+            unit=unit,
+            layout="chained",
+        ),
+    ]
 
 
 def evaluate(
@@ -108,8 +203,6 @@ def evaluate(
     """Evaluate each contender in one run; returns the runs row and one `eval_results` row per contender.
 
     `run`: a run already open (a training choosing among its β runs by win rate) whose stages these become."""
-    from factory.build.command import read_prompts
-
     r = loaded.recipe
     e = r.eval
     assert e is not None
@@ -118,108 +211,29 @@ def evaluate(
         check_alpaca_eval_out(alpaca_eval_out, wh.root)  # before any model call, not after them
     prompts = read_prompts(loaded, ("eval", "prompts")).rows
     held_out_check(loaded, prompts, reporter)
-    references = {p["prompt_id"]: json.loads(p["reference_fields"]) for p in prompts}
-    protocol = get_protocol(e.protocol)
-    judge_identity = model_identity(r.models[e.judge])
-    baseline_name = e.baseline or f"model:{e.baseline_model}"
     specs = {**r.models, **{c.label: c.spec for c in contenders}}
     name = f"{r.name}.eval"
     run_hash = Run.hash_of([e.model_dump(mode="json"), [model_identity(c.spec) for c in contenders]])
     own = run is None
     if run is None:
-        run = Run(wh, name, run_hash, ModelPool(specs), reporter, str(loaded.path), loop_round)
-    else:
-        run.pool.specs.update(specs)
+        run = Run(wh, name, run_hash, reporter, str(loaded.path), loop_round, models=ModelPool(specs))
+    pool = run.add_models(specs)
+    ctx = Context(loaded, run.call, run_id=run.run_id)
     results: list[dict[str, Any]] = []
     with run if own else contextlib.nullcontext():
         if e.baseline_model is not None:
-            spec = r.models[e.baseline_model]
-            key, compute = _generations(prompts, e.baseline_model, spec, "baseline", loaded, run)
-            rows = run.materialize("eval_outputs", key, compute, unit=_unit(name, "baseline"), label="eval_baseline")
-            baseline = {x["prompt_id"]: x["text"] for x in rows if x["error"] is None}
-            base_key = key
-        else:
-            baseline = {pid: refs.get(e.baseline) for pid, refs in references.items()}
-            base_key = stable_hash([e.baseline, baseline])
+            baseline = _outputs_stage(name, prompts, e.baseline_model, r.models[e.baseline_model], "baseline", loaded)
+            execute([baseline], ctx, run)
         for c in contenders:
-            unit = _unit(name, c.label)
-            key, compute = _generations(prompts, c.label, c.spec, "policy", loaded, run)
-            outputs = run.materialize("eval_outputs", key, compute, unit=unit, label=f"eval_outputs[{c.label}]")
+            outputs = _outputs_stage(name, prompts, c.label, c.spec, "policy", loaded)
+            execute([outputs], ctx, run)
             if c.label != e.judge:
-                run.pool.release(c.label)
-            policy = {x["prompt_id"]: x["text"] for x in outputs if x["error"] is None}
-            calls = []
-            for p in prompts:
-                a, b = policy.get(p["prompt_id"]), baseline.get(p["prompt_id"])
-                ref = references[p["prompt_id"]].get(e.reference_column) if e.reference_column else None
-                if a is None or b is None or (e.reference_column and not ref):
-                    continue
-                for order, first, second in (("policy_first", a, b), ("baseline_first", b, a)):
-                    messages = protocol.render(p["instruction"], first, second, ref)
-                    calls.append(
-                        judge_call(
-                            judge_identity,
-                            messages,
-                            protocol.prefill,
-                            e.generation_tokens,
-                            e.top_logprobs,
-                            prompt_id=p["prompt_id"],
-                            order=order,
-                            len_policy=len(a),
-                            len_baseline=len(b),
-                        )
-                    )
-            judge_key = stable_hash(
-                {
-                    "stage": "eval",
-                    "version": VERSION,
-                    "outputs": key,
-                    "baseline": base_key,
-                    "calls": [x.key for x in calls],
-                }
-            )
-
-            def judge(st: StageStats, calls: list[Any] = calls, c: Contender = c) -> StageOutput:
-                answers = run.call(e.judge, "eval", calls, st)
-                rows = []
-                for call in calls:
-                    res = answers.get(call.key, {})
-                    row = {
-                        **{k: v for k, v in call.meta.items() if k != "prompt_hash"},
-                        "contender": c.label,
-                        "baseline": baseline_name,
-                        "judge": e.judge,
-                        "protocol": e.protocol,
-                        "reference_name": e.reference_column,
-                        "request_key": call.key,
-                        "tokens_in": res.get("tokens_in"),
-                        "tokens_out": res.get("tokens_out"),
-                        "latency_s": res.get("latency_s"),
-                        **verdict_fields(res, protocol),
-                    }
-                    row["p_policy"] = p_policy(row, e.scoring)
-                    rows.append(row)
-                skipped = len(prompts) - len(calls) // 2
-                failed = sum(row["parse_status"] == "error" for row in rows)
-                return StageOutput(rows, {"prompts_skipped": skipped, "failed": failed}, complete=not failed)
-
-            judged = run.materialize("eval", judge_key, judge, unit=unit, label=f"eval[{c.label}]")
-            result_key = stable_hash([judge_key, e.scoring, e.resamples, e.seed])
-
-            def figures(st: StageStats, judged: list[dict[str, Any]] = judged, c: Contender = c) -> StageOutput:
-                row = {
-                    "contender": c.label,
-                    "model_hash": stable_hash(model_identity(c.spec), 16),
-                    "baseline": baseline_name,
-                    "judge": e.judge,
-                    "protocol": e.protocol,
-                    "scoring": e.scoring,
-                    **summary(judged, e.scoring, e.resamples, e.seed),
-                }
-                return StageOutput([row])
-
-            results += run.materialize("eval_results", result_key, figures, unit=unit, label=f"eval_results[{c.label}]")
+                pool.release(c.label)  # the policy leaves memory before the judge is loaded
+            judged, figures = _contender_stages(name, prompts, c, outputs.name, loaded)
+            execute([judged, figures], ctx, run)
+            results += ctx.rows[figures.name]
             if alpaca_eval_out is not None:
+                policy = _answers(ctx.rows[outputs.name])
                 write_alpaca_eval(alpaca_eval_out, prompts, policy, c.label, r.name, wh.root)
     return run.row, results
 
@@ -229,8 +243,6 @@ def held_out_check(loaded: LoadedRecipe, prompts: list[dict[str, Any]], reporter
     r = loaded.recipe
     if r.prompts.dataset is not None:
         return  # a Hub dataset is not downloaded just to check
-    from factory.build.command import read_prompts
-
     train_ids = {p["prompt_id"] for p in read_prompts(loaded).rows}
     shared = sum(p["prompt_id"] in train_ids for p in prompts)
     if shared:

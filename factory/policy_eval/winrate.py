@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from factory.core.stats import bootstrap_ci, quantile, sigmoid
-from factory.stages.rows import win_probability
+from factory.stages.judgments import win_probability
 
 LC_MIN_PROMPTS = 50
 """Below this many scored prompts the length-controlled win rate is flagged unstable (docs/FIDELITY.md)."""

@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from factory.labelers.registry import position_consistency
+from factory.labelers.judge import position_consistency
 from factory.report.data import EVAL_JUDGMENTS_SQL, JUDGMENTS_SQL, PARSE_SQL, UNPARSED_EXAMPLES_SQL, Data, pct
 from factory.report.html import fmt, label, short
 from factory.report.plots import (

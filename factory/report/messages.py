@@ -73,7 +73,7 @@ def recorded_recipe(wh: Warehouse, run_ids: set[str]) -> Path | None:
 def recipe_source(path: Path, overrides: dict[str, Any]) -> Source | str:
     """The judge protocol of a recipe file (with `--set` overrides), or a note on why it could not be read."""
     from factory.config.loading import load_recipe
-    from factory.labelers.registry import judge_protocol
+    from factory.stages.judgments import judge_protocol
 
     try:
         loaded = load_recipe(path, overrides)

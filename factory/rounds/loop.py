@@ -86,7 +86,8 @@ class Loop:
     def run(self) -> str:
         """Run every round (stopping at the first that is not complete) and the evaluation; returns
         `ok`, or the status of the step that stopped the loop."""
-        from factory.build.command import preflight, read_prompts
+        from factory.build.command import preflight
+        from factory.stages.prompts import read_prompts
 
         read_prompts(self.loaded)
         preflight(self.loaded)  # every round's recipe is this one's: its problems show before round 0

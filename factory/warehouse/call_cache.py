@@ -12,8 +12,9 @@ import duckdb
 import pyarrow as pa
 
 from factory.core.errors import FactoryError
+from factory.core.text import first_line
 from factory.warehouse.damage import DamageChecks
-from factory.warehouse.parquet import arrow, atomic_write_parquet, first_line, to_table
+from factory.warehouse.parquet import arrow, atomic_write_parquet, to_table
 from factory.warehouse.tables import CALL_TABLES
 
 

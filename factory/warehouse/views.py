@@ -15,8 +15,9 @@ import pyarrow as pa
 
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.files import make_folder
+from factory.core.text import first_line
 from factory.warehouse.call_cache import CallCache
-from factory.warehouse.parquet import arrow, first_line
+from factory.warehouse.parquet import arrow
 from factory.warehouse.read_only import check_read_only
 from factory.warehouse.sql_run import QUERY_ERRORS, SqlLimits, SqlResult, collect, interruptible, printable, sql_error
 from factory.warehouse.tables import ALL_TABLES, CALL_TABLES, STAGE_TABLES

@@ -1,0 +1,80 @@
+"""The `judgments` labeler: a pairwise LLM judge compares a prompt's samples (the method). Its stages are
+`factory.stages.judgments` and `factory.stages.scores`; here are how the export, the card and the report
+describe it, and its position consistency."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from factory.config.vocabulary import CUSTOM
+from factory.judge.protocols import get_protocol
+from factory.labelers.labeler import Labeler
+from factory.pipeline.stage import Context
+from factory.stages.judgments import JUDGMENTS
+from factory.stages.scores import JUDGE_SCORES
+
+if TYPE_CHECKING:
+    from factory.config.recipe import Recipe
+
+
+def _judge_provenance(r: Recipe) -> dict[str, str | None]:
+    j = r.judgments
+    return {"judge": j.judge, "protocol": j.protocol, "reference_name": "+".join(j.reference_names) or None}
+
+
+def _judge_card_line(r: Recipe) -> str:
+    j = r.judgments
+    protocol = j.protocol if j.protocol == CUSTOM else f"{j.protocol} ({get_protocol(j.protocol).description})"
+    if j.template is not None:
+        protocol += f", worded by the template file {Path(j.template).name}"
+    return (
+        f"- Judge: `{j.judge}` ({r.models[j.judge].model}), protocol `{protocol}`, reference "
+        f"`{j.reference}`, orders `{j.orders}`, scoring `{j.scoring}`, schedule `{j.schedule}`, prefill "
+        f"`{j.prefill}`, markers `{j.markers}`, top-{j.top_logprobs} log-probabilities"
+        + (" (pooling `paper`: scores averaged as the paper's data_processing.py does)" if j.pooling == "paper" else "")
+        + (
+            " (adaptive scores estimate each sample's all-pairs score from fewer comparisons)"
+            if j.schedule == "adaptive"
+            else ""
+        )
+    )
+
+
+def position_consistency(judgments: list[dict[str, Any]]) -> tuple[float | None, int]:
+    """Share of sample pairs judged in both orders whose two parsed verdicts name the same winner."""
+    winners: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for j in judgments:
+        if j["verdict"] not in ("a", "b"):
+            continue
+        pair = (*sorted((j["sample_a"], j["sample_b"])), j.get("reference_name") or "")
+        winners[pair].append(j["sample_a"] if j["verdict"] == "a" else j["sample_b"])
+    both = [w for w in winners.values() if len(w) == 2]
+    if not both:
+        return None, 0
+    return sum(w[0] == w[1] for w in both) / len(both), len(both)
+
+
+def _judge_card_facts(ctx: Context) -> tuple[list[tuple[str, int]], list[str]]:
+    judgments = ctx.rows.get("judgments", [])
+    status: dict[str, int] = defaultdict(int)
+    for j in judgments:
+        status[j["parse_status"]] += 1
+    counts = [("judgments", len(judgments))]
+    counts += [(f"judgments with parse status `{k}`", v) for k, v in sorted(status.items())]
+    consistency, n_both = position_consistency(judgments)
+    shown = "n/a" if consistency is None else f"{consistency:.3f}"
+    return counts, [f"- Position consistency (same winner in both orders): {shown} over {n_both} pairs"]
+
+
+JUDGE = Labeler(
+    name="judgments",
+    summary="a pairwise LLM judge compares every ordered pair of a prompt's samples (the method)",
+    model_field="judge",
+    role="judge",
+    stages=lambda: [JUDGMENTS, JUDGE_SCORES],
+    provenance=_judge_provenance,
+    card_line=_judge_card_line,
+    card_facts=_judge_card_facts,
+)

@@ -1,0 +1,117 @@
+"""The `samples` stage: the policy's answers to the prompts, one row per (prompt, sample index).
+
+Also the one builder of a generation row (`generation_row`: references, samples and policy eval's
+`eval_outputs` all start from it) and the reading of samples that judges and scores share
+(`text_representatives`, `distinct_samples`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from factory.models.registry import model_identity
+from factory.models.requests import Call, generation_call
+from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
+
+if TYPE_CHECKING:
+    from factory.config.labeling import SamplesSpec
+
+
+def generation_calls(
+    prompts: list[dict[str, Any]], identity: dict[str, Any], params: Any, seed: int, n: int
+) -> list[Call]:
+    """One call per (prompt, sample index); the backend groups a prompt's indices into one n-sample call."""
+    calls = []
+    for p in prompts:
+        messages = json.loads(p["messages"])
+        calls += [
+            generation_call(identity, messages, params, seed, i, prompt_id=p["prompt_id"], sample_index=i)
+            for i in range(n)
+        ]
+    return calls
+
+
+def generation_row(call: Call, result: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields every generation row has: the text (None unless the call succeeded), finish reason (`error`
+    for a failed call), request key, error, token counts and latency."""
+    r = result or {}
+    ok = r.get("status") == "ok"
+    return {
+        "text": r.get("text") if ok else None,
+        "finish_reason": r.get("finish_reason") if ok else "error",
+        "request_key": call.key,
+        "error": None if ok else (r.get("error") or "no result"),
+        "tokens_in": r.get("tokens_in"),
+        "tokens_out": r.get("tokens_out"),
+        "latency_s": r.get("latency_s"),
+    }
+
+
+def sample_rows(calls: list[Call], results: dict[str, dict[str, Any]], spec: SamplesSpec) -> StageOutput:
+    """The policy's outputs; a failed call is a row with finish_reason `error`."""
+    rows = []
+    for c in calls:
+        r = results.get(c.key, {})
+        rows.append(
+            {
+                "sample_id": c.key[:16],
+                "prompt_id": c.meta["prompt_id"],
+                "policy": spec.policy,
+                "sample_index": c.meta["sample_index"],
+                "n_tokens": r.get("tokens_out"),
+                "n_prompt_tokens": r.get("tokens_in"),
+                **generation_row(c, r),
+            }
+        )
+    return StageOutput(rows, {"failed": sum(r["error"] is not None for r in rows)})
+
+
+def text_representatives(samples: list[dict[str, Any]]) -> dict[str, str]:
+    """For every good sample, the sample that stands for its text: the lowest sample index of the prompt's
+    samples with exactly that text. Identical samples are one candidate (as the paper keys candidates by
+    text): the text is judged and scored once, and a sample is never paired with its own copy."""
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in sorted((s for s in samples if s["error"] is None), key=lambda s: (s["prompt_id"], s["sample_index"])):
+        first.setdefault((s["prompt_id"], s["text"]), s)
+    return {s["sample_id"]: first[(s["prompt_id"], s["text"])]["sample_id"] for s in samples if s["error"] is None}
+
+
+def distinct_samples(samples: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per prompt, the ids of its distinct good samples (`text_representatives`) in sample-index order."""
+    representative = text_representatives(samples)
+    out: dict[str, list[str]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: (s["prompt_id"], s["sample_index"])):
+        if s["error"] is None and representative[s["sample_id"]] == s["sample_id"]:
+            out[s["prompt_id"]].append(s["sample_id"])
+    return out
+
+
+def _samples_spec(ctx: Context) -> Any:
+    s = ctx.recipe.samples
+    return [s.model_dump(), model_identity(ctx.recipe.models[s.policy])]
+
+
+def _samples(ctx: Context, st: StageStats) -> StageOutput:
+    s = ctx.recipe.samples
+    identity = model_identity(ctx.recipe.models[s.policy])
+    calls = generation_calls(ctx.rows["prompts"], identity, s.params, s.seed, s.n)
+    out = sample_rows(calls, ctx.call(s.policy, "samples", calls, st), s)
+    out.complete = not out.notes["failed"]
+    return out
+
+
+def _plan_samples(ctx: Context, n: int | None) -> list[PlannedStage]:
+    s = ctx.recipe.samples
+    chars = ctx.outputs.get("instruction_chars")
+    per = None if n is None else n * s.n
+    approx = None if per is None or chars is None else int(per * chars / 4)
+    return [
+        PlannedStage(
+            "samples", s.policy, per, None if per is None else per * s.params.max_tokens, approx, f"{s.n} per prompt"
+        )
+    ]
+
+
+SAMPLES = Stage("samples", ("prompts",), _samples_spec, _samples, plan=_plan_samples)
