@@ -1,4 +1,7 @@
-"""The embedded model's conversion: a rename that fails raises, naming the folder, and leaves nothing behind."""
+"""The embedded model's conversion: a rename that fails raises, naming the folder, and leaves nothing behind.
+
+Marked `model`: it loads no model, but importing transformers takes seconds, which the fast suite does not pay.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 from factory.core.errors import FactoryError
-from factory.models import hf
 
 
 class Saved:
@@ -27,7 +26,12 @@ class Saved:
         (Path(folder) / self.name).write_text("{}")
 
 
+@pytest.mark.model
 def test_a_failed_rename_raises_naming_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from factory.models import hf
+
     monkeypatch.setattr(hf.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved("tokenizer.json"))
     monkeypatch.setattr(hf.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved("config.json"))
 
