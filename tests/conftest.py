@@ -1,13 +1,16 @@
-"""Shared fixtures for the tests that run the real embedded model (markers `model` and `slow`).
+"""Shared fixtures: the scripted recipe most scripted tests start from, and the tests that run the real
+embedded model (markers `model` and `slow`).
 
-Fixtures here build nothing until a test asks for them, so the fast unit tests never load torch.
+Fixtures here build nothing until a test asks for them, so the fast unit tests never load torch. Test modules
+reach the helpers through the `kit` fixture (they do not import conftest).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +40,60 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
-def recipe_dict(prompts: int = 2, n: int = 2, **changes: Any) -> dict[str, Any]:
-    """The tiny recipe with its first `prompts` prompts and `n` samples each; `changes` are dotted-path edits
-    such as `{"judgments.protocol": "refmatch"}` (pass them as `**{...}`)."""
-    data = copy.deepcopy(TINY_RECIPE)
-    if prompts > len(data["prompts"]["inline"]):
-        raise ValueError(f"the tiny recipe has only {len(data['prompts']['inline'])} prompts")
-    data["prompts"]["inline"] = data["prompts"]["inline"][:prompts]
-    data["samples"]["n"] = n
+# The scripted recipe: one model `m` on the `scripted` backend (no torch, milliseconds) is policy and judge.
+SCRIPTED_RECIPE: dict[str, Any] = {
+    "name": "scripted",
+    "models": {"m": {"backend": "scripted", "batch_size": 4}},
+    "prompts": {
+        "inline": [
+            {"instruction": "Name a color.", "ref": "Blue."},
+            {"instruction": "Say hi.", "ref": "Hi."},
+            {"instruction": "Name a fruit.", "ref": "Apple."},
+            {"instruction": "What is 2+2?", "ref": "4"},
+        ],
+        "reference_fields": ["ref"],
+    },
+    "references": [{"name": "human", "kind": "column"}],
+    "samples": {"policy": "m", "n": 3, "params": {"max_tokens": 12}},
+    "judgments": {"judge": "m", "protocol": "refeval", "reference": "human"},
+    "export": {"test_fraction": 0.25},
+}
+
+
+def edited(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of `base` with dotted-path edits such as `{"judgments.protocol": "refmatch"}` (pass them as
+    `**{...}`); None deletes the key."""
+    data = copy.deepcopy(base)
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")
         node = data
         for part in parents:
             node = node.setdefault(part, {})
-        node[last] = value
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
     return data
+
+
+def write_edited(base: dict[str, Any], path: Path, **changes: Any) -> Path:
+    """`base` with dotted-path edits (`edited`), written to `path` as YAML; returns `path`."""
+    return write_recipe(path, edited(base, **changes))
+
+
+def scripted_recipe(folder: Path, filename: str = "r.yaml", **changes: Any) -> Path:
+    """The scripted recipe with dotted-path edits, written to `folder/filename`; returns its path."""
+    return write_edited(SCRIPTED_RECIPE, folder / filename, **changes)
+
+
+def recipe_dict(prompts: int = 2, n: int = 2, **changes: Any) -> dict[str, Any]:
+    """The tiny recipe with its first `prompts` prompts and `n` samples each; `changes` are dotted-path edits
+    such as `{"judgments.protocol": "refmatch"}` (pass them as `**{...}`; None deletes the key)."""
+    if prompts > len(TINY_RECIPE["prompts"]["inline"]):
+        raise ValueError(f"the tiny recipe has only {len(TINY_RECIPE['prompts']['inline'])} prompts")
+    data = edited(TINY_RECIPE, **{"samples.n": n})
+    data["prompts"]["inline"] = data["prompts"]["inline"][:prompts]
+    return edited(data, **changes)
 
 
 def write_recipe(path: Path, data: dict[str, Any]) -> Path:
@@ -59,6 +101,16 @@ def write_recipe(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_fsync() -> Iterator[None]:
+    """Skip fsync in this process. It makes a write survive a power loss, which no test can observe, and on a
+    shared disk it costs about a tenth of a second per build; atomicity (write aside, rename into place) is
+    unchanged. Builds that tests kill (docs/RELIABILITY.md) run in their own processes and fsync as always."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: None)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +167,11 @@ class ModelKit:
     """Helpers for the model tests, handed out by the `kit` fixture (test modules do not import conftest)."""
 
     recipe = staticmethod(recipe_dict)
+    scripted_data = SCRIPTED_RECIPE
+    """The scripted recipe's mapping (copy it with `edited` before changing it)."""
+    scripted = staticmethod(scripted_recipe)
+    edited = staticmethod(edited)
+    write_edited = staticmethod(write_edited)
     write = staticmethod(write_recipe)
     runs = staticmethod(runs)
     stages = staticmethod(stage_stats)
@@ -122,5 +179,6 @@ class ModelKit:
 
 @pytest.fixture(scope="session")
 def kit() -> type[ModelKit]:
-    """Recipe and runs-table helpers: `kit.recipe(...)`, `kit.write(...)`, `kit.runs(wh)`, `kit.stages(run)`."""
+    """Recipe and runs-table helpers: `kit.recipe(...)` (the tiny embedded-model recipe), `kit.scripted(folder,
+    ...)` (the scripted recipe, written), `kit.edited(...)`, `kit.write(...)`, `kit.runs(wh)`, `kit.stages(run)`."""
     return ModelKit

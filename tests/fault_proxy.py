@@ -91,7 +91,10 @@ class FaultProxy:
         self._requests = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, name="fault-proxy", daemon=True)
+        # A short poll: `stop` waits for the next one (the default is half a second).
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, name="fault-proxy", daemon=True
+        )
         self._deadline = threading.Timer(lifetime_s, self.stop)
         self._deadline.daemon = True
 

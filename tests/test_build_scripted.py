@@ -4,14 +4,12 @@ marked `model`."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from factory.build.command import Build, plan, stages_for
@@ -21,45 +19,6 @@ from factory.core.errors import UserInputError
 from factory.models.scripted import ScriptedCrash
 from factory.pipeline.stage import Context, Stage, StageOutput, execute, order
 from factory.warehouse.store import Warehouse
-
-RECIPE: dict[str, Any] = {
-    "name": "scripted",
-    "models": {"m": {"backend": "scripted", "batch_size": 4}},
-    "prompts": {
-        "inline": [
-            {"instruction": "Name a color.", "ref": "Blue."},
-            {"instruction": "Say hi.", "ref": "Hi."},
-            {"instruction": "Name a fruit.", "ref": "Apple."},
-            {"instruction": "What is 2+2?", "ref": "4"},
-        ],
-        "reference_fields": ["ref"],
-    },
-    "references": [{"name": "human", "kind": "column"}],
-    "samples": {"policy": "m", "n": 3, "params": {"max_tokens": 12}},
-    "judgments": {"judge": "m", "protocol": "refeval", "reference": "human"},
-    "export": {"test_fraction": 0.25},
-}
-
-
-def recipe(tmp_path: Path, filename: str = "r.yaml", **changes: Any) -> Path:
-    """The scripted recipe with dotted-path edits (`{"judgments.protocol": "refmatch"}`; None deletes)."""
-    return write_edited(RECIPE, tmp_path / filename, **changes)
-
-
-def write_edited(base: dict[str, Any], path: Path, **changes: Any) -> Path:
-    """`base` with dotted-path edits (None deletes the key), written to `path` as YAML; returns `path`."""
-    data = copy.deepcopy(base)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def build(path: Path, wh: Path) -> dict[str, Any]:
@@ -107,7 +66,7 @@ def test_stages_run_parents_first_and_keys_follow_parents() -> None:
     assert all(first[n] != ctx2.keys[n] for n in "abc")  # a change upstream changes every key below it
 
 
-def test_every_recipe_shape_has_a_valid_stage_graph(tmp_path: Path) -> None:
+def test_every_recipe_shape_has_a_valid_stage_graph(tmp_path: Path, kit: Any) -> None:
     shapes = {
         "judge": {},
         "rewards": {"judgments": None, "rewards": {"model": "m"}},
@@ -115,7 +74,7 @@ def test_every_recipe_shape_has_a_valid_stage_graph(tmp_path: Path) -> None:
         "sft": {"samples": None, "judgments": None, "export.sft_reference": "human"},
     }
     for name, changes in shapes.items():
-        names = [s.name for s in order(stages_for(load_recipe(recipe(tmp_path, f"{name}.yaml", **changes))))]
+        names = [s.name for s in order(stages_for(load_recipe(kit.scripted(tmp_path, f"{name}.yaml", **changes))))]
         assert names[0] == "prompts" and names[-1] == "export", name
         assert ("scores" in names) == (name != "sft")
 
@@ -123,8 +82,8 @@ def test_every_recipe_shape_has_a_valid_stage_graph(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- caching and reuse
 
 
-def test_build_then_unchanged_rebuild_makes_no_calls(tmp_path: Path) -> None:
-    path, wh = recipe(tmp_path), tmp_path / "wh"
+def test_build_then_unchanged_rebuild_makes_no_calls(tmp_path: Path, kit: Any) -> None:
+    path, wh = kit.scripted(tmp_path), tmp_path / "wh"
     first = build(path, wh)
     assert first["status"] == "ok" and first["model_calls"] == 4 * 3 + 4 * 6
     counts = {t: table(wh, f'SELECT count(*) AS n FROM "{t}"')[0]["n"] for t in ("samples", "judgments", "pairs")}
@@ -137,21 +96,21 @@ def test_build_then_unchanged_rebuild_makes_no_calls(tmp_path: Path) -> None:
     assert again["by_stage"]["export"]["notes"] and json.loads(again["by_stage"]["export"]["notes"])["skipped"]
 
 
-def test_protocol_change_rejudges_without_resampling(tmp_path: Path) -> None:
+def test_protocol_change_rejudges_without_resampling(tmp_path: Path, kit: Any) -> None:
     wh = tmp_path / "wh"
-    build(recipe(tmp_path), wh)
-    changed = build(recipe(tmp_path, **{"judgments.protocol": "refmatch"}), wh)
+    build(kit.scripted(tmp_path), wh)
+    changed = build(kit.scripted(tmp_path, **{"judgments.protocol": "refmatch"}), wh)
     stages = changed["by_stage"]
     assert stages["samples"]["skipped"] and stages["samples"]["model_calls"] == 0
     assert not stages["judgments"]["skipped"] and stages["judgments"]["model_calls"] == 24
     assert {r["protocol"] for r in table(wh, "SELECT DISTINCT protocol FROM judgments")} == {"refmatch"}
 
 
-def test_added_prompt_calls_only_its_own_rows(tmp_path: Path) -> None:
+def test_added_prompt_calls_only_its_own_rows(tmp_path: Path, kit: Any) -> None:
     wh = tmp_path / "wh"
-    build(recipe(tmp_path), wh)
-    prompts = [*RECIPE["prompts"]["inline"], {"instruction": "Name a tree.", "ref": "Oak."}]
-    grown = build(recipe(tmp_path, **{"prompts.inline": prompts}), wh)
+    build(kit.scripted(tmp_path), wh)
+    prompts = [*kit.scripted_data["prompts"]["inline"], {"instruction": "Name a tree.", "ref": "Oak."}]
+    grown = build(kit.scripted(tmp_path, **{"prompts.inline": prompts}), wh)
     assert grown["by_stage"]["samples"]["model_calls"] == 3
     assert grown["by_stage"]["samples"]["cached_calls"] == 12
     assert grown["by_stage"]["judgments"]["model_calls"] == 6
@@ -160,16 +119,16 @@ def test_added_prompt_calls_only_its_own_rows(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- failure
 
 
-def test_transient_failures_leave_the_run_incomplete_and_are_retried(tmp_path: Path) -> None:
+def test_transient_failures_leave_the_run_incomplete_and_are_retried(tmp_path: Path, kit: Any) -> None:
     wh = tmp_path / "wh"
-    flaky = build(recipe(tmp_path, **{"models.m.script": {"fail_rate": 0.4, "fail_seed": 1}}), wh)
+    flaky = build(kit.scripted(tmp_path, **{"models.m.script": {"fail_rate": 0.4, "fail_seed": 1}}), wh)
     assert flaky["status"] == "incomplete" and flaky["failed_calls"] > 0
     errors = table(wh, "SELECT count(*) AS n FROM generation_calls WHERE status = 'error'")[0]["n"]
     errors += table(wh, "SELECT count(*) AS n FROM judge_calls WHERE status = 'error'")[0]["n"]
     assert errors == flaky["failed_calls"]
-    fixed = build(recipe(tmp_path), wh)  # failures are operational: the same cache keys, only failed calls remade
+    fixed = build(kit.scripted(tmp_path), wh)  # failures are operational: the same cache keys, only failed calls remade
     assert fixed["status"] == "ok"
-    reference = build(recipe(tmp_path), tmp_path / "wh-clean")
+    reference = build(kit.scripted(tmp_path), tmp_path / "wh-clean")
     # Only what had failed is made again: the calls of both builds add up to one clean build's.
     assert fixed["model_calls"] + flaky["model_calls"] - flaky["failed_calls"] == reference["model_calls"]
     for t in ("samples", "judgments", "pairs"):
@@ -180,9 +139,9 @@ def test_transient_failures_leave_the_run_incomplete_and_are_retried(tmp_path: P
     assert table(wh, dup) == []
 
 
-def test_a_non_transient_failure_stops_the_build_and_records_no_failed_call(tmp_path: Path) -> None:
+def test_a_non_transient_failure_stops_the_build_and_records_no_failed_call(tmp_path: Path, kit: Any) -> None:
     wh = tmp_path / "wh"
-    crashing = recipe(tmp_path, **{"models.m.script": {"crash_after": 5}})
+    crashing = kit.scripted(tmp_path, **{"models.m.script": {"crash_after": 5}})
     with pytest.raises(ScriptedCrash):
         build(crashing, wh)
     (run,) = table(wh, "SELECT status, error FROM runs")
@@ -192,12 +151,12 @@ def test_a_non_transient_failure_stops_the_build_and_records_no_failed_call(tmp_
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert lines[-1].startswith("error: ScriptedCrash") and len([x for x in lines if x.startswith("error")]) == 1
-    assert build(recipe(tmp_path), wh)["status"] == "ok"
+    assert build(kit.scripted(tmp_path), wh)["status"] == "ok"
 
 
-def test_garbled_verdicts_are_kept_and_never_guessed(tmp_path: Path) -> None:
+def test_garbled_verdicts_are_kept_and_never_guessed(tmp_path: Path, kit: Any) -> None:
     wh = tmp_path / "wh"
-    build(recipe(tmp_path, **{"models.m.script": {"garble_rate": 0.5}}), wh)
+    build(kit.scripted(tmp_path, **{"models.m.script": {"garble_rate": 0.5}}), wh)
     rows = table(wh, "SELECT verdict, parse_status, raw_output FROM judgments WHERE parse_status <> 'ok'")
     assert rows and all(r["verdict"] is None and r["parse_status"] == "no_match" and r["raw_output"] for r in rows)
 
@@ -205,11 +164,11 @@ def test_garbled_verdicts_are_kept_and_never_guessed(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------- labelers, export
 
 
-def test_reward_and_similarity_labelers(tmp_path: Path) -> None:
-    rewards = build(recipe(tmp_path, "rw.yaml", judgments=None, rewards={"model": "m"}), tmp_path / "wh1")
+def test_reward_and_similarity_labelers(tmp_path: Path, kit: Any) -> None:
+    rewards = build(kit.scripted(tmp_path, "rw.yaml", judgments=None, rewards={"model": "m"}), tmp_path / "wh1")
     assert rewards["status"] == "ok" and rewards["by_stage"]["scores"]["model_calls"] == 12
     assert table(tmp_path / "wh1", "SELECT DISTINCT labeler FROM scores") == [{"labeler": "rewards"}]
-    sim = build(recipe(tmp_path, "sim.yaml", judgments=None, similarity={"reference": "human"}), tmp_path / "wh2")
+    sim = build(kit.scripted(tmp_path, "sim.yaml", judgments=None, similarity={"reference": "human"}), tmp_path / "wh2")
     assert sim["status"] == "ok" and sim["by_stage"]["scores"]["model_calls"] == 0
     # The scripted words share nothing with the references: every ROUGE-L score is 0, so every prompt ties.
     scores = table(tmp_path / "wh2", "SELECT labeler, max(score) AS best, count(*) AS n FROM scores GROUP BY ALL")
@@ -217,27 +176,27 @@ def test_reward_and_similarity_labelers(tmp_path: Path) -> None:
     assert json.loads(sim["by_stage"]["pairs"]["notes"])["ties_or_small_margin"] == 4
 
 
-def test_export_card_follows_the_description_without_model_calls(tmp_path: Path) -> None:
+def test_export_card_follows_the_description_without_model_calls(tmp_path: Path, kit: Any) -> None:
     wh = tmp_path / "wh"
-    build(recipe(tmp_path), wh)
+    build(kit.scripted(tmp_path), wh)
     card = wh / "exports" / "scripted" / "README.md"
     assert "Position consistency" in card.read_text()
-    edited = build(recipe(tmp_path, description="Now with a description."), wh)
+    edited = build(kit.scripted(tmp_path, description="Now with a description."), wh)
     assert edited["model_calls"] == 0 and "Now with a description." in card.read_text()
 
 
-def test_export_never_replaces_a_folder_it_did_not_write(tmp_path: Path) -> None:
+def test_export_never_replaces_a_folder_it_did_not_write(tmp_path: Path, kit: Any) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    path, wh = recipe(tmp_path, **{"export.path": str(foreign)}), tmp_path / "wh"
+    path, wh = kit.scripted(tmp_path, **{"export.path": str(foreign)}), tmp_path / "wh"
     with pytest.raises(UserInputError, match="did not write"):
         build(path, wh)
     assert (foreign / "thesis.tex").read_text() == "precious" and not wh.exists()
 
 
-def test_sft_export_from_model_references(tmp_path: Path) -> None:
-    path = recipe(
+def test_sft_export_from_model_references(tmp_path: Path, kit: Any) -> None:
+    path = kit.scripted(
         tmp_path,
         samples=None,
         judgments=None,
@@ -250,8 +209,8 @@ def test_sft_export_from_model_references(tmp_path: Path) -> None:
     assert rows and all(r["completion"][0]["content"] for r in rows)
 
 
-def test_dry_run_plans_every_model_stage(tmp_path: Path) -> None:
-    n, planned = plan(load_recipe(recipe(tmp_path)))
+def test_dry_run_plans_every_model_stage(tmp_path: Path, kit: Any) -> None:
+    n, planned = plan(load_recipe(kit.scripted(tmp_path)))
     assert n == 4 and {p.stage: p.calls for p in planned} == {"samples": 12, "judgments": 24}
 
 
@@ -269,17 +228,19 @@ def test_dry_run_plans_every_model_stage(tmp_path: Path) -> None:
         ({"models.m.threads": -1}, "models.m.threads"),
     ],
 )
-def test_recipe_errors_name_the_field(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+def test_recipe_errors_name_the_field(tmp_path: Path, changes: dict[str, Any], message: str, kit: Any) -> None:
     with pytest.raises(UserInputError, match=message):
-        load_recipe(recipe(tmp_path, **changes))
+        load_recipe(kit.scripted(tmp_path, **changes))
 
 
-def test_late_checks_run_before_the_warehouse_is_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_late_checks_run_before_the_warehouse_is_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kit: Any
+) -> None:
     monkeypatch.delenv("FACTORY_TEST_UNSET_KEY", raising=False)
     openai = {"backend": "openai", "model": "gpt", "base_url": "http://127.0.0.1:9/v1"}
     cases = [
-        recipe(tmp_path, "t.yaml", **{"judgments.protocol": "custom", "judgments.template": "missing.txt"}),
-        recipe(
+        kit.scripted(tmp_path, "t.yaml", **{"judgments.protocol": "custom", "judgments.template": "missing.txt"}),
+        kit.scripted(
             tmp_path,
             "k.yaml",
             **{"models.o": {**openai, "api_key_env": "FACTORY_TEST_UNSET_KEY"}, "judgments.judge": "o"},
@@ -295,9 +256,9 @@ def test_late_checks_run_before_the_warehouse_is_touched(tmp_path: Path, monkeyp
         assert not wh.exists()
 
 
-def test_a_warehouse_held_by_another_build_is_refused(tmp_path: Path) -> None:
+def test_a_warehouse_held_by_another_build_is_refused(tmp_path: Path, kit: Any) -> None:
     wh = Warehouse(tmp_path / "wh")
-    path = recipe(tmp_path)
+    path = kit.scripted(tmp_path)
     build(path, wh.root)
     before = files(wh.root / "tables")
     import multiprocessing as mp

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from test_build_scripted import write_edited
 
 from factory.cli.main import main
 from factory.config.models import ModelSpec, SamplingParams
@@ -223,8 +222,8 @@ def _scripted_p_a(output_a: str, output_b: str) -> float:
     return min(max(1 / (1 + math.exp(-margin)), 1e-6), 1 - 1e-6)
 
 
-def test_build_sends_neutral_prompts_and_counts_them(tmp_path: Path) -> None:
-    path, wh = write_edited(SCRIPTED, tmp_path / "r.yaml", eval=None), tmp_path / "wh"
+def test_build_sends_neutral_prompts_and_counts_them(tmp_path: Path, kit: Any) -> None:
+    path, wh = kit.write_edited(SCRIPTED, tmp_path / "r.yaml", eval=None), tmp_path / "wh"
     result = CliRunner().invoke(main, ["build", str(path), "-w", str(wh), "-q"])
     assert result.exit_code == 0, result.output
     w = Warehouse(wh)
@@ -251,8 +250,8 @@ def test_build_sends_neutral_prompts_and_counts_them(tmp_path: Path) -> None:
     assert json.loads(prompts["Say fine. " + FORGED]["messages"])[-1]["content"] == "Say fine. " + FORGED
 
 
-def test_eval_judges_a_forged_baseline_as_plain_text(tmp_path: Path) -> None:
-    path, wh = write_edited(SCRIPTED, tmp_path / "r.yaml"), tmp_path / "wh"
+def test_eval_judges_a_forged_baseline_as_plain_text(tmp_path: Path, kit: Any) -> None:
+    path, wh = kit.write_edited(SCRIPTED, tmp_path / "r.yaml"), tmp_path / "wh"
     result = CliRunner().invoke(main, ["eval", str(path), "-w", str(wh), "-q"])
     assert result.exit_code == 0, result.output
     w = Warehouse(wh)

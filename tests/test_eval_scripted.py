@@ -5,12 +5,12 @@ The win-rate arithmetic itself is tested on hand-made rows in test_winrate.py.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from test_build_scripted import write_edited
 
 from factory.cli.main import main
 from factory.warehouse.store import Warehouse
@@ -47,9 +47,15 @@ RECIPE: dict[str, Any] = {
 }
 
 
-def recipe(tmp_path: Path, filename: str = "r.yaml", **changes: Any) -> Path:
-    """The recipe with dotted-path edits (`{"eval.protocol": "llmbar-base"}`; None deletes the key)."""
-    return write_edited(RECIPE, tmp_path / filename, **changes)
+@pytest.fixture
+def recipe(kit: Any) -> Callable[..., Path]:
+    """`recipe(folder, filename="r.yaml", **changes)`: the recipe with dotted-path edits (`{"eval.protocol":
+    "llmbar-base"}`; None deletes the key), written to `folder/filename`."""
+
+    def write(folder: Path, filename: str = "r.yaml", **changes: Any) -> Path:
+        return kit.write_edited(RECIPE, folder / filename, **changes)
+
+    return write
 
 
 def cli(*args: str | Path) -> Result:
@@ -94,7 +100,7 @@ def one_error_line(result: Result) -> str:
 # -------------------------------------------------------------------------------------------- the tables
 
 
-def test_eval_writes_outputs_both_orders_and_one_result(tmp_path: Path) -> None:
+def test_eval_writes_outputs_both_orders_and_one_result(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path), tmp_path / "wh"
     factory_eval(path, wh)
     # A column baseline needs no model: only the policy writes outputs, one per held-out prompt.
@@ -123,7 +129,7 @@ def test_eval_writes_outputs_both_orders_and_one_result(tmp_path: Path) -> None:
     assert latest_run(wh) == {"recipe": "ev.eval", "status": "ok", "model_calls": N + 2 * N}
 
 
-def test_rerun_makes_no_model_calls(tmp_path: Path) -> None:
+def test_rerun_makes_no_model_calls(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path), tmp_path / "wh"
     factory_eval(path, wh)
     first = current(wh, "eval_results")
@@ -134,7 +140,7 @@ def test_rerun_makes_no_model_calls(tmp_path: Path) -> None:
     assert current(wh, "eval_results") == first  # the same version, read back (same run_id and figures)
 
 
-def test_alpaca_eval_out_writes_one_record_per_prompt(tmp_path: Path) -> None:
+def test_alpaca_eval_out_writes_one_record_per_prompt(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh, out = recipe(tmp_path), tmp_path / "wh", tmp_path / "alpaca.json"
     result = factory_eval(path, wh, "--alpaca-eval-out", out)
     assert str(out) in result.output
@@ -150,7 +156,7 @@ def test_alpaca_eval_out_writes_one_record_per_prompt(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------- unparsed judgments
 
 
-def test_a_garbling_judge_leaves_every_judgment_unparsed(tmp_path: Path) -> None:
+def test_a_garbling_judge_leaves_every_judgment_unparsed(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path, **{"models.judge.script.garble_rate": 1.0}), tmp_path / "wh"
     factory_eval(path, wh)  # unparsed answers are data, not failed calls: the run completes
     judged = current(wh, "eval")
@@ -159,7 +165,7 @@ def test_a_garbling_judge_leaves_every_judgment_unparsed(tmp_path: Path) -> None
     assert (result["unparsed_judgments"], result["wins"], result["losses"], result["ties"]) == (2 * N, 0, 0, 0)
 
 
-def test_a_garbling_judge_scores_nothing_with_logprob_scoring(tmp_path: Path) -> None:
+def test_a_garbling_judge_scores_nothing_with_logprob_scoring(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path, **{"models.judge.script.garble_rate": 1.0}), tmp_path / "wh"
     factory_eval(path, wh)
     assert all(j["p_policy"] is None for j in current(wh, "eval"))
@@ -167,7 +173,7 @@ def test_a_garbling_judge_scores_nothing_with_logprob_scoring(tmp_path: Path) ->
     assert (result["scored"], result["win_rate"], result["lc_win_rate"]) == (0, None, None)
 
 
-def test_a_garbling_judge_scores_nothing_with_verdict_scoring(tmp_path: Path) -> None:
+def test_a_garbling_judge_scores_nothing_with_verdict_scoring(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     changes = {"models.judge.script.garble_rate": 1.0, "eval.scoring": "verdict"}
     path, wh = recipe(tmp_path, **changes), tmp_path / "wh"
     factory_eval(path, wh)
@@ -180,7 +186,7 @@ def test_a_garbling_judge_scores_nothing_with_verdict_scoring(tmp_path: Path) ->
 # ----------------------------------------------------------------------------------------- variants
 
 
-def test_a_baseline_model_writes_the_baseline(tmp_path: Path) -> None:
+def test_a_baseline_model_writes_the_baseline(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     changes = {
         "models.base": {"backend": "scripted", "script": {"seed": 3}},
         "eval.baseline": None,
@@ -205,7 +211,7 @@ def test_a_baseline_model_writes_the_baseline(tmp_path: Path) -> None:
     assert latest_run(wh)["model_calls"] == N + N + 2 * N
 
 
-def test_build_runs_the_eval_section(tmp_path: Path) -> None:
+def test_build_runs_the_eval_section(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path), tmp_path / "wh"
     result = cli("build", path, "-w", wh, "-q")
     assert result.exit_code == 0, result.output
@@ -216,7 +222,7 @@ def test_build_runs_the_eval_section(tmp_path: Path) -> None:
     assert latest_run(wh)["model_calls"] == 0
 
 
-def test_a_protocol_change_writes_a_new_result_version(tmp_path: Path) -> None:
+def test_a_protocol_change_writes_a_new_result_version(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path), tmp_path / "wh"
     factory_eval(path, wh)
     (before,) = current(wh, "eval_results")
@@ -235,7 +241,7 @@ def test_a_protocol_change_writes_a_new_result_version(tmp_path: Path) -> None:
     assert [r["stage_key"] for r in current(wh, "eval_results")] == [before["stage_key"]]
 
 
-def test_policy_may_name_another_model_of_the_recipe(tmp_path: Path) -> None:
+def test_policy_may_name_another_model_of_the_recipe(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path), tmp_path / "wh"
     factory_eval(path, wh, "--policy", "judge")
     assert [r["contender"] for r in current(wh, "eval_results")] == ["judge"]
@@ -245,28 +251,28 @@ def test_policy_may_name_another_model_of_the_recipe(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- refusals
 
 
-def test_policy_naming_neither_a_model_nor_a_folder_is_refused(tmp_path: Path) -> None:
+def test_policy_naming_neither_a_model_nor_a_folder_is_refused(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path), tmp_path / "wh"
     line = one_error_line(cli("eval", path, "-w", wh, "-q", "--policy", "nope"))
     assert "--policy nope" in line and "a model folder" in line
     assert not wh.exists()  # refused before the warehouse is touched
 
 
-def test_a_recipe_without_an_eval_section_is_refused(tmp_path: Path) -> None:
+def test_a_recipe_without_an_eval_section_is_refused(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path, eval=None), tmp_path / "wh"
     line = one_error_line(cli("eval", path, "-w", wh, "-q"))
     assert "r.yaml" in line and "no 'eval' section" in line
     assert not wh.exists()
 
 
-def test_an_unknown_protocol_override_is_refused(tmp_path: Path) -> None:
+def test_an_unknown_protocol_override_is_refused(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     path, wh = recipe(tmp_path), tmp_path / "wh"
     line = one_error_line(cli("eval", path, "-w", wh, "-q", "--protocol", "nope"))
     assert "--protocol 'nope'" in line
     assert not wh.exists()
 
 
-def test_an_lc_win_rate_on_few_prompts_is_flagged_unstable(tmp_path: Path) -> None:
+def test_an_lc_win_rate_on_few_prompts_is_flagged_unstable(tmp_path: Path, recipe: Callable[..., Path]) -> None:
     from factory.policy_eval.winrate import LC_MIN_PROMPTS
 
     assert N < LC_MIN_PROMPTS

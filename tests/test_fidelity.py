@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_scripted import recipe
 
 from factory.build.command import Build
 from factory.config.labeling import JudgmentsSpec, PairsSpec
@@ -53,9 +52,9 @@ def test_an_authors_format_prompt_file_renders_as_system_and_user_turns() -> Non
     assert "<|im_start|>" not in user and "<|im_end|>" not in user
 
 
-def test_a_recipe_with_an_authors_format_template_builds_end_to_end(tmp_path: Path) -> None:
+def test_a_recipe_with_an_authors_format_template_builds_end_to_end(tmp_path: Path, kit: Any) -> None:
     (tmp_path / "rlrr_refeval.txt").write_text(RLRR_STYLE, encoding="utf-8")
-    path = recipe(tmp_path, **{"judgments.protocol": "custom", "judgments.template": "rlrr_refeval.txt"})
+    path = kit.scripted(tmp_path, **{"judgments.protocol": "custom", "judgments.template": "rlrr_refeval.txt"})
     loaded = load_recipe(path)
     assert judge_protocol(loaded).system == "You compare two answers for a judge study."
     wh = Warehouse(tmp_path / "wh")
@@ -84,14 +83,16 @@ def _rows(wh: Warehouse, table: str) -> list[dict[str, Any]]:
     return wh.query(f'SELECT * FROM "{table}"').to_pylist()
 
 
-def test_decoding_switches_are_recorded_and_markers_rereads_without_calls(tmp_path: Path) -> None:
+def test_decoding_switches_are_recorded_and_markers_rereads_without_calls(tmp_path: Path, kit: Any) -> None:
     wh = Warehouse(tmp_path / "wh")
-    first = Build(load_recipe(recipe(tmp_path, **{"judgments.prefill": "none"})), wh).run()
+    first = Build(load_recipe(kit.scripted(tmp_path, **{"judgments.prefill": "none"})), wh).run()
     rows = _rows(wh, "judgments")
     assert {(r["prefill"], r["markers"], r["top_logprobs"]) for r in rows} == {("", "variants", 20)}
-    spec = load_recipe(recipe(tmp_path, **{"judgments.prefill": "none"})).recipe.judgments
+    spec = load_recipe(kit.scripted(tmp_path, **{"judgments.prefill": "none"})).recipe.judgments
     assert spec.generation_tokens == 16
-    exact = Build(load_recipe(recipe(tmp_path, **{"judgments.prefill": "none", "judgments.markers": "exact"})), wh)
+    exact = Build(
+        load_recipe(kit.scripted(tmp_path, **{"judgments.prefill": "none", "judgments.markers": "exact"})), wh
+    )
     again = exact.run()
     assert first["model_calls"] > 0 and again["model_calls"] == 0  # the reading changed, not the question
     assert {r["markers"] for r in _rows(wh, "judgments")} == {"exact"}

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from test_build_scripted import RECIPE, write_edited
 
 from factory.cli.main import main
 from factory.core.owned import LEFTOVER, FolderKind, new_folder_beside, replace_folder, seal, sweep_leftovers
@@ -53,22 +52,22 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def built(tmp_path: Path) -> tuple[Path, Path]:
+def built(tmp_path: Path, kit: Any) -> tuple[Path, Path]:
     """A finished scripted build: (recipe, warehouse), its export in the default place."""
-    path = write_edited(RECIPE, tmp_path / "r.yaml")
+    path = kit.scripted(tmp_path)
     wh = tmp_path / "wh"
     ok(cli("build", path, "-w", wh, "-q"))
     return path, wh
 
 
 # ------------------------------------------------------------------------------------------------ export
-def test_export_sweep_leaves_a_users_look_alike_folders(tmp_path: Path) -> None:
+def test_export_sweep_leaves_a_users_look_alike_folders(tmp_path: Path, kit: Any) -> None:
     project = tmp_path / "proj"
     mine = {name: user_tree(project / name) for name in (".ds-backup", ".ds.old-mine", ".ds.factory-tmp-mine")}
     stale = project / ".ds.factory-old-abc123"  # what a killed export of factory's own leaves: marked
     stale.mkdir()
     (stale / LEFTOVER).write_bytes(b"")
-    path = write_edited(RECIPE, tmp_path / "r.yaml", **{"export.path": str(project / "ds")})
+    path = kit.scripted(tmp_path, **{"export.path": str(project / "ds")})
     ok(cli("build", path, "-w", tmp_path / "wh", "-q"))
     for name, files in mine.items():
         assert snapshot(project / name) == files, name
@@ -79,62 +78,62 @@ def test_export_sweep_leaves_a_users_look_alike_folders(tmp_path: Path) -> None:
     )
 
 
-def test_export_refuses_a_users_folder_and_a_file_added_to_its_own(tmp_path: Path) -> None:
+def test_export_refuses_a_users_folder_and_a_file_added_to_its_own(tmp_path: Path, kit: Any) -> None:
     target = tmp_path / "ds"
     files = user_tree(target)
-    path = write_edited(RECIPE, tmp_path / "r.yaml", **{"export.path": str(target)})
+    path = kit.scripted(tmp_path, **{"export.path": str(target)})
     refused(cli("build", path, "-w", tmp_path / "wh", "-q"), "did not write")
     assert snapshot(target) == files
 
-    path = write_edited(RECIPE, tmp_path / "r2.yaml", **{"export.path": str(tmp_path / "ds2")})
+    path = kit.scripted(tmp_path, "r2.yaml", **{"export.path": str(tmp_path / "ds2")})
     ok(cli("build", path, "-w", tmp_path / "wh", "-q"))
     (tmp_path / "ds2" / "my-analysis.ipynb").write_text("{}")
-    changed = write_edited(RECIPE, tmp_path / "r2.yaml", **{"export.path": str(tmp_path / "ds2"), "export.seed": 1})
+    changed = kit.scripted(tmp_path, "r2.yaml", **{"export.path": str(tmp_path / "ds2"), "export.seed": 1})
     refused(cli("build", changed, "-w", tmp_path / "wh", "-q"), "my-analysis.ipynb")
     assert (tmp_path / "ds2" / "my-analysis.ipynb").read_text() == "{}"
 
 
-def test_export_refuses_the_working_folder_and_the_warehouse(tmp_path: Path, monkeypatch: Any) -> None:
+def test_export_refuses_the_working_folder_and_the_warehouse(tmp_path: Path, monkeypatch: Any, kit: Any) -> None:
     monkeypatch.chdir(tmp_path)
-    path = write_edited(RECIPE, tmp_path / "r.yaml", **{"export.path": str(tmp_path)})
+    path = kit.scripted(tmp_path, **{"export.path": str(tmp_path)})
     refused(cli("build", path, "-w", tmp_path / "wh", "-q"), "working folder")
-    path = write_edited(RECIPE, tmp_path / "r.yaml", **{"export.path": str(tmp_path / "wh" / "tables")})
+    path = kit.scripted(tmp_path, **{"export.path": str(tmp_path / "wh" / "tables")})
     refused(cli("build", path, "-w", tmp_path / "wh", "-q"), "warehouse")
 
 
 # ------------------------------------------------------------------------------------------------- locks
-def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path: Path) -> None:
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path: Path, kit: Any) -> None:
     victim = tmp_path / "victim_conf.txt"
     victim.write_text("keep me")
     wh = tmp_path / "wh"
     wh.mkdir()
     (wh / ".lock").symlink_to(victim)
-    path = write_edited(RECIPE, tmp_path / "r.yaml")
+    path = kit.scripted(tmp_path)
     refused(cli("build", path, "-w", wh, "-q"), ".lock", "symbolic link")
     assert victim.read_text() == "keep me"
 
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / ".ds.lock").symlink_to(victim)
-    path = write_edited(RECIPE, tmp_path / "r.yaml", **{"export.path": str(tmp_path / "exp" / "ds")})
+    path = kit.scripted(tmp_path, **{"export.path": str(tmp_path / "exp" / "ds")})
     refused(cli("build", path, "-w", tmp_path / "wh2", "-q"), ".ds.lock", "symbolic link")
     assert victim.read_text() == "keep me"
 
 
-def test_a_lock_file_hard_linked_to_a_users_file_is_never_written(tmp_path: Path) -> None:
+def test_a_lock_file_hard_linked_to_a_users_file_is_never_written(tmp_path: Path, kit: Any) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     wh = tmp_path / "wh"
     wh.mkdir()
     os.link(victim, wh / ".lock")
-    ok(cli("build", write_edited(RECIPE, tmp_path / "r.yaml"), "-w", wh, "-q"))
+    ok(cli("build", kit.scripted(tmp_path), "-w", wh, "-q"))
     assert victim.read_text() == "keep me"
 
 
-def test_a_lock_file_is_never_truncated(tmp_path: Path) -> None:
+def test_a_lock_file_is_never_truncated(tmp_path: Path, kit: Any) -> None:
     wh = tmp_path / "wh"
     wh.mkdir()
     (wh / ".lock").write_text("a user's text, in the lock's place")
-    ok(cli("build", write_edited(RECIPE, tmp_path / "r.yaml"), "-w", wh, "-q"))
+    ok(cli("build", kit.scripted(tmp_path), "-w", wh, "-q"))
     assert (wh / ".lock").read_text() == "a user's text, in the lock's place"
 
 
@@ -209,10 +208,10 @@ def test_report_writes_over_its_own_page_only(built: tuple[Path, Path], tmp_path
 
 
 # -------------------------------------------------------------------------------------------------- eval
-def test_eval_alpaca_eval_out_refuses_a_users_file_and_the_warehouse(tmp_path: Path) -> None:
+def test_eval_alpaca_eval_out_refuses_a_users_file_and_the_warehouse(tmp_path: Path, kit: Any) -> None:
     from test_eval_scripted import RECIPE as EVAL_RECIPE
 
-    path = write_edited(EVAL_RECIPE, tmp_path / "r.yaml")
+    path = kit.write_edited(EVAL_RECIPE, tmp_path / "r.yaml")
     wh = tmp_path / "wh"
     mine = tmp_path / "outputs.json"
     mine.write_text('[{"instruction": "x", "output": "y", "generator": "me", "dataset": "d", "note": "mine"}]')

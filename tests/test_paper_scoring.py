@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_build_scripted import recipe
 
 from factory.build.command import Build, stages_for
 from factory.config.labeling import JudgmentsSpec
@@ -166,15 +165,15 @@ def _keys(path: Path) -> dict[str, str]:
     return {name: stage_key(stages[name], ctx) for name in ("judgments", "scores")}
 
 
-def test_a_recipe_without_the_switch_keeps_its_keys_hash_and_rows(tmp_path: Path) -> None:
-    default = recipe(tmp_path)
+def test_a_recipe_without_the_switch_keeps_its_keys_hash_and_rows(tmp_path: Path, kit: Any) -> None:
+    default = kit.scripted(tmp_path)
     r = load_recipe(default).recipe
     # The switch is left out of every dump at its default: the recipe hash and the judgments stage's spec
     # are what they were before it existed; set, it is in both.
     assert "pooling" not in r.model_dump(mode="json")["judgments"]
     before = {"judge", "protocol", "template", "reference", "orders", "scoring", "max_tokens", "top_logprobs"}
     assert set(r.judgments.model_dump()) == before | {"prefill", "schedule", "markers"}
-    paper = load_recipe(recipe(tmp_path, "p.yaml", **{"judgments.pooling": "paper"})).recipe
+    paper = load_recipe(kit.scripted(tmp_path, "p.yaml", **{"judgments.pooling": "paper"})).recipe
     assert paper.model_dump(mode="json")["judgments"]["pooling"] == "paper"
     assert stable_hash(paper.model_dump(mode="json")) != stable_hash(r.model_dump(mode="json"))
     # The scores stage key: a golden value, the hash of the spec the stage had before the switch.
@@ -188,29 +187,31 @@ def test_a_recipe_without_the_switch_keeps_its_keys_hash_and_rows(tmp_path: Path
             "parents": ["S", "J"],
         }
     )
-    assert _keys(recipe(tmp_path, "p.yaml", **{"judgments.pooling": "paper"})) != keys
+    assert _keys(kit.scripted(tmp_path, "p.yaml", **{"judgments.pooling": "paper"})) != keys
 
     # A build: the default, then the paper's pooling (re-read from the call cache: no model call), then the
     # default again, which finds its first version of every stage, rows included.
     wh = Warehouse(tmp_path / "wh")
-    first = Build(load_recipe(recipe(tmp_path, **{"samples.n": 4})), wh).run()
+    first = Build(load_recipe(kit.scripted(tmp_path, **{"samples.n": 4})), wh).run()
     merged_rows = wh.query("SELECT sample_id, score, n_comparisons, wins FROM scores ORDER BY sample_id").to_pylist()
-    other = Build(load_recipe(recipe(tmp_path, "p.yaml", **{"samples.n": 4, "judgments.pooling": "paper"})), wh).run()
+    other = Build(
+        load_recipe(kit.scripted(tmp_path, "p.yaml", **{"samples.n": 4, "judgments.pooling": "paper"})), wh
+    ).run()
     assert first["model_calls"] > 0 and other["model_calls"] == 0
-    again = Build(load_recipe(recipe(tmp_path, **{"samples.n": 4})), wh).run()
+    again = Build(load_recipe(kit.scripted(tmp_path, **{"samples.n": 4})), wh).run()
     assert [s["stage_key"] for s in again["stages"]] == [s["stage_key"] for s in first["stages"]]
     assert wh.query("SELECT sample_id, score, n_comparisons, wins FROM scores ORDER BY sample_id").to_pylist() == (
         merged_rows
     )
 
 
-def test_a_paper_pooling_build_scores_unparsed_answers(tmp_path: Path) -> None:
+def test_a_paper_pooling_build_scores_unparsed_answers(tmp_path: Path, kit: Any) -> None:
     garbled = {"judgments.prefill": "none", "models.m.script": {"garble_rate": 0.3}, "samples.n": 4}
     wh = Warehouse(tmp_path / "wh")
-    Build(load_recipe(recipe(tmp_path, **garbled)), wh).run()
+    Build(load_recipe(kit.scripted(tmp_path, **garbled)), wh).run()
     unread = wh.query("SELECT p_a FROM judgments WHERE parse_status = 'no_match'").to_pylist()
     assert unread and {r["p_a"] for r in unread} == {None}
-    run = Build(load_recipe(recipe(tmp_path, "p.yaml", **garbled, **{"judgments.pooling": "paper"})), wh).run()
+    run = Build(load_recipe(kit.scripted(tmp_path, "p.yaml", **garbled, **{"judgments.pooling": "paper"})), wh).run()
     assert run["status"] == "ok" and run["model_calls"] == 0
     unread = wh.query("SELECT p_a, p_source FROM judgments WHERE parse_status = 'no_match'").to_pylist()
     assert unread and {(r["p_a"], r["p_source"]) for r in unread} == {(0.5, "first_token")}
@@ -227,6 +228,6 @@ def test_paper_recipes_pool_as_the_paper(path: str) -> None:
         assert r.judgments.pooling == "paper"
 
 
-def test_pooling_is_validated_as_a_recipe_field(tmp_path: Path) -> None:
+def test_pooling_is_validated_as_a_recipe_field(tmp_path: Path, kit: Any) -> None:
     with pytest.raises(UserInputError, match="pooling"):
-        load_recipe(recipe(tmp_path, **{"judgments.pooling": "papers"}))
+        load_recipe(kit.scripted(tmp_path, **{"judgments.pooling": "papers"}))

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from click.testing import CliRunner, Result
 from hub_standin import HubStandIn
-from test_build_scripted import RECIPE
 
 from factory.build.command import Build
 from factory.cli.main import main
@@ -33,11 +31,10 @@ SHARDS = ["data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built(tmp_path_factory: pytest.TempPathFactory, kit: Any) -> Path:
     """One real export (3 train rows, 1 test row), built once for the module; tests publish copies of it."""
     root = tmp_path_factory.mktemp("built")
-    path = root / "r.yaml"
-    path.write_text(yaml.safe_dump(RECIPE, sort_keys=False), encoding="utf-8")
+    path = kit.scripted(root)
     run = Build(load_recipe(path), Warehouse(root / "wh")).run()
     assert run["status"] == "ok"
     return root / "wh" / "exports" / "scripted"

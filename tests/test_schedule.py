@@ -6,6 +6,7 @@ import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,11 +270,9 @@ def test_misuse_is_refused() -> None:
 # ------------------------------------------------------------------------------ the judgments stage, end to end
 
 
-def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tmp_path: Path) -> None:
+def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tmp_path: Path, kit: Any) -> None:
     """On the scripted judge the adaptive build asks fewer judge calls than all-pairs, tags every judgment
     with its schedule round, and an unchanged rebuild replays the stored answers with 0 calls."""
-    from test_build_scripted import recipe
-
     from factory.build.command import Build
     from factory.config.loading import load_recipe
     from factory.warehouse.store import Warehouse
@@ -282,7 +281,7 @@ def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tm
     for schedule in ("all-pairs", "adaptive"):
         folder = tmp_path / schedule
         folder.mkdir()
-        path = recipe(folder, **{"samples.n": 6, "judgments.schedule": schedule})
+        path = kit.scripted(folder, **{"samples.n": 6, "judgments.schedule": schedule})
         wh = Warehouse(folder / "wh")
         run = Build(load_recipe(path), wh).run()
         assert run["status"] == "ok"
@@ -295,11 +294,9 @@ def test_an_adaptive_build_asks_fewer_calls_tags_rounds_and_resumes_by_replay(tm
     assert calls["adaptive"] < calls["all-pairs"]
 
 
-def test_the_adaptive_schedule_refuses_forward_only_orders(tmp_path: Path) -> None:
-    from test_build_scripted import recipe
-
+def test_the_adaptive_schedule_refuses_forward_only_orders(tmp_path: Path, kit: Any) -> None:
     from factory.config.loading import load_recipe
     from factory.core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="both orders"):
-        load_recipe(recipe(tmp_path, **{"judgments.schedule": "adaptive", "judgments.orders": "forward"}))
+        load_recipe(kit.scripted(tmp_path, **{"judgments.schedule": "adaptive", "judgments.orders": "forward"}))

@@ -89,6 +89,7 @@ def test_layers_override_in_order_and_errors_name_the_layer() -> None:
         parse_overrides(["learning_rate"])
 
 
+@pytest.mark.slow  # importing trl loads torch: seconds that the fast suite does not pay
 def test_trl_config_overrides_trls_own_defaults(tmp_path: Path) -> None:
     pytest.importorskip("trl")
     from dataclasses import fields

@@ -8,6 +8,12 @@ from typing import Any
 
 import click
 
+import factory.cli.judge_eval
+import factory.cli.policy_eval
+import factory.cli.publish
+import factory.cli.report
+import factory.cli.show
+import factory.cli.train
 from factory.cli.options import MEMORY_SIZE, WAREHOUSE_OPTION, friendly
 from factory.core.text import clean, one_line
 
@@ -188,40 +194,21 @@ def build(
 
 
 def _build(loaded: Any, wh: Any, quiet: bool) -> None:
-    """The build command's work after its options are settled: one build, or the rounds loop; then eval."""
-    from factory.build.command import Build
-    from factory.cli.progress import RichReporter, print_summary
+    """The build command's work after its options are settled: the recipe's build or rounds, then its summary."""
+    from factory.cli.progress import RichReporter, print_eval, print_loop, print_summary
+    from factory.rounds.loop import run_recipe
 
-    r = loaded.recipe
-    if r.rounds is not None:
-        from factory.cli.progress import print_eval, print_loop
-        from factory.rounds.loop import Loop
-
-        with RichReporter(quiet=quiet) as reporter:
-            loop = Loop(loaded, wh, reporter)
-            status = loop.run()
-        print_loop(loop.steps, wh)
-        print_eval(loop.results)
-        _warn_skipped(wh)
-        if status != "ok":
-            click.echo(f"stopped: a step ended {status}; run the same command again to resume", err=True)
-            sys.exit(1)
-        return
     with RichReporter(quiet=quiet) as reporter:
-        b = Build(loaded, wh, reporter)
-        run = b.run()
-        if r.eval is not None and run["status"] == "ok":
-            from factory.policy_eval.command import evaluate, recipe_policy
-
-            eval_run, results = evaluate(loaded, wh, [recipe_policy(loaded)], reporter)
-    print_summary(run, b.stats, b.export_path, wh)
-    if r.eval is not None and run["status"] == "ok":
-        from factory.cli.progress import print_eval
-
-        print_eval(results)
-        run = eval_run
+        outcome = run_recipe(loaded, wh, reporter)
+    if outcome.loop is not None:
+        print_loop(outcome.loop.steps, wh)
+    elif outcome.build is not None:
+        print_summary(outcome.build_row, outcome.build.stats, outcome.build.export_path, wh)
+    print_eval(outcome.results)
     _warn_skipped(wh)
-    if run["status"] != "ok":
+    if outcome.status != "ok":
+        if outcome.loop is not None:
+            click.echo(f"stopped: a step ended {outcome.status}; run the same command again to resume", err=True)
         sys.exit(1)
 
 
@@ -292,29 +279,27 @@ def ls_(warehouse: Path) -> None:
     _warn_skipped(wh)
 
 
-def _register_plugins() -> None:
-    """Commands that live in their own modules (kept light: they import heavy libraries when run)."""
-    import importlib
+COMMAND_MODULES = (
+    factory.cli.judge_eval,
+    factory.cli.train,
+    factory.cli.policy_eval,
+    factory.cli.publish,
+    factory.cli.report,
+    factory.cli.show,
+)
+"""The modules whose `COMMANDS` join the group besides the ones above, imported by name: one that is missing
+is an ImportError, never a command silently absent from `factory --help`. Each stays light to import (click
+only); its commands import heavy libraries when run."""
 
-    for module in (
-        "factory.cli.judge_eval",
-        "factory.cli.train",
-        "factory.cli.policy_eval",
-        "factory.cli.publish",
-        "factory.cli.report",
-        "factory.cli.show",
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        for command in getattr(mod, "COMMANDS", []):
+
+def _register() -> None:
+    """Add every command of the command modules to the group."""
+    for module in COMMAND_MODULES:
+        for command in module.COMMANDS:
             main.add_command(command)
 
 
-_register_plugins()
+_register()
 
 if __name__ == "__main__":
     main()

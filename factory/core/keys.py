@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import date
+from pathlib import PurePath
 from typing import Any
 
 
+def _canonical_value(obj: Any) -> str:
+    """The rendering of the only non-JSON values a key may hold: a path or a date/datetime, as `str()` renders
+    it. Anything else (a set, a model object, an object whose `str()` holds its address) has no rendering that
+    is the same in every process, so it is refused rather than hashed into a key that changes between runs."""
+    if isinstance(obj, (PurePath, date)):  # datetime is a date
+        return str(obj)
+    raise TypeError(f"cannot compute a stable key of a {type(obj).__name__} object: {obj!r}")
+
+
 def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: the one rendering that keys are computed from."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """JSON with sorted keys and no whitespace: the one rendering that keys are computed from. Raises
+    TypeError on a value that is not JSON, a path or a date."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_canonical_value)
 
 
 def stable_hash(obj: Any, length: int = 32) -> str:

@@ -26,7 +26,6 @@ and the API key never leaves the driver's environment.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -52,6 +51,8 @@ DRIVER_BACKENDS = frozenset({"openai"})
 """Backends called from the driver even with `--executor ray` (HTTP clients: nothing to distribute)."""
 FOLDER_BACKENDS = frozenset({"transformers", "vllm", "reward-model"})
 """Backends whose `model` may be a local folder: sent to workers as an absolute path."""
+LOG = logging.getLogger(__name__)
+"""Cleanup failures are logged here (no handler configured: Python prints a warning on stderr)."""
 READY_POLL_S = 2.0
 """How often the driver looks for workers that became ready while it waits for results."""
 
@@ -337,14 +338,33 @@ class RayExecutor:
             return
         import ray
 
-        for actor in workers.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-        for group in workers.groups:
-            with contextlib.suppress(Exception):
-                ray.util.remove_placement_group(group)
+        release_workers(ray, model, workers)
 
     def close(self) -> None:
         """Stop every model's workers; Ray itself stays up for a later pool (see `shutdown`)."""
         for model in list(self.models):
             self.release(model)
+
+
+def release_workers(ray: Any, model: str, workers: _Workers) -> None:
+    """Kill a model's actors and remove their placement groups, each even when another fails. What could not
+    be released is named in one warning: a leaked placement group keeps its GPUs until the cluster stops."""
+    failed: list[str] = []
+    for actor in workers.actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:
+            failed.append(f"worker {actor!r} ({first_line(exc)})")
+    for group in workers.groups:
+        try:
+            ray.util.remove_placement_group(group)
+        except Exception as exc:
+            failed.append(f"placement group {getattr(group, 'id', group)!r} ({first_line(exc)})")
+    if failed:
+        LOG.warning(
+            "warning: could not release %d Ray resource(s) of model '%s'; they keep their CPUs/GPUs until the "
+            "Ray cluster stops: %s",
+            len(failed),
+            model,
+            "; ".join(failed),
+        )

@@ -25,7 +25,7 @@ from factory.config.models import ModelSpec
 from factory.config.recipe import LoadedRecipe, Recipe
 from factory.config.training import TrainSettings
 from factory.pipeline.calls import Reporter
-from factory.policy_eval.command import Contender, evaluate
+from factory.policy_eval.command import Contender, evaluate, recipe_policy
 from factory.train.command import train
 from factory.train.selection import checkpoint_spec, held_out_for
 from factory.train.settings import betas, resolved, settings_from
@@ -163,3 +163,33 @@ class Loop:
         row = next(x for x in rows if x["selected"])
         self.steps.append(Step(k, method, row, str(row["output"])))
         return row
+
+
+@dataclass
+class Outcome:
+    """What `factory build` ran, for its summary: the rounds loop, or one build (and its eval)."""
+
+    status: str
+    """`ok`, or the status of the step that did not finish (the eval's when it ran)."""
+    results: list[dict[str, Any]]
+    """The eval's win rates (empty without one)."""
+    loop: Loop | None = None
+    build: Build | None = None
+    build_row: dict[str, Any] = field(default_factory=dict)
+    """The build's runs row (without rounds)."""
+
+
+def run_recipe(loaded: LoadedRecipe, wh: Warehouse, reporter: Reporter) -> Outcome:
+    """`factory build`'s work: with a `rounds` section the loop, else one build and, when it finished, the
+    eval of the recipe's policy (with an `eval` section)."""
+    if loaded.recipe.rounds is not None:
+        loop = Loop(loaded, wh, reporter)
+        status = loop.run()
+        return Outcome(status, loop.results, loop=loop)
+    build = Build(loaded, wh, reporter)
+    row = build.run()
+    outcome = Outcome(row["status"], [], build=build, build_row=row)
+    if loaded.recipe.eval is not None and row["status"] == "ok":
+        eval_row, outcome.results = evaluate(loaded, wh, [recipe_policy(loaded)], reporter)
+        outcome.status = eval_row["status"]
+    return outcome
