@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from test_build_scripted import RECIPE, write_edited
 
 from factory.cli.main import main
+from factory.config.loading import load_recipe
 from factory.core.owned import LEFTOVER
 from factory.warehouse.store import Warehouse
 
@@ -37,12 +37,15 @@ def export_recipe_hash(export: Path) -> str:
     return hashes.pop()
 
 
-def built_and_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """A scripted build and a publish dry run of its export: (warehouse, export)."""
+def built_and_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kit: Any) -> tuple[Path, Path]:
+    """A scripted build and a publish dry run of its export: (warehouse, export). The export's rows carry the
+    recipe's own hash (`Recipe.content_hash`), the one every table that records a recipe hash gets."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dry run needs no network and no token
     wh = tmp_path / "wh"
-    ok("build", write_edited(RECIPE, tmp_path / "r.yaml"), "-w", wh, "-q")
+    recipe = kit.scripted(tmp_path)
+    ok("build", recipe, "-w", wh, "-q")
     export = wh / "exports" / "scripted"
+    assert export_recipe_hash(export) == load_recipe(recipe).recipe.content_hash
     ok("publish", export, "--repo-id", REPO, "-w", wh, f"--dry-run={tmp_path / 'preview'}")
     return wh, export
 
@@ -52,8 +55,10 @@ def one(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return rows[0]
 
 
-def test_a_publication_joins_its_export_on_the_recipe_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    wh, export = built_and_published(tmp_path, monkeypatch)
+def test_a_publication_joins_its_export_on_the_recipe_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kit: Any
+) -> None:
+    wh, export = built_and_published(tmp_path, monkeypatch, kit)
     recipe_hash = export_recipe_hash(export)
     store = Warehouse(wh)
     row = one(
@@ -69,9 +74,9 @@ def test_a_publication_joins_its_export_on_the_recipe_hash(tmp_path: Path, monke
 
 @pytest.mark.model
 def test_trainings_publications_and_the_export_join_on_the_recipe_hash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded_dir: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded_dir: Path, kit: Any
 ) -> None:
-    wh, export = built_and_published(tmp_path, monkeypatch)
+    wh, export = built_and_published(tmp_path, monkeypatch, kit)
     recipe_hash = export_recipe_hash(export)
     # What a replaced model folder leaves when its removal fails: the next training sweeps it.
     old = wh / "models" / ".scripted-dpo.factory-old-0123abcd"
