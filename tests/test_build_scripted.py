@@ -55,7 +55,9 @@ def test_stages_run_parents_first_and_keys_follow_parents() -> None:
         def __init__(self) -> None:
             self.incomplete: list[str] = []
 
-        def materialize(self, table: str, key: str, compute: Any, *, sink: bool = False) -> list[dict[str, Any]]:
+        def materialize(
+            self, table: str, key: str, compute: Any, *, sink: bool = False, reuse: bool = True
+        ) -> list[dict[str, Any]]:
             return compute(None).rows
 
     ctx = Context(loaded=None, call=lambda *a: {})  # type: ignore[arg-type]

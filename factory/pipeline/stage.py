@@ -74,13 +74,18 @@ CallFn = Callable[[str, str, "list[Call]", StageStats], "dict[str, dict[str, Any
 """(model name, stage name, calls, stats) -> results by request key: the cache first, then the model."""
 
 
+def _no_model() -> dict[str, dict[str, Any]]:
+    raise RuntimeError("a stage asked for a model call in a context that was given no way to call models")
+
+
 @dataclass
 class Context:
     """What compute functions see: the recipe, the rows of finished stages, and a way to call models."""
 
     loaded: LoadedRecipe | None
     """The recipe the stages build from (None for a command that runs none: judge-eval)."""
-    call: CallFn
+    call: CallFn = field(default=lambda *args: _no_model())
+    """How its stages call models; a command whose stages call none (train's own stages, publish) leaves it."""
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     run_id: str = ""
@@ -97,10 +102,11 @@ class Context:
         return self.loaded.recipe
 
 
-KeyLayout = Literal["nested", "flat", "chained"]
-"""How a stage key's document is laid out (`stage_key`). Build stages are `nested`; policy eval and judge-eval
-keyed their tables `flat` and `chained` before they were stages, and keep those layouts so the versions a
-warehouse already holds are reused."""
+KeyLayout = Literal["nested", "flat", "chained", "parent"]
+"""How a stage key's document is laid out (`stage_key`). Build stages are `nested`; policy eval, judge-eval and
+train keyed their tables `flat` and `chained` before they were stages, and keep those layouts so the versions a
+warehouse already holds are reused. `parent` is a table its one parent's computation writes as a by-product
+(train's `training_metrics`), stored under the parent's key."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,10 @@ class Stage:
     """The folder its versions live in under the table (None: the run's recipe)."""
     layout: KeyLayout = "nested"
     """How its key is laid out (`stage_key`)."""
+    reuse: Callable[[Context], bool] | None = None
+    """Whether a complete stored version may stand (None: always). False when what the version records is
+    gone outside the tables (a trained model folder), or when the stage records an act that must happen each
+    time (a publication)."""
 
     @property
     def writes(self) -> str:
@@ -150,9 +160,10 @@ class Materializer(Protocol):
         sink: bool = False,
         unit: str | None = None,
         label: str | None = None,
+        reuse: bool = True,
     ) -> list[dict[str, Any]]:
         """Rows of the stage version `key` in folder `unit` of `table` (shown as `label`): reused when
-        complete, else computed, saved and made current."""
+        complete (and `reuse`), else computed, saved and made current."""
         ...
 
 
@@ -192,9 +203,13 @@ def stage_key(stage: Stage, ctx: Context) -> str:
 
     - `nested`: {stage, version, spec, parents};
     - `flat`: {stage, version, **spec}; the spec is a mapping that names its parents' keys itself;
-    - `chained`: [*parents' keys, *spec]; the spec is a list (policy eval's `eval_results`).
+    - `chained`: [*parents' keys, *spec]; the spec is a list (policy eval's `eval_results`);
+    - `parent`: the key of its one parent (its spec is not read).
     """
     parents = [ctx.keys[p] for p in stage.parents]
+    if stage.layout == "parent":
+        (parent,) = parents
+        return parent
     spec = stage.spec(ctx)
     if stage.layout == "flat":
         return stable_hash({"stage": stage.writes, "version": stage.version, **spec})
@@ -221,7 +236,8 @@ def execute(stages: list[Stage], ctx: Context, run: Materializer) -> set[str]:
 
         # Where and under what label: only a stage that writes another table or folder says (`Stage.table`).
         where = {} if stage.table is None and stage.unit is None else {"unit": stage.unit, "label": stage.name}
-        ctx.rows[stage.name] = run.materialize(stage.writes, key, compute, sink=stage.sink, **where)
+        reuse = True if stage.reuse is None else stage.reuse(ctx)
+        ctx.rows[stage.name] = run.materialize(stage.writes, key, compute, sink=stage.sink, reuse=reuse, **where)
         if not upstream_ok or stage.name in run.incomplete:
             incomplete.add(stage.name)
     return incomplete

@@ -37,11 +37,10 @@ from typing import Any
 
 from factory.core.errors import FactoryError, UserInputError
 from factory.core.files import check_folder
-from factory.core.keys import stable_hash
 from factory.core.owned import FolderKind, building_beside, check_replaceable, replace_folder, seal, writing
 from factory.pipeline.calls import now
 from factory.pipeline.run import Run
-from factory.pipeline.stage import StageOutput, StageStats
+from factory.pipeline.stage import Context, Stage, StageOutput, StageStats, execute
 from factory.publish.hub import check_online, endpoint, hub_failure, hub_token, scrub, upload
 from factory.publish.staged import README, Staged
 from factory.publish.staging import MAX_SHARD_BYTES, check_export, stage
@@ -123,17 +122,27 @@ def record(
     """Run `act` (upload, or move the dry run's folder into place) inside a Run, and write its publications row."""
     run = Run(wh, staged.recipe, staged.recipe_hash, recipe_path=str(export.resolve()))
     unit = publication_unit(row["repo_id"], run.run_id, row["dry_run"])
-    key = stable_hash({"publication": 1, "unit": unit, "export_hash": staged.export_hash, **row})
 
-    def compute(st: StageStats) -> StageOutput:
+    def compute(ctx: Context, st: StageStats) -> StageOutput:
         commit_id, commit_url = act()
         done = {**row, "commit_id": commit_id, "commit_url": commit_url, "published_at": now()}
         st.notes = {"unit": unit, **notes}
         return StageOutput([done])
 
+    # Each publication is its own unit (repo and run), and an act that happens every time: never reused.
+    stage = Stage(
+        "publish",
+        (),
+        lambda ctx: {"unit": unit, "export_hash": staged.export_hash, **row},
+        compute,
+        table="publications",
+        unit=unit,
+        reuse=lambda ctx: False,
+    )
+    ctx = Context(None, run_id=run.run_id)
     with run:
-        rows = run.materialize("publications", key, compute, unit=unit, label="publish", reuse=False)
-    return rows[0]
+        execute([stage], ctx, run)
+    return ctx.rows["publish"][0]
 
 
 # ------------------------------------------------------------------------------------------------ dry run

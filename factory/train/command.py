@@ -26,13 +26,12 @@ from factory.config.models import ModelSpec
 from factory.config.training import TrainSettings
 from factory.core import owned
 from factory.core.errors import UserInputError
-from factory.core.keys import stable_hash
 from factory.core.owned import check_replaceable, new_folder_beside, replace_folder, seal
 from factory.export.content_hash import dataset_hash
 from factory.models.registry import folder_fingerprint, model_identity
 from factory.models.remote_code import TRAIN_OPT_IN, remote_code_refused
 from factory.pipeline.run import Run
-from factory.pipeline.stage import StageOutput
+from factory.pipeline.stage import Context, Stage, StageOutput, execute, stage_key
 from factory.train.card import MODEL_FOLDER, model_card
 from factory.train.data import dataset_method, length_report, load_splits, validation_split
 from factory.train.selection import HeldOut, beta_output, pick, selection_rule, win_rates
@@ -88,20 +87,39 @@ def train(
     data_hash = dataset_hash(dd)
     if recipe_hash is None and "recipe_hash" in dd["train"].column_names:
         recipe_hash = dd["train"][0]["recipe_hash"]  # a factory export says which recipe made it
-    key = stable_hash(
-        {
-            "stage": "trainings",
-            "version": 2,
-            "method": method,
-            "base": identity,
-            "dataset": data_hash,
-            "values": values,
-            "seed": settings.seed,
-            "selected_by": rule,
-            "held_out": held_out.signature() if rule == "eval" and held_out is not None else None,
-        }
+    spec = {
+        "method": method,
+        "base": identity,
+        "dataset": data_hash,
+        "values": values,
+        "seed": settings.seed,
+        "selected_by": rule,
+        "held_out": held_out.signature() if rule == "eval" and held_out is not None else None,
+    }
+    # A training stands while the model folders it made still carry its key; its metrics are written by the
+    # same computation, under the same key (layout `parent`).
+    finished = False
+    training = Stage(
+        "train",
+        (),
+        lambda ctx: spec,
+        lambda ctx, st: compute(st),
+        version=2,
+        table="trainings",
+        layout="flat",
+        reuse=lambda ctx: finished,
     )
-
+    metrics_stage = Stage(
+        "metrics",
+        ("train",),
+        lambda ctx: None,
+        lambda ctx, st: StageOutput(metrics),
+        table="training_metrics",
+        layout="parent",
+        reuse=lambda ctx: finished,
+    )
+    ctx = Context(None)
+    key = stage_key(training, ctx)
     finished = all((owned.read_marker(target, MODEL_FOLDER) or {}).get("key") == key for target in targets)
     # The runs row carries the recipe hash of the data (as the build's and the publication's rows do), so
     # trainings join exports and publications on it; data from elsewhere has none, and the key stands in.
@@ -204,9 +222,8 @@ def train(
             stack.enter_context(owned.writing(target, "model folder"))  # its lock, then what a killed run left
         stack.enter_context(run)
         try:
-            rows = run.materialize("trainings", key, compute, reuse=finished, label="train")
+            execute([training, metrics_stage], ctx, run)
         finally:
             for folder in folders:
                 owned.discard(folder)  # the candidates not kept (the kept ones are in place, no longer leftovers)
-        run.materialize("training_metrics", key, lambda st: StageOutput(metrics), reuse=finished, label="metrics")
-    return rows
+    return ctx.rows["train"]
