@@ -13,7 +13,7 @@ the reference, output_2 cut to half, output_1 cut to half); identical texts are 
 - all-pairs: as factory judges today: `backend.judge` on the requests in build order, in batches of
   `--vllm-batch` / `--hf-batch` (what CallRunner submits), the answer prefilled with `Output (`, top-20,
   up to 8 tokens (the recipe defaults), soft score over marker variants.
-- adaptive: the same judge calls, but only those `factory.judge.schedule.Adaptive` asks for, round by round with
+- adaptive: the same judge calls, but only those `factory.judge.adaptive.Adaptive` asks for, round by round with
   all prompts in lockstep, each round's calls in batches as above (`factory.stages.judgments._adaptive_judgments`).
 
 Pairs are made as a build makes them: `factory.stages.scores.score_rows` (paper, all-pairs) or

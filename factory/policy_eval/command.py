@@ -26,7 +26,9 @@ from typing import Any
 
 from factory.config.models import ModelSpec
 from factory.config.recipe import LoadedRecipe
+from factory.core.files import atomic_write_bytes
 from factory.core.keys import stable_hash
+from factory.core.owned import check_output_file
 from factory.judge.protocols import get_protocol
 from factory.models.registry import model_identity
 from factory.models.requests import Call, generation_call, judge_call
@@ -266,8 +268,6 @@ def is_alpaca_eval_file(path: Path) -> bool:
 
 def check_alpaca_eval_out(path: Path, wh_root: Path) -> None:
     """Refuse an --alpaca-eval-out that would replace a file factory did not write, or a warehouse file."""
-    from factory.core.owned import check_output_file
-
     check_output_file(path, "--alpaca-eval-out", is_alpaca_eval_file, wh_root)
 
 
@@ -276,8 +276,6 @@ def write_alpaca_eval(
 ) -> None:
     """The policy's answers in the format `alpaca_eval --model_outputs` reads: a JSON list of
     {instruction, output, generator, dataset}. Prompts without an answer are left out."""
-    from factory.core.files import atomic_write_bytes
-
     records = [
         {"instruction": p["instruction"], "output": outputs[p["prompt_id"]], "generator": label, "dataset": dataset}
         for p in prompts

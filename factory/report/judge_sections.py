@@ -9,6 +9,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from factory.judge_eval.tables import BIAS_COLUMNS, shown
 from factory.labelers.judge import position_consistency
 from factory.report.data import EVAL_JUDGMENTS_SQL, JUDGMENTS_SQL, PARSE_SQL, UNPARSED_EXAMPLES_SQL, Data, pct
 from factory.report.html import fmt, label, short
@@ -275,8 +276,6 @@ def judge_eval(d: Data) -> Section:
     ax.set(xlim=(0, 100), xlabel="accuracy (%), both orders, with 95 % bootstrap interval")
     s.figure(fig, "bar chart of judge accuracy per judge, protocol and data set")
     if report.bias:
-        from factory.judge_eval.tables import BIAS_COLUMNS, shown
-
         s.table(
             BIAS_COLUMNS,
             [[shown(c, b.get(c)) for c in BIAS_COLUMNS] for b in report.bias],

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from factory.config.loading import load_recipe
 from factory.core.errors import UserInputError
 from factory.core.text import text
 from factory.judge.protocols import PROTOCOLS, Protocol
@@ -18,6 +19,7 @@ from factory.models.chat_tokens import neutralise_messages
 from factory.models.requests import prompt_hash
 from factory.report.prompt_rows import judgment_order, literal
 from factory.report.terminal import heading, paragraph, verbatim
+from factory.stages.judgments import judge_protocol
 from factory.warehouse.store import Warehouse
 
 
@@ -72,9 +74,6 @@ def recorded_recipe(wh: Warehouse, run_ids: set[str]) -> Path | None:
 
 def recipe_source(path: Path, overrides: dict[str, Any]) -> Source | str:
     """The judge protocol of a recipe file (with `--set` overrides), or a note on why it could not be read."""
-    from factory.config.loading import load_recipe
-    from factory.stages.judgments import judge_protocol
-
     try:
         loaded = load_recipe(path, overrides)
         if loaded.recipe.judgments is None:

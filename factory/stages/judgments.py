@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from factory.config.vocabulary import CUSTOM
 from factory.core.errors import UserInputError
 from factory.core.keys import stable_hash
+from factory.core.reading import read_input_text
 from factory.judge.adaptive import Adaptive
 from factory.judge.protocols import Protocol, custom_protocol, get_protocol, with_template
 from factory.judge.verdicts import soft_score
@@ -37,9 +38,6 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
         protocol = get_protocol(j.protocol)
         return protocol.unprefilled() if j.prefill == "none" else protocol
     path = loaded.resolve(j.template)
-    # Late: factory/config/recipe.py imports the labeler registry, which imports this module.
-    from factory.core.reading import read_input_text
-
     where = loaded.where("judgments", "template")
     try:
         text = read_input_text(path, "judge template file")
@@ -252,7 +250,7 @@ def _judgments(ctx: Context, st: StageStats) -> StageOutput:
 
 def _adaptive_judgments(ctx: Context, st: StageStats, calls: list[Any], protocol: Any) -> StageOutput:
     """Judge round by round, every prompt's schedule in lockstep: each round's calls go to the judge as one
-    batch, and its answers decide the next round's pairs (`factory.judge.schedule.Adaptive`)."""
+    batch, and its answers decide the next round's pairs (`factory.judge.adaptive.Adaptive`)."""
     j = ctx.recipe.judgments
     by_pair: dict[tuple[str, str], list[Any]] = {}
     for c in calls:  # all-pairs calls in both orders; the schedule picks among them (one per reference)
