@@ -61,15 +61,32 @@ if __name__ == "__main__":  # writes the golden file; run only for a deliberate 
 
 
 def test_a_warehouse_built_before_the_move_is_rebuilt_without_a_model_call(tmp_path: Path) -> None:
+    """The fixture holds a build, its held-out evaluation and a judge-eval run, made by the code before the
+    package moved into folders: today's code runs all three again from the warehouse alone."""
     import shutil
 
-    from factory.build.command import Build
+    from click.testing import CliRunner
+
+    from factory.cli.main import main
     from factory.warehouse.store import Warehouse
 
-    shutil.copytree(Path(__file__).parent / "data" / "warehouse_before_move", tmp_path / "w")
-    loaded = load_recipe(tmp_path / "w" / "recipe.yaml")
-    run = Build(loaded, Warehouse(tmp_path / "w" / "warehouse")).run()
-    by_stage = {s["stage"]: s for s in run["stages"]}
-    assert sum(s["model_calls"] for s in run["stages"]) == 0
-    recomputed = [name for name, s in by_stage.items() if not s["skipped"] and name != "export"]
+    folder = tmp_path / "w"
+    shutil.copytree(Path(__file__).parent / "data" / "warehouse_before_move", folder)
+    wh = folder / "warehouse"
+    before = {r["run_id"] for r in Warehouse(wh).query("SELECT run_id FROM runs").to_pylist()}
+    build = CliRunner().invoke(main, ["build", str(folder / "recipe.yaml"), "-w", str(wh), "-q"])
+    assert build.exit_code == 0, build.output
+    labelled = f"natural={folder / 'labelled.jsonl'}"
+    args = ["judge-eval", "--data", labelled, "--judge", "scripted", "--protocol", "reffree", "--bootstrap", "50"]
+    judged = CliRunner().invoke(main, [*args, "-w", str(wh), "-q"])
+    assert judged.exit_code == 0, judged.output
+    runs = [
+        r
+        for r in Warehouse(wh).query("SELECT * FROM runs ORDER BY started_at").to_pylist()
+        if r["run_id"] not in before
+    ]
+    assert len(runs) == 3, [r["recipe"] for r in runs]  # the build, its evaluation, judge-eval
+    stages = [s for r in runs for s in r["stages"]]
+    assert sum(s["model_calls"] for s in stages) == 0, [(s["stage"], s["model_calls"]) for s in stages]
+    recomputed = [s["stage"] for s in stages if not s["skipped"] and s["stage"] != "export"]
     assert not recomputed, f"stages recomputed although nothing they depend on changed: {recomputed}"
