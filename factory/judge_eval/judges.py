@@ -8,10 +8,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from factory.config.errors import error_field, error_text
 from factory.config.models import ModelSpec
 from factory.config.yaml_loader import read_yaml
 from factory.core.errors import UserInputError
-from factory.core.text import clip_value, one_line
+from factory.core.text import clip_value
 from factory.models.registry import BACKENDS, backends_for
 
 
@@ -39,9 +40,9 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
                     judges[str(name)] = ModelSpec.model_validate(spec)
                 except ValidationError as exc:
                     err = exc.errors()[0]
-                    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+                    message = error_text(err, unknown=None, missing=None, keep_prefix=True, echo=False)
                     raise UserInputError(
-                        f"{path}: judge {clip_value(name)}: field '{where}': {one_line(str(err['msg']))}"
+                        f"{path}: judge {clip_value(name)}: field '{error_field(err)}': {message}"
                     ) from None
             continue
         backend, _, model = value.partition(":")
@@ -57,11 +58,9 @@ def parse_judges(values: list[str], **overrides: Any) -> dict[str, ModelSpec]:
             judges[value] = ModelSpec.model_validate(fields)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field_name = ".".join(map(str, err["loc"]))
-            message = str(err["msg"]).removeprefix("Value error, ")
-            where = f"field '{field_name}': " if field_name else ""
+            where = f"field '{error_field(err)}': " if err["loc"] else ""
             raise UserInputError(
-                f"--judge {clip_value(value)}: {where}{one_line(message)} "
+                f"--judge {clip_value(value)}: {where}{error_text(err, unknown=None, missing=None, echo=False)} "
                 "(give such a judge as a YAML/JSON model spec file)"
             ) from None
     if not judges:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from factory.config.errors import error_field, error_text
 from factory.config.yaml_loader import read_yaml
 from factory.core.errors import UserInputError
 from factory.core.reading import read_input_text
-from factory.core.text import clip_value, one_line
+from factory.core.text import clip_value
 from factory.judge.protocols import PROTOCOLS, Protocol, custom_protocol
 from factory.judge_eval.settings import EvalSettings
 
@@ -74,8 +75,8 @@ def load_custom_template(path: str | Path, settings: EvalSettings) -> EvalProtoc
             spec = CustomTemplate.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise UserInputError(f"{path}: field '{where}': {one_line(str(err['msg']))}") from None
+            message = error_text(err, unknown=None, missing=None, keep_prefix=True, echo=False)
+            raise UserInputError(f"{path}: field '{error_field(err)}': {message}") from None
     else:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem) or "template"
         spec = CustomTemplate(name=name, template=text)

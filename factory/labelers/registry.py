@@ -3,8 +3,9 @@
 A labeler is a recipe section (`judgments`, `rewards`, `similarity`) that adds stages ending in a `scores`
 table, names the model it calls and the role that model must play, and says how the export's provenance
 columns, the dataset card and the dry-run plan describe it (`factory.labelers.labeler.Labeler`). Each one is
-declared in its own file; the recipe schema, the build, the export and the CLI read them from `LABELERS`.
-Adding a labeler adds its file, an entry here, and its tests.
+declared in its own file; the build, the export and the CLI read them from `LABELERS`. The recipe schema,
+a layer below, checks the same sections from `factory/config/vocabulary.py` (tests/test_vocabulary.py holds
+the two equal). Adding a labeler adds its file, an entry here and in the vocabulary, and its tests.
 """
 
 from __future__ import annotations
