@@ -1,0 +1,193 @@
+"""factory's own cost at paper scale: builds of N prompts on the `scripted` backend (a model that takes no time,
+so every second and byte measured is factory's), one fresh warehouse per size.
+
+For each size it prints: the build's wall time and peak RSS (GNU time), factory's time per model call, an
+unchanged rebuild (wall, RSS, model calls: must be 0), a build after adding 1 % more prompts (wall, calls),
+`factory sql "select 1"`, `factory ls`, a GROUP BY over every judgment, and, with `--ray`, the same build
+with `--executor ray` on a local cluster (wall, RSS, and whether its tables equal the local build's). With
+`--profile` the first build also runs under cProfile and the top of its profile is printed.
+
+The recipe is the quickstart's shape: 5 samples of at most 64 tokens per prompt, RefEval against a column
+reference in both orders (20 judgments per prompt), batch size 256.
+
+    python bench/scale.py                      # 1K, 10K and 60K prompts
+    python bench/scale.py 2000 --profile       # one size, with a profile summary
+    python bench/scale.py 60000 --ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "answer",
+    "clear",
+    "short",
+    "long",
+    "reply",
+    "because",
+    "which",
+    "every",
+    "note",
+    "list",
+    "first",
+    "then",
+]
+
+
+def write_prompts(path: Path, n: int, start: int = 0) -> None:
+    """`n` distinct prompts with a reference column (appended when `start` > 0)."""
+    with path.open("a" if start else "w", encoding="utf-8") as f:
+        for i in range(start, start + n):
+            words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(12))
+            row = {"id": f"p{i}", "instruction": f"Question {i}: {words}?", "reference": f"Answer {i}: {words}."}
+            f.write(json.dumps(row) + "\n")
+
+
+def write_recipe(path: Path, prompts: Path) -> None:
+    recipe: dict[str, Any] = {
+        "name": "scale",
+        "models": {"m": {"backend": "scripted", "batch_size": 256}},
+        "prompts": {"path": str(prompts), "reference_fields": ["reference"], "id_field": "id"},
+        "references": [{"name": "human", "kind": "column", "field": "reference"}],
+        "samples": {"policy": "m", "n": 5, "params": {"max_tokens": 64}},
+        "judgments": {"judge": "m", "protocol": "refeval", "reference": "human", "orders": "both"},
+        "export": {"test_fraction": 0.01},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+
+
+def timed(args: list[str], ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Run a command under GNU time: wall seconds, peak RSS (MiB) and its stdout."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True)
+    if proc.returncode not in ok:
+        raise SystemExit(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
+    return {"wall_s": round(seconds, 2), "rss_mib": round(rss / 1024), "stdout": proc.stdout}
+
+
+def calls_of(stdout: str) -> int:
+    found = re.search(r"model calls: (\d+)", stdout)
+    return int(found.group(1)) if found else -1
+
+
+FACTORY = [sys.executable, "-m", "factory.cli.main"]
+
+
+def build(recipe: Path, wh: Path, *extra: str) -> dict[str, Any]:
+    out = timed([*FACTORY, "build", str(recipe), "-w", str(wh), *extra])
+    out["calls"] = calls_of(out.pop("stdout"))
+    return out
+
+
+def tables_equal(a: Path, b: Path) -> bool:
+    """Whether two warehouses hold the same stage rows (run ids, times and latencies aside)."""
+    import duckdb
+
+    skip = {"run_id", "latency_s", "created_at", "finished_at", "started_at", "seconds"}
+    for table in ("prompts", "samples", "judgments", "scores", "pairs"):
+        got = []
+        for wh in (a, b):
+            con = duckdb.connect(str(wh / "factory.duckdb"), read_only=True)
+            cols = [c for (c,) in con.execute(f"select column_name from (describe {table})").fetchall()]
+            keep = ", ".join(f'"{c}"' for c in cols if c not in skip)
+            got.append(con.execute(f"select {keep} from {table} order by all").fetchall())
+            con.close()
+        if got[0] != got[1]:
+            return False
+    return True
+
+
+def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
+    prompts, recipe, wh = folder / f"p{n}.jsonl", folder / f"r{n}.yaml", folder / f"wh{n}"
+    write_prompts(prompts, n)
+    write_recipe(recipe, prompts)
+    first = build(recipe, wh, "-q")
+    row: dict[str, Any] = {"prompts": n, "build_s": first["wall_s"], "build_rss_mib": first["rss_mib"]}
+    row["calls"] = first["calls"]
+    row["ms_per_call"] = round(1000 * first["wall_s"] / max(first["calls"], 1), 4)
+    again = build(recipe, wh, "-q")
+    row.update(rebuild_s=again["wall_s"], rebuild_rss_mib=again["rss_mib"], rebuild_calls=again["calls"])
+    for name, args in (
+        ("sql_s", ["sql", "select 1", "-w", str(wh)]),
+        ("ls_s", ["ls", "-w", str(wh)]),
+        ("group_by_s", ["sql", "select verdict, count(*) from judgments group by all", "-w", str(wh)]),
+    ):
+        row[name] = timed([*FACTORY, *args])["wall_s"]
+    write_prompts(prompts, max(n // 100, 1), start=n)
+    more = build(recipe, wh, "-q")
+    row.update(add_1pct_s=more["wall_s"], add_1pct_calls=more["calls"])
+    row["add_1pct_share"] = round(more["wall_s"] / first["wall_s"], 3)
+    if ray:
+        write_prompts(prompts, n)  # back to the first n prompts, into a fresh warehouse
+        rwh = folder / f"ray{n}"
+        got = build(recipe, rwh, "-q", "--executor", "ray")
+        row.update(ray_build_s=got["wall_s"], ray_rss_mib=got["rss_mib"], ray_calls=got["calls"])
+        local = folder / f"local{n}"
+        build(recipe, local, "-q")
+        row["ray_tables_equal"] = tables_equal(local, rwh)
+    if profile:
+        pwh = folder / f"prof{n}"
+        write_prompts(prompts, n)
+        stats = folder / f"prof{n}.pstats"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cProfile",
+                "-o",
+                str(stats),
+                "-m",
+                "factory.cli.main",
+                "build",
+                str(recipe),
+                "-w",
+                str(pwh),
+                "-q",
+            ],
+            check=False,
+            capture_output=True,
+        )
+        import pstats
+
+        print(f"--- profile of the {n}-prompt build (cumulative, top 25) ---")
+        pstats.Stats(str(stats)).sort_stats("cumulative").print_stats(25)
+        print(f"--- profile of the {n}-prompt build (own time, top 25) ---")
+        pstats.Stats(str(stats)).sort_stats("tottime").print_stats(25)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sizes", nargs="*", type=int, default=[1000, 10000, 60000])
+    parser.add_argument("--ray", action="store_true", help="also build with --executor ray on a local cluster")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile summary of each first build")
+    parser.add_argument("--keep", type=Path, help="build here and keep the warehouses (default: a temporary folder)")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    print(f"# {os.cpu_count()} cores, load average {load:.2f} at the start, {time.strftime('%Y-%m-%d %H:%M')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in args.sizes:
+            print(json.dumps(measure(n, folder, args.ray, args.profile)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
