@@ -172,10 +172,13 @@ def test_a_damaged_stage_table_is_named_then_set_aside_and_recomputed(
 
 
 def test_a_stage_table_with_damaged_pages_is_set_aside_when_read(reference: Reference, tmp_path: Path) -> None:
-    """The footer is intact, so the check at the build's start passes it; reading the rows to reuse them fails."""
+    """The footer is intact, so the check at the build's start passes it; reading the rows fails. A build
+    reads a reused version only when a stage below it has work to do: here the judgments, whose version is
+    no longer marked complete (as a build killed while writing them leaves it)."""
     wh = copy_of(reference, tmp_path)
     damaged = current_file(wh, "samples")
     corrupt_pages(damaged)
+    current_file(wh, "judgments").with_suffix(".complete").unlink()
     _, run = check_rebuild(reference, wh, damaged)
     samples = {s["stage"]: s for s in run["stages"]}["samples"]
     assert samples["cached_calls"] == 9 and not samples["skipped"]

@@ -158,7 +158,8 @@ def test_dry_run_writes_loadable_shards_and_a_valid_card(export: Path, tmp_path:
 def test_shards_and_empty_splits(export: Path, tmp_path: Path) -> None:
     import datasets
 
-    from factory.export.dataset import preference_features, write_dataset_folder
+    from factory.export.dataset import preference_features
+    from factory.export.writer import write_dataset_folder
     from factory.publish.command import publish as run_publish
 
     # Shards of at most 1 byte: one row per shard, named as the Hub names shards, read back in order.

@@ -15,12 +15,14 @@ from typing import Any
 
 from factory.config.recipe import LoadedRecipe
 from factory.core.errors import UserInputError
-from factory.export.dataset import check_export_target, export_path
+from factory.export.dataset import export_path
 from factory.export.stage import export_stage
+from factory.export.writer import check_export_target
 from factory.labelers.registry import labeler_of
 from factory.pipeline.calls import ModelPool, Reporter
 from factory.pipeline.run import Run
-from factory.pipeline.stage import Context, PlannedStage, Stage, StageStats, execute, order
+from factory.pipeline.shards import cut, execute_sharded
+from factory.pipeline.stage import Context, PlannedStage, Stage, StageStats, order
 from factory.stages.judgments import judge_protocol
 from factory.stages.pairs import PAIRS
 from factory.stages.prompts import PROMPTS, read_prompts
@@ -99,11 +101,13 @@ class Build:
         )
         self.run_id = run.run_id
         ctx = Context(self.loaded, run.call, run_id=run.run_id)
-        ctx.outputs.update(prompt_output=prompt_output, warehouse_root=self.wh.root)
+        ctx.outputs["warehouse_root"] = self.wh.root
+        shards = cut(prompt_output, self.recipe.run.shard_prompts)
+        del prompt_output  # the shards hold the rows now
         self.stats = run.stats
         try:
             with run:
-                execute(stages_for(self.loaded), ctx, run)
+                execute_sharded(stages_for(self.loaded), ctx, run, shards)
         finally:
             self.export_path = ctx.outputs.get("export_path")
             self.sft_path = ctx.outputs.get("sft_path")

@@ -47,6 +47,7 @@ class RichReporter(Reporter):
             disable=quiet,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.totals: dict[str, int] = {}
         self.started: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.live = False
@@ -59,13 +60,17 @@ class RichReporter(Reporter):
             self.progress.__exit__(kind, exc, tb)
 
     def stage_started(self, stage: str, total_calls: int) -> None:
-        if total_calls and stage not in self.tasks:
+        if total_calls and stage in self.tasks:  # the stage's next shard: its calls join the same bar
+            self.totals[stage] += total_calls
+            self.progress.update(self.tasks[stage], total=self.totals[stage])
+        elif total_calls:
             if not self.live:
                 # Started on the first model call, not on entry: a build that fails before any call (bad
                 # input) or needs none then prints no empty progress display, only its one error line.
                 self.progress.start()
                 self.live = True
             self.tasks[stage] = self.progress.add_task(clean(stage), total=total_calls, rate="")
+            self.totals[stage] = total_calls
             self.started[stage], self.tokens[stage] = time.perf_counter(), 0
 
     def calls_done(self, stage: str, n: int, tokens_out: int) -> None:

@@ -131,3 +131,7 @@ class RunOptions(Strict):
     """`ray`: the cluster to join (`auto`, `ray://host:10001`); unset starts a local cluster."""
     workers: int | None = Field(None, ge=1, le=10_000)
     """`ray`: actors per model (default: one per CPU for CPU backends, one per GPU for vLLM)."""
+    shard_prompts: int = Field(1000, ge=1, le=10_000_000)
+    """Prompts per shard: a build takes its prompts this many at a time through every stage, so its memory
+    follows this number, not the prompt count (docs/DESIGN.md, "Shards"). Changing it re-cuts the shards: their
+    stage versions are remade from the call cache, with no model call."""

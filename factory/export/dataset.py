@@ -1,8 +1,8 @@
 """Export: pairs → a Hugging Face preference dataset in TRL's conversational format, plus a dataset card.
 
-Written to one folder: `datasets.save_to_disk` layout (train/, test/, dataset_dict.json) for
-`load_from_disk`, the same rows as `data/<split>.parquet` for `load_dataset("parquet", ...)` and the Hub,
-and README.md. The folder is built beside its target and renamed into place.
+Written to one folder (`factory.export.writer`): `data/<split>.parquet` for `load_dataset("parquet", ...)`
+and the Hub, the same rows in `datasets.save_to_disk` layout for `load_from_disk`, and README.md. Records are
+made and written one shard of the build at a time, so the export holds one shard, never the dataset.
 """
 
 from __future__ import annotations
@@ -13,25 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from factory.core.files import check_folder
 from factory.core.keys import stable_hash
-from factory.core.owned import (
-    FolderKind,
-    building_beside,
-    check_replaceable,
-    read_marker,
-    replace_folder,
-    seal,
-    writing,
-)
+from factory.core.owned import read_marker, writing
+from factory.export.writer import EXPORT_FOLDER, DatasetWriter
 from factory.labelers.registry import labeler_of
 from factory.pipeline.stage import Context
 
 if TYPE_CHECKING:
     from factory.config.recipe import LoadedRecipe
 
-MARKER = ".factory-export.json"
-EXPORT_FOLDER = FolderKind("export folder", MARKER, "export.path")
 # Chat-template control tokens that must never survive into exported text: a trainer's tokenizer parses them
 # as special tokens, so the template's own BOS/EOS would be doubled and DPO would learn from a broken turn.
 # (`<s>` and `</s>` are left out: they are also ordinary text, HTML strikethrough for one.)
@@ -83,22 +73,25 @@ def without_special_tokens(
     return kept, len(records) - len(kept)
 
 
-def preference_records(ctx: Context, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One TRL conversational preference row per pair, with provenance columns."""
+def preference_records(
+    ctx: Context, prompts: list[dict[str, Any]], samples: list[dict[str, Any]], pairs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One TRL conversational preference row per pair (of one shard: its prompts, samples and pairs), with
+    provenance columns."""
     recipe = ctx.recipe
     found = labeler_of(recipe)
     assert recipe.samples is not None and found is not None
     labeler = found.provenance(recipe)
-    prompts = {p["prompt_id"]: p for p in ctx.rows["prompts"]}
-    samples = {s["sample_id"]: s for s in ctx.rows["samples"]}
+    messages = {p["prompt_id"]: p["messages"] for p in prompts}
+    texts = {s["sample_id"]: s["text"] for s in samples}
     recipe_hash = recipe.content_hash
     records = []
     for pair in pairs:
         records.append(
             {
-                "prompt": json.loads(prompts[pair["prompt_id"]]["messages"]),
-                "chosen": [{"role": "assistant", "content": samples[pair["chosen_sample_id"]]["text"]}],
-                "rejected": [{"role": "assistant", "content": samples[pair["rejected_sample_id"]]["text"]}],
+                "prompt": json.loads(messages[pair["prompt_id"]]),
+                "chosen": [{"role": "assistant", "content": texts[pair["chosen_sample_id"]]}],
+                "rejected": [{"role": "assistant", "content": texts[pair["rejected_sample_id"]]}],
                 "prompt_id": pair["prompt_id"],
                 "chosen_sample_id": pair["chosen_sample_id"],
                 "rejected_sample_id": pair["rejected_sample_id"],
@@ -114,21 +107,37 @@ def preference_records(ctx: Context, pairs: list[dict[str, Any]]) -> list[dict[s
     return records
 
 
+def split_of(prompt_id: str, fraction: float, seed: int) -> str:
+    """Train or test, by a hash of (seed, prompt_id): stable when prompts are added or removed."""
+    u = int(stable_hash([seed, prompt_id], 8), 16) / 16**8
+    return "test" if u < fraction else "train"
+
+
 def split_records(records: list[dict[str, Any]], fraction: float, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Train/test by a hash of (seed, prompt_id): stable when prompts are added or removed."""
+    """Records by split (`split_of`)."""
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     for rec in records:
-        u = int(stable_hash([seed, rec["prompt_id"]], 8), 16) / 16**8
-        splits["test" if u < fraction else "train"].append(rec)
+        splits[split_of(rec["prompt_id"], fraction, seed)].append(rec)
     return splits
 
 
-def card(ctx: Context, splits: dict[str, list[dict[str, Any]]], notes: dict[str, Any]) -> str:
+@dataclass
+class Tally:
+    """What the card says of an export, counted while its shards stream past."""
+
+    prompts: int = 0
+    samples: int = 0
+    dropped: int = 0
+    margins: list[float] = field(default_factory=list)
+    """One float per pair (8 bytes: 60K pairs are half a MiB)."""
+
+
+def card(ctx: Context, rows: dict[str, int], tally: Tally, notes: dict[str, Any]) -> str:
     """The dataset card: what was built, from what, with which labeler, and how it came out."""
     r = ctx.recipe
     labeler = labeler_of(r)
     assert labeler is not None
-    margins = [rec["margin"] for recs in splits.values() for rec in recs]
+    margins = tally.margins
     counts, score_lines = labeler.card_facts(ctx)
     lines = [
         "---",
@@ -136,7 +145,7 @@ def card(ctx: Context, splits: dict[str, list[dict[str, Any]]], notes: dict[str,
         "configs:",
         "- config_name: default",
         "  data_files:",
-        *[f"  - split: {s}\n    path: data/{s}.parquet" for s in splits],
+        *[f"  - split: {s}\n    path: data/{s}.parquet" for s in rows],
         "---",
         "",
         f"# {r.name}",
@@ -145,23 +154,23 @@ def card(ctx: Context, splits: dict[str, list[dict[str, Any]]], notes: dict[str,
         "",
         "## How it was built",
         "",
-        f"- Prompts: {len(ctx.rows['prompts'])} from `{r.prompts.path or r.prompts.dataset or 'inline'}`",
+        f"- Prompts: {tally.prompts} from `{r.prompts.path or r.prompts.dataset or 'inline'}`",
         f"- Policy: `{r.samples.policy}` ({r.models[r.samples.policy].backend}: "
         f"{r.models[r.samples.policy].model}), {r.samples.n} samples per prompt, "
         f"temperature {r.samples.params.temperature}, top_p {r.samples.params.top_p}",
         labeler.card_line(r),
         f"- Pairs: {r.pairs.method}, min margin {r.pairs.min_margin}, max tokens {r.pairs.max_tokens}",
         f"- Run `{notes['run_id']}`, export stage key `{notes['stage_key']}`, recipe hash "
-        f"`{splits['train'][0]['recipe_hash'] if splits['train'] else ''}`",
+        f"`{r.content_hash if rows['train'] else ''}`",
         "",
         "## Counts",
         "",
         "| what | n |",
         "| --- | --- |",
-        f"| samples | {len(ctx.rows['samples'])} |",
+        f"| samples | {tally.samples} |",
         *[f"| {what} | {n} |" for what, n in counts],
-        *[f"| pairs in {s} | {len(recs)} |" for s, recs in splits.items()],
-        f"| pairs dropped for a chat control token in their text | {notes['dropped_special_tokens']} |",
+        *[f"| pairs in {s} | {n} |" for s, n in rows.items()],
+        f"| pairs dropped for a chat control token in their text | {tally.dropped} |",
         "",
         "## Scores",
         "",
@@ -176,11 +185,13 @@ def card(ctx: Context, splits: dict[str, list[dict[str, Any]]], notes: dict[str,
     return "\n".join(lines)
 
 
-def _is_current(path: Path, stage_key: str) -> bool:
-    """Whether `path` holds this export, written from complete inputs (an export of an incomplete run has the
-    same key, so it is rewritten once the run completes)."""
+def _current_rows(path: Path, stage_key: str) -> int | None:
+    """The pairs `path` holds when it holds this export, written from complete inputs (an export of an
+    incomplete run has the same key, so it is rewritten once the run completes); None when it does not."""
     marker = read_marker(path, EXPORT_FOLDER)
-    return marker is not None and marker.get("stage_key") == stage_key and marker.get("complete", True) is True
+    if marker is None or marker.get("stage_key") != stage_key or marker.get("complete", True) is not True:
+        return None
+    return int(marker.get("rows") or 0)
 
 
 def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
@@ -190,76 +201,58 @@ def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
     return loaded.resolve(r.export.path) if r.export.path else wh_root / "exports" / r.name
 
 
-def check_export_target(path: Path, wh_root: Path | None = None) -> None:
-    """Refuse to export over anything factory did not write: an export replaces only its own folders."""
-    check_folder(path)
-    check_replaceable(path, EXPORT_FOLDER, wh_root)
-
-
-def write_dataset_folder(
-    path: Path,
-    splits: dict[str, list[dict[str, Any]]],
-    features: Any,
-    readme: str,
-    stage_key: str,
-    run_id: str,
-    complete: bool = True,
-) -> None:
-    """save_to_disk layout + data/<split>.parquet + README.md, built beside `path` and renamed into place."""
-    import datasets
-
-    check_export_target(path)
-    with building_beside(path) as tmp:
-        dd = datasets.DatasetDict(
-            {
-                # from_list drops the columns of an empty list; from_dict keeps them.
-                split: datasets.Dataset.from_dict({k: [r[k] for r in recs] for k in features}, features=features)
-                for split, recs in splits.items()
-            }
-        )
-        # An empty split saved with datasets' default shard count gets zero shards, and load_from_disk then
-        # fails on it (IndexError in concat_tables); one explicit (empty) shard loads as a 0-row split.
-        dd.save_to_disk(str(tmp), num_shards={split: 1 for split, ds in dd.items() if len(ds) == 0})
-        (tmp / "data").mkdir()
-        for split, ds in dd.items():
-            ds.to_parquet(str(tmp / "data" / f"{split}.parquet"))
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-        seal(tmp, EXPORT_FOLDER, {"stage_key": stage_key, "run_id": run_id, "complete": complete})
-        replace_folder(tmp, path, EXPORT_FOLDER)
-
-
-def export_dataset(path: Path, ctx: Context, pairs: list[dict[str, Any]], stage_key: str) -> ExportResult:
-    """Write the preference dataset folder at `path` (skipped when it already holds this export stage key)."""
+def export_dataset(path: Path, ctx: Context, stage_key: str) -> ExportResult:
+    """Write the preference dataset folder at `path` from the build's shards (skipped when it already holds
+    this export stage key)."""
     with writing(path, "export"):
-        if _is_current(path, stage_key):
-            return ExportResult(len(pairs), {"skipped": True, "path": str(path)})
+        found = _current_rows(path, stage_key)
+        if found is not None:
+            return ExportResult(found, {"skipped": True, "path": str(path)})
         import datasets  # heavy; only when something is written
 
         datasets.disable_progress_bars()  # the build shows its own progress
-        records, dropped = without_special_tokens(preference_records(ctx, pairs))
         r = ctx.recipe
-        splits = split_records(records, r.export.test_fraction, r.export.seed)
-        notes: dict[str, Any] = {
-            "run_id": ctx.run_id,
-            "stage_key": stage_key,
-            "dropped_special_tokens": dropped,
-            **{f"{s}_rows": len(v) for s, v in splits.items()},
-        }
-        readme = card(ctx, splits, notes)
-        complete = not ctx.incomplete
-        notes["complete"] = complete
-        write_dataset_folder(path, splits, preference_features(datasets), readme, stage_key, ctx.run_id, complete)
+        tally = Tally()
+        shards = zip(
+            ctx.each_shard("prompts", ["prompt_id", "messages"]),
+            ctx.each_shard("samples", ["sample_id", "text"]),
+            ctx.each_shard("pairs"),
+            strict=True,
+        )
+        with DatasetWriter(path, preference_features(datasets)) as out:
+            for prompts, samples, pairs in shards:
+                records, dropped = without_special_tokens(preference_records(ctx, prompts, samples, pairs))
+                tally.prompts, tally.samples, tally.dropped = (
+                    tally.prompts + len(prompts),
+                    tally.samples + len(samples),
+                    tally.dropped + dropped,
+                )
+                tally.margins += [rec["margin"] for rec in records]
+                for split, recs in split_records(records, r.export.test_fraction, r.export.seed).items():
+                    out.write(split, recs)
+            complete = not ctx.incomplete
+            notes: dict[str, Any] = {
+                "run_id": ctx.run_id,
+                "stage_key": stage_key,
+                "dropped_special_tokens": tally.dropped,
+                **{f"{s}_rows": n for s, n in out.rows.items()},
+            }
+            readme = card(ctx, out.rows, tally, notes)
+            rows = sum(out.rows.values())
+            out.finish(readme, {"stage_key": stage_key, "run_id": ctx.run_id, "complete": complete, "rows": rows})
+    notes["complete"] = complete
     notes["path"] = str(path)
-    return ExportResult(len(records), notes)
+    return ExportResult(rows, notes)
 
 
-def sft_records(ctx: Context) -> list[dict[str, Any]]:
-    """One TRL prompt/completion row per prompt that has the chosen reference (the distillation baseline)."""
+def sft_records(ctx: Context, prompts: list[dict[str, Any]], references: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One TRL prompt/completion row per prompt (of one shard) that has the chosen reference (the
+    distillation baseline)."""
     r = ctx.recipe
     name = r.export.sft_reference
-    refs = {x["prompt_id"]: x for x in ctx.rows["references"] if x["reference_name"] == name and x["status"] == "ok"}
+    refs = {x["prompt_id"]: x for x in references if x["reference_name"] == name and x["status"] == "ok"}
     records = []
-    for p in ctx.rows["prompts"]:
+    for p in prompts:
         ref = refs.get(p["prompt_id"])
         if ref is None:
             continue
@@ -285,14 +278,13 @@ def export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
 
 
 def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
-    if _is_current(path, stage_key):
-        return ExportResult(0, {"skipped": True, "path": str(path)})
+    found = _current_rows(path, stage_key)
+    if found is not None:
+        return ExportResult(found, {"skipped": True, "path": str(path)})
     import datasets
 
     datasets.disable_progress_bars()
     r = ctx.recipe
-    records, dropped = without_special_tokens(sft_records(ctx), columns=("prompt", "completion"))
-    splits = split_records(records, r.export.test_fraction, r.export.seed)
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
     text = datasets.Value("string")
     features = datasets.Features(
@@ -303,23 +295,33 @@ def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
             "recipe_hash": text,
         }
     )
-    readme = "\n".join(
-        [
-            f"# {r.name} (SFT on references)",
-            "",
-            f"Supervised fine-tuning data: each prompt with the `{r.export.sft_reference}` reference as the",
-            "completion (the paper's distillation baseline), in TRL's conversational prompt/completion format.",
-            "",
-            *[f"- {s}: {len(v)} rows" for s, v in splits.items()],
-            "",
-            "## Recipe",
-            "",
-            "```yaml",
-            ctx.loaded.text.rstrip(),
-            "```",
-            "",
-        ]
-    )
-    write_dataset_folder(path, splits, features, readme, stage_key, ctx.run_id, not ctx.incomplete)
-    notes = {"path": str(path), "dropped_special_tokens": dropped, **{f"{s}_rows": len(v) for s, v in splits.items()}}
-    return ExportResult(len(records), notes)
+    dropped = 0
+    shards = zip(ctx.each_shard("prompts", ["prompt_id", "messages"]), ctx.each_shard("references"), strict=True)
+    with DatasetWriter(path, features) as out:
+        for prompts, references in shards:
+            records, n = without_special_tokens(sft_records(ctx, prompts, references), columns=("prompt", "completion"))
+            dropped += n
+            for split, recs in split_records(records, r.export.test_fraction, r.export.seed).items():
+                out.write(split, recs)
+        readme = "\n".join(
+            [
+                f"# {r.name} (SFT on references)",
+                "",
+                f"Supervised fine-tuning data: each prompt with the `{r.export.sft_reference}` reference as the",
+                "completion (the paper's distillation baseline), in TRL's conversational prompt/completion format.",
+                "",
+                *[f"- {s}: {n} rows" for s, n in out.rows.items()],
+                "",
+                "## Recipe",
+                "",
+                "```yaml",
+                ctx.loaded.text.rstrip(),
+                "```",
+                "",
+            ]
+        )
+        rows = sum(out.rows.values())
+        info = {"stage_key": stage_key, "run_id": ctx.run_id, "complete": not ctx.incomplete, "rows": rows}
+        notes = {"path": str(path), "dropped_special_tokens": dropped, **{f"{s}_rows": n for s, n in out.rows.items()}}
+        out.finish(readme, info)
+    return ExportResult(rows, notes)

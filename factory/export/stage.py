@@ -23,7 +23,7 @@ def _export(ctx: Context, st: StageStats) -> StageOutput:
     key = ctx.keys["export"]
     notes: dict[str, Any] = {}
     if r.samples is not None:
-        result = export_dataset(path, ctx, ctx.rows["pairs"], key)
+        result = export_dataset(path, ctx, key)
         notes, st.rows = result.notes, result.rows
         ctx.outputs["export_path"] = path
     if r.export.sft_reference is not None:

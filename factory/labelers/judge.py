@@ -42,8 +42,9 @@ def _judge_card_line(r: Recipe) -> str:
     )
 
 
-def position_consistency(judgments: list[dict[str, Any]]) -> tuple[float | None, int]:
-    """Share of sample pairs judged in both orders whose two parsed verdicts name the same winner."""
+def consistent_pairs(judgments: list[dict[str, Any]]) -> tuple[int, int]:
+    """Of the sample pairs judged in both orders with two parsed verdicts, how many name the same winner both
+    times, and how many there are (a prompt's judgments are never split across shards)."""
     winners: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for j in judgments:
         if j["verdict"] not in ("a", "b"):
@@ -51,21 +52,29 @@ def position_consistency(judgments: list[dict[str, Any]]) -> tuple[float | None,
         pair = (*sorted((j["sample_a"], j["sample_b"])), j.get("reference_name") or "")
         winners[pair].append(j["sample_a"] if j["verdict"] == "a" else j["sample_b"])
     both = [w for w in winners.values() if len(w) == 2]
-    if not both:
-        return None, 0
-    return sum(w[0] == w[1] for w in both) / len(both), len(both)
+    return sum(w[0] == w[1] for w in both), len(both)
+
+
+def position_consistency(judgments: list[dict[str, Any]]) -> tuple[float | None, int]:
+    """Share of sample pairs judged in both orders whose two parsed verdicts name the same winner."""
+    same, both = consistent_pairs(judgments)
+    return (same / both if both else None), both
 
 
 def _judge_card_facts(ctx: Context) -> tuple[list[tuple[str, int]], list[str]]:
-    judgments = ctx.rows.get("judgments", [])
     status: dict[str, int] = defaultdict(int)
-    for j in judgments:
-        status[j["parse_status"]] += 1
-    counts = [("judgments", len(judgments))]
+    total = same = both = 0
+    columns = ["sample_a", "sample_b", "verdict", "parse_status", "reference_name"]
+    for judgments in ctx.each_shard("judgments", columns):
+        total += len(judgments)
+        for j in judgments:
+            status[j["parse_status"]] += 1
+        agreed, judged = consistent_pairs(judgments)
+        same, both = same + agreed, both + judged
+    counts = [("judgments", total)]
     counts += [(f"judgments with parse status `{k}`", v) for k, v in sorted(status.items())]
-    consistency, n_both = position_consistency(judgments)
-    shown = "n/a" if consistency is None else f"{consistency:.3f}"
-    return counts, [f"- Position consistency (same winner in both orders): {shown} over {n_both} pairs"]
+    shown = "n/a" if not both else f"{same / both:.3f}"
+    return counts, [f"- Position consistency (same winner in both orders): {shown} over {both} pairs"]
 
 
 JUDGE = Labeler(

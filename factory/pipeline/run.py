@@ -23,13 +23,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import factory
-from factory.core.errors import mark_recorded
+from factory.core.errors import FactoryError, mark_recorded
 from factory.core.keys import stable_hash
 from factory.core.redact import redact
 from factory.models.registry import package_version
 from factory.models.requests import Call
 from factory.pipeline.calls import CallRunner, ModelPool, Reporter, now
-from factory.pipeline.stage import StageOutput, StageStats
+from factory.pipeline.stage import StageOutput, StageStats, merge_notes
 from factory.warehouse.store import Warehouse
 
 if TYPE_CHECKING:
@@ -181,40 +181,84 @@ class Run:
         stage in progress output and the runs table (default: the table). `reuse=False` recomputes even when
         a complete version exists (the caller knows something outside the table is gone).
         """
+        st = StageStats(label or table, key, skipped=True)  # until it computes
+        try:
+            rows = self.version(table, key, compute, st, sink=sink, unit=unit, reuse=reuse)
+            if not sink:
+                self.point(table, key, st, unit=unit)
+            return rows if rows is not None else []
+        finally:
+            self.finish(st)
+
+    def version(
+        self,
+        table: str,
+        key: str,
+        compute: Callable[[StageStats], StageOutput],
+        st: StageStats,
+        *,
+        sink: bool = False,
+        unit: str | None = None,
+        reuse: bool = True,
+        read: bool = True,
+    ) -> list[dict[str, Any]] | None:
+        """One version file of a stage (the whole stage, or one shard of it), reused or computed and saved
+        without moving the stage's pointer; its counts and time are added to `st`. A reused version is read
+        only when `read` (None otherwise; its rows are counted from the file's footer)."""
         unit = unit or self.recipe
-        st = StageStats(label or table, key)
         t0 = time.perf_counter()
         try:
             before = len(self.wh.set_aside)
-            rows = self.wh.read_version(table, unit, key) if reuse and not sink else None
+            found = reuse and not sink and self.wh.has_version(table, unit, key)
+            rows = self.wh.read_version(table, unit, key) if found and (read or self.recheck) else None
+            found = found and (rows is not None or not (read or self.recheck))
             self._warn_set_aside(self.wh.set_aside[before:])  # a version whose pages are damaged: recomputed
             aside = self.wh.set_aside_in(table, unit, self._aside_from)
             if aside:
-                st.notes["set_aside"] = [str(p) for p in aside]
+                st.notes["set_aside"] = sorted({*st.notes.get("set_aside", []), *map(str, aside)})
             if rows is not None and self.recheck and self.wh.missing_calls(_call_keys(rows)):
-                rows = None  # some of its calls were in a corrupt file: recompute (the rest are cached)
-            if rows is not None:
-                current = self.wh.current(table, unit)
-                if current is None or current.stage_key != key:
-                    self.wh.set_current(table, unit, key, self.run_id, True)
-                st.skipped, st.rows = True, len(rows)
-                return rows
+                found, rows = False, None  # some of its calls were in a corrupt file: recompute (the rest cached)
+            if found:
+                st.rows += len(rows) if rows is not None else self.wh.version_rows(table, unit, key)
+                return rows if read else None
+            st.skipped = False
             out = compute(st)
-            st.notes = {**out.notes, **st.notes}
-            if not out.complete:
+            st.notes = merge_notes(st.notes, out.notes)
+            if not out.complete and st.stage not in self.incomplete:
                 self.incomplete.append(st.stage)
             if sink:
                 st.rows = st.rows or len(out.rows)
                 return out.rows
             for row in out.rows:
                 row.update(recipe=self.recipe, run_id=self.run_id, stage_key=key, round=self.round)
-            self.wh.write_stage(table, unit, key, self.run_id, out.rows, out.complete)
-            st.rows = len(out.rows)
+            self.wh.write_version(table, unit, key, out.rows, out.complete)
+            st.rows += len(out.rows)
             return out.rows
         finally:
-            st.seconds = round(time.perf_counter() - t0, 3)
-            self.stats.append(st)
-            self.reporter.stage_finished(st)
+            st.seconds = round(st.seconds + time.perf_counter() - t0, 3)
+
+    def point(
+        self, table: str, key: str, st: StageStats, *, unit: str | None = None, shards: Sequence[str] = ()
+    ) -> None:
+        """Make `key` (made of the version files `shards`, when given) the version the views show, marked
+        complete unless the stage was left incomplete in this run."""
+        unit = unit or self.recipe
+        complete = st.stage not in self.incomplete
+        current = self.wh.current(table, unit)
+        if current is None or (current.stage_key, current.shards, current.complete) != (key, tuple(shards), complete):
+            self.wh.set_current(table, unit, key, self.run_id, complete, shards)
+
+    def finish(self, st: StageStats) -> None:
+        """Record a stage's stats in the run and report it done."""
+        self.stats.append(st)
+        self.reporter.stage_finished(st)
+
+    def read(self, table: str, key: str, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The rows of one version file of this run's recipe, complete or not (a shard the export streams)."""
+        rows = self.wh.read_version(table, self.recipe, key, columns, complete=False)
+        if rows is None:
+            raise FactoryError(f"stage table {table}: version {key} is gone or unreadable; build again")
+        return rows
 
     def _warn_set_aside(self, paths: Sequence[Path]) -> None:
         """One warning line naming the damaged table files just moved to corrupt/ (they are kept there)."""

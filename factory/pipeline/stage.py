@@ -17,7 +17,7 @@ Nothing here touches a file or a model: `execute` hands keys and compute functio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -74,6 +74,28 @@ CallFn = Callable[[str, str, "list[Call]", StageStats], "dict[str, dict[str, Any
 """(model name, stage name, calls, stats) -> results by request key: the cache first, then the model."""
 
 
+def merge_notes(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Two stage notes as one (a stage's notes over its shards): counts add up, mappings merge key by key,
+    lists join, anything else keeps the later value."""
+    merged = dict(into)
+    for name, value in more.items():
+        old = merged.get(name)
+        if isinstance(old, dict) and isinstance(value, dict):
+            merged[name] = merge_notes(old, value)
+        elif _addable(old, value):
+            merged[name] = old + value
+        else:
+            merged[name] = value
+    return merged
+
+
+def _addable(old: Any, new: Any) -> bool:
+    """Two counts (not flags), or two lists."""
+    if isinstance(old, list) and isinstance(new, list):
+        return True
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (old, new))
+
+
 def _no_model() -> dict[str, dict[str, Any]]:
     raise RuntimeError("a stage asked for a model call in a context that was given no way to call models")
 
@@ -93,6 +115,20 @@ class Context:
     """Things a stage made besides rows (e.g. the export folder), for the command's summary."""
     incomplete: set[str] = field(default_factory=set)
     """Stages of this run left incomplete so far (a sink uses it to mark what it writes as complete or not)."""
+    shard_keys: dict[str, list[str]] = field(default_factory=dict)
+    """For a build cut into shards (`factory.pipeline.shards`): each stage's version key per shard, in order."""
+    read: Callable[[str, str, Sequence[str] | None], list[dict[str, Any]]] | None = None
+    """How a sink reads one shard's rows back: (table, shard key, columns or None)."""
+
+    def each_shard(self, stage: str, columns: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+        """A finished stage's rows shard by shard (only `columns`, when given), so a sink such as the export
+        holds one shard at a time; a run without shards yields its rows once."""
+        keys = self.shard_keys.get(stage)
+        if keys is None or self.read is None:
+            yield self.rows.get(stage, [])
+            return
+        for key in keys:
+            yield self.read(stage, key, columns)
 
     @property
     def recipe(self) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 from factory.core.errors import UserInputError
 from factory.core.owned import read_marker
 from factory.export.content_hash import dataset_hash
-from factory.export.dataset import EXPORT_FOLDER, MARKER
+from factory.export.writer import EXPORT_FOLDER, MARKER
 from factory.publish.card import check_card, hub_card
 from factory.publish.staged import README, Staged
 

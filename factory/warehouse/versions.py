@@ -1,6 +1,10 @@
 """Stage versions: each materialised version of a stage table is its own file under
 tables/<table>/<recipe>/<stage_key>.parquet, and CURRENT.json points the views at one of them, so going back to
-an earlier recipe is a pointer change, not a recompute."""
+an earlier recipe is a pointer change, not a recompute.
+
+A build cut into shards (docs/DESIGN.md, "Shards") writes one version file per shard, each under its own
+shard key, and its CURRENT.json lists them under `shards`; the views read them all. A pointer without that
+list names one file, its `stage_key`."""
 
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ class Current:
     stage_key: str
     complete: bool
     run_id: str
+    shards: tuple[str, ...] = ()
+    """The shard keys whose files make up the version (empty: the one file `stage_key`)."""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The version names whose files hold the rows."""
+        return self.shards or (self.stage_key,)
 
 
 class StageVersions(DamageChecks):
@@ -45,8 +56,12 @@ class StageVersions(DamageChecks):
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("stage_key"), str):
             raise ValueError("no stage_key")
-        if not _VERSION_NAME.fullmatch(data["stage_key"]):  # a path would make the views read outside the folder
-            raise ValueError("its stage_key is not a version name")
+        names = [data["stage_key"], *data.get("shards", [])]
+        # A path would make the views read outside the folder.
+        if not isinstance(data.get("shards", []), list) or not all(
+            isinstance(n, str) and _VERSION_NAME.fullmatch(n) for n in names
+        ):
+            raise ValueError("its stage_key or shards are not version names")
         return data
 
     def _pointer(self, path: Path) -> dict[str, Any] | None:
@@ -65,7 +80,8 @@ class StageVersions(DamageChecks):
         data = self._pointer(self._folder(table, recipe) / "CURRENT.json")
         if data is None:
             return None
-        return Current(data["stage_key"], bool(data.get("complete")), str(data.get("run_id")))
+        shards = tuple(data.get("shards", ()))
+        return Current(data["stage_key"], bool(data.get("complete")), str(data.get("run_id")), shards)
 
     def has_version(self, table: str, recipe: str, stage_key: str) -> bool:
         """Whether a complete version of this stage exists (it may be an older, not current, one)."""
@@ -76,6 +92,13 @@ class StageVersions(DamageChecks):
         self, table: str, recipe: str, stage_key: str, run_id: str, rows: Sequence[dict[str, Any]], complete: bool
     ) -> None:
         """Materialise a stage version and make it current. Incomplete versions are shown but redone."""
+        self.write_version(table, recipe, stage_key, rows, complete)
+        self.set_current(table, recipe, stage_key, run_id, complete)
+
+    def write_version(
+        self, table: str, recipe: str, stage_key: str, rows: Sequence[dict[str, Any]], complete: bool
+    ) -> None:
+        """Materialise one version file (a stage's, or one shard's) without pointing the views at it."""
         self._check_root()
         folder = self._folder(table, recipe)
         atomic_write_parquet(folder / f"{stage_key}.parquet", to_table(rows, STAGE_TABLES[table]))
@@ -84,30 +107,46 @@ class StageVersions(DamageChecks):
             atomic_write_bytes(marker, b"")
         else:
             marker.unlink(missing_ok=True)
-        self.set_current(table, recipe, stage_key, run_id, complete)
 
-    def set_current(self, table: str, recipe: str, stage_key: str, run_id: str, complete: bool) -> None:
-        """Point the views at one version of a stage table."""
+    def set_current(
+        self, table: str, recipe: str, stage_key: str, run_id: str, complete: bool, shards: Sequence[str] = ()
+    ) -> None:
+        """Point the views at one version of a stage table (made of the files `shards`, when given)."""
         self._check_root()
-        data = {"stage_key": stage_key, "complete": complete, "run_id": run_id}
+        data: dict[str, Any] = {"stage_key": stage_key, "complete": complete, "run_id": run_id}
+        if shards:
+            data["shards"] = list(shards)
         atomic_write_bytes(self._folder(table, recipe) / "CURRENT.json", json.dumps(data).encode())
 
     def read_stage(self, table: str, recipe: str, stage_key: str) -> list[dict[str, Any]]:
         """All rows of one stage version."""
         return pq.read_table(self._folder(table, recipe) / f"{stage_key}.parquet").to_pylist()
 
-    def read_version(self, table: str, unit: str, stage_key: str) -> list[dict[str, Any]] | None:
-        """Rows of the complete version `stage_key` of a stage, or None when there is none to reuse.
+    def version_rows(self, table: str, unit: str, stage_key: str) -> int:
+        """How many rows a version file holds, from its footer (a reused shard is counted without reading it)."""
+        return int(pq.ParquetFile(self._folder(table, unit) / f"{stage_key}.parquet").metadata.num_rows)
+
+    def read_version(
+        self,
+        table: str,
+        unit: str,
+        stage_key: str,
+        columns: Sequence[str] | None = None,
+        *,
+        complete: bool = True,
+    ) -> list[dict[str, Any]] | None:
+        """Rows of the complete version `stage_key` of a stage (only `columns`, when given; any version with
+        `complete=False`), or None when there is none to reuse.
 
         A version that cannot be read is derived data, not an error: while a build holds the lock it is moved
         to corrupt/ beside it (and named in `set_aside`), so the caller recomputes the stage from its inputs and
         the call cache; otherwise it is skipped and named in `skipped_parts`.
         """
-        if not self.has_version(table, unit, stage_key):
-            return None
         path = self._folder(table, unit) / f"{stage_key}.parquet"
+        if not (self.has_version(table, unit, stage_key) if complete else path.is_file()):
+            return None
         try:
-            return pq.read_table(path).to_pylist()
+            return pq.read_table(path, columns=None if columns is None else list(columns)).to_pylist()
         except (OSError, ValueError, pa.ArrowException) as exc:
             self._reject(path, first_line(exc))
         return None
@@ -123,9 +162,11 @@ class StageVersions(DamageChecks):
         files = []
         for pointer in sorted(base.glob("*/CURRENT.json")) if base.is_dir() else []:
             data = self._pointer(pointer)
-            path = pointer.parent / f"{data['stage_key']}.parquet" if data else None
-            if path is not None and path.is_file():
-                files.append(str(path))
+            names = (data.get("shards") or [data["stage_key"]]) if data else []
+            for name in names:
+                path = pointer.parent / f"{name}.parquet"
+                if path.is_file():
+                    files.append(str(path))
         return files
 
     def current_rows(self, table: str) -> list[dict[str, Any]]:
