@@ -115,3 +115,28 @@ def test_a_build_killed_between_shards_resumes_with_no_repeated_call(tmp_path: P
     assert calls["n"] == calls["keys"] == 12  # every sample made once, the killed build's ones not again
     for table in TABLES:
         assert len(pointer(wh, table)["shards"]) == 4
+
+
+def test_the_cards_position_consistency_over_arrow_matches_the_row_by_row_count() -> None:
+    import random
+
+    import pyarrow as pa
+
+    from factory.labelers.judge import consistent_pairs, consistent_pairs_arrow
+
+    rng = random.Random(0)
+    rows = [
+        {
+            "sample_a": a,
+            "sample_b": b,
+            "verdict": rng.choice(["a", "b", None]),
+            "reference_name": rng.choice(["r", None]),
+        }
+        for p in range(40)
+        for a in (f"s{p}-{i}" for i in range(4))
+        for b in (f"s{p}-{i}" for i in range(4))
+        if a != b
+    ]
+    same, both = consistent_pairs(rows)
+    assert both > 0 and 0 < same < both
+    assert consistent_pairs_arrow(pa.Table.from_pylist(rows)) == (same, both)

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 import factory
 from factory.core.errors import FactoryError, mark_recorded
 from factory.core.keys import stable_hash
@@ -253,12 +255,12 @@ class Run:
         self.stats.append(st)
         self.reporter.stage_finished(st)
 
-    def read(self, table: str, key: str, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """The rows of one version file of this run's recipe, complete or not (a shard the export streams)."""
-        rows = self.wh.read_version(table, self.recipe, key, columns, complete=False)
-        if rows is None:
+    def read(self, table: str, key: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """One version file of this run's recipe, complete or not, as Arrow (a shard the export streams)."""
+        found = self.wh.read_version_table(table, self.recipe, key, columns, complete=False)
+        if found is None:
             raise FactoryError(f"stage table {table}: version {key} is gone or unreadable; build again")
-        return rows
+        return found
 
     def _warn_set_aside(self, paths: Sequence[Path]) -> None:
         """One warning line naming the damaged table files just moved to corrupt/ (they are kept there)."""

@@ -19,19 +19,39 @@ Sinks (the export) run after the last shard, on the whole stages: they read back
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
 
 from factory.core.keys import stable_hash
 from factory.pipeline.run import Run
 from factory.pipeline.stage import Context, Stage, StageOutput, StageStats, execute, order, stage_key
 
 
-def cut(prompts: StageOutput, size: int) -> list[StageOutput]:
+@dataclass
+class Shard:
+    """One shard's prompt rows, held as Arrow between shards (a third of their size as dicts), and the
+    source's counts for the first one."""
+
+    prompts: pa.Table
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def output(self) -> StageOutput:
+        """The shard's rows as the `prompts` stage hands them on."""
+        return StageOutput(self.prompts.to_pylist(), dict(self.notes))
+
+
+def cut(prompts: StageOutput, size: int) -> list[Shard]:
     """The prompt rows in consecutive shards of `size` (the last one shorter); the source's counts (rows
-    read, duplicates, empty) go with the first."""
+    read, duplicates, empty) go with the first. The rows are moved out of `prompts` as they are cut."""
     if size < 1:
         raise ValueError(f"a shard holds at least one prompt, not {size}")
-    rows = prompts.rows
-    shards = [StageOutput(rows[i : i + size]) for i in range(0, max(len(rows), 1), size)]
+    rows, prompts.rows = prompts.rows, []
+    shards = []
+    for start in range(0, max(len(rows), 1), size):
+        shards.append(Shard(pa.Table.from_pylist(rows[start : start + size])))
+        rows[start : start + size] = [None] * len(rows[start : start + size])  # freed shard by shard
     shards[0].notes = dict(prompts.notes)
     return shards
 
@@ -44,7 +64,7 @@ def whole_key(stage: Stage, keys: Sequence[str]) -> str:
     return stable_hash({"stage": stage.writes, "version": stage.version, "shards": list(keys)})
 
 
-def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[StageOutput]) -> set[str]:
+def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[Shard]) -> set[str]:
     """Run the stages shard by shard (`shards`: the prompt rows of each, which the `prompts` stage hands on
     as `ctx.outputs["prompt_output"]`), point each stage at its shard files, then run the sinks on the whole
     stages. Returns the names of the stages left incomplete."""
@@ -52,8 +72,8 @@ def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[St
     body = [s for s in ordered if not s.sink]
     stats = {s.name: StageStats(s.name, skipped=True) for s in body}
     shard_keys: dict[str, list[str]] = {s.name: [] for s in body}
-    for prompts in shards:
-        ctx.outputs["prompt_output"] = prompts
+    for shard in shards:
+        ctx.outputs["prompt_output"] = shard.output()
         ctx.rows.clear()
         keys: dict[str, str] = {}
         ctx.keys = keys

@@ -21,6 +21,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import pyarrow as pa
+
 from factory.core.keys import stable_hash
 
 if TYPE_CHECKING:
@@ -117,18 +119,25 @@ class Context:
     """Stages of this run left incomplete so far (a sink uses it to mark what it writes as complete or not)."""
     shard_keys: dict[str, list[str]] = field(default_factory=dict)
     """For a build cut into shards (`factory.pipeline.shards`): each stage's version key per shard, in order."""
-    read: Callable[[str, str, Sequence[str] | None], list[dict[str, Any]]] | None = None
-    """How a sink reads one shard's rows back: (table, shard key, columns or None)."""
+    read: Callable[[str, str, Sequence[str] | None], pa.Table] | None = None
+    """How a sink reads one shard back: (table, shard key, columns or None) -> its rows as Arrow."""
 
-    def each_shard(self, stage: str, columns: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
-        """A finished stage's rows shard by shard (only `columns`, when given), so a sink such as the export
-        holds one shard at a time; a run without shards yields its rows once."""
+    def each_table(self, stage: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """A finished stage's rows shard by shard as Arrow (only `columns`, when given), so a sink such as
+        the export holds one shard at a time; a run without shards yields its rows once."""
         keys = self.shard_keys.get(stage)
         if keys is None or self.read is None:
-            yield self.rows.get(stage, [])
+            rows = self.rows.get(stage, [])
+            table = pa.Table.from_pylist(rows)
+            yield table if columns is None or not rows else table.select(list(columns))
             return
         for key in keys:
             yield self.read(stage, key, columns)
+
+    def each_shard(self, stage: str, columns: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+        """`each_table`, as rows."""
+        for table in self.each_table(stage, columns):
+            yield table.to_pylist()
 
     @property
     def recipe(self) -> Any:

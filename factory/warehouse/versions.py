@@ -142,11 +142,24 @@ class StageVersions(DamageChecks):
         to corrupt/ beside it (and named in `set_aside`), so the caller recomputes the stage from its inputs and
         the call cache; otherwise it is skipped and named in `skipped_parts`.
         """
+        found = self.read_version_table(table, unit, stage_key, columns, complete=complete)
+        return None if found is None else found.to_pylist()
+
+    def read_version_table(
+        self,
+        table: str,
+        unit: str,
+        stage_key: str,
+        columns: Sequence[str] | None = None,
+        *,
+        complete: bool = True,
+    ) -> pa.Table | None:
+        """`read_version` as an Arrow table."""
         path = self._folder(table, unit) / f"{stage_key}.parquet"
         if not (self.has_version(table, unit, stage_key) if complete else path.is_file()):
             return None
         try:
-            return pq.read_table(path, columns=None if columns is None else list(columns)).to_pylist()
+            return pq.read_table(path, columns=None if columns is None else list(columns))
         except (OSError, ValueError, pa.ArrowException) as exc:
             self._reject(path, first_line(exc))
         return None
