@@ -4,20 +4,20 @@
 everything else exactly as a local build does: it looks up the cache, splits the missing calls into batches
 (`CallRunner._batches`: whole prompts for generation), and writes each batch's rows with
 `Warehouse.append_calls` as it comes back, so caching, resume and the runs table are the same. Each batch is
-one shard: the same requests in the same batch as a local build, so every output, sampled ones included, is
+one Ray task: the same requests in the same batch as a local build, so every output, sampled ones included, is
 the same as a local build's (the transformers backend seeds each batch from its requests).
 
 Ray's own facilities do the work (docs/SCALING.md):
 
-- one actor per worker (`ShardWorker`), holding one backend loaded with the pool's loader on its first shard;
+- one actor per worker (`BatchWorker`), holding one backend loaded with the pool's loader on its first batch;
   `num_cpus` = the model's `threads` (default 1), `num_gpus` = 1 for a GPU model, and for vLLM on a GPU
   cluster `num_gpus` = `tensor_parallel_size` × `pipeline_parallel_size` (one engine per actor) or, above
   one GPU, vLLM's own Ray executor in a placement group of one GPU bundle per rank (the pattern of vLLM's
   `examples/offline_inference/distributed.py`);
-- `ray.util.ActorPool` hands shards to idle actors and returns results as they finish; actors that are not
+- `ray.util.ActorPool` hands batches to idle actors and returns results as they finish; actors that are not
   scheduled yet (a busy or autoscaling cluster) join the pool when they become ready;
-- `max_restarts` / `max_task_retries`: a worker killed mid-shard (OOM, preemption, SIGKILL) is restarted by
-  Ray, which reloads its model and runs the lost shard again; nothing was written for it, so every call is
+- `max_restarts` / `max_task_retries`: a worker killed mid-batch (OOM, preemption, SIGKILL) is restarted by
+  Ray, which reloads its model and runs the lost batch again; nothing was written for it, so every call is
   written exactly once.
 
 `openai` models are called from the driver as in a local build: their parallelism is their `concurrency`,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from factory.models.registry import Backend
 
 MAX_RESTARTS = 3
-"""How often Ray restarts a dead worker, and retries the shard it was running, before the build stops."""
+"""How often Ray restarts a dead worker, and retries the batch it was running, before the build stops."""
 DRIVER_BACKENDS = frozenset({"openai"})
 """Backends called from the driver even with `--executor ray` (HTTP clients: nothing to distribute)."""
 FOLDER_BACKENDS = frozenset({"transformers", "vllm", "reward-model"})
@@ -92,8 +92,8 @@ def _portable(exc: Exception) -> Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-class ShardWorker:
-    """A Ray actor's body: one backend, loaded on its first shard (again after a restart), that turns shards
+class BatchWorker:
+    """A Ray actor's body: one backend, loaded on its first batch (again after a restart), that turns batches
     into call rows with `call_batch`, so transient failures become error rows exactly as in a local build."""
 
     def __init__(self, spec: ModelSpec, loader: Callable[[ModelSpec], Backend]) -> None:
@@ -107,7 +107,7 @@ class ShardWorker:
     def run(
         self, index: int, kind: CallKind, model: str, base: dict[str, Any], batch: list[Call]
     ) -> tuple[int, list[dict[str, Any]], int]:
-        """(shard index, call rows, process id); a non-transient exception propagates and stops the build."""
+        """(batch index, call rows, process id); a non-transient exception propagates and stops the build."""
         try:
             if self.backend is None:
                 self.backend = self.loader(self.spec)
@@ -135,9 +135,9 @@ class RayExecutor:
     """Runs batches of model calls on Ray actors, one actor pool per model (see the module docstring).
 
     Ray is joined (`address`: `auto`, `ray://host:10001`, ...) or started (no address: a local cluster with
-    this machine's CPUs and GPUs) on the first shard, so an unchanged rebuild never touches Ray. Workers start
+    this machine's CPUs and GPUs) on the first batch, so an unchanged rebuild never touches Ray. Workers start
     lazily, at most `workers` per model (default: one per CPU, or per GPU for GPU models, of the cluster), never
-    more than the stage has shards; only one model's workers live at a time, and `release`/`close` stop them.
+    more than the stage has batches; only one model's workers live at a time, and `release`/`close` stop them.
     """
 
     name = "ray"
@@ -150,7 +150,7 @@ class RayExecutor:
         self.local = LocalExecutor()
         self.models: dict[str, _Workers] = {}
         self.pids: dict[str, list[int]] = {}
-        """The worker processes that returned each model's shards, in order (a restarted worker has a new one)."""
+        """The worker processes that returned each model's batches, in order (a restarted worker has a new one)."""
         self.started_ray = False
 
     # ---------------------------------------------------------------------------------------------- ray
@@ -254,13 +254,13 @@ class RayExecutor:
         cpus, gpus = self._demand(spec, total)
         return max(1, int(total.get("GPU", 0) // gpus) if gpus else int(total.get("CPU", 1) // cpus))
 
-    def _workers(self, model: str, spec: ModelSpec, loader: Callable[[ModelSpec], Backend], shards: int) -> _Workers:
+    def _workers(self, model: str, spec: ModelSpec, loader: Callable[[ModelSpec], Backend], batches: int) -> _Workers:
         ray = self._ray()
         for other in [m for m, w in self.models.items() if m != model or w.spec != spec or w.loader is not loader]:
             self.release(other)  # one model's workers at a time: stages run one after another
         workers = self.models.setdefault(model, _Workers(spec, loader))
-        want = min(self.default_workers(spec), shards)
-        remote = ray.remote(ShardWorker)
+        want = min(self.default_workers(spec), batches)
+        remote = ray.remote(BatchWorker)
         while len(workers.actors) < want:
             options, worker_spec = self._options(ray, spec, model, workers)
             actor = remote.options(**options).remote(worker_spec, loader)
@@ -290,7 +290,7 @@ class RayExecutor:
     def map(
         self, pool: ModelPool, kind: CallKind, model: str, base: dict[str, Any], batches: list[list[Call]]
     ) -> Iterator[tuple[list[Call], list[dict[str, Any]]]]:
-        """Run the batches as shards on the model's actors; yield (batch, rows) as each shard comes back."""
+        """Run the batches on the model's actors, one task each; yield (batch, rows) as each comes back."""
         spec = pool.check(model, kind.role)
         if not batches:
             return
@@ -302,14 +302,14 @@ class RayExecutor:
         ray = self._ray()
         workers = self._workers(model, spec, pool.loader, len(batches))
         # Only what a worker needs travels: the key and the request of every call, not the stage's row fields.
-        shards = [[Call(c.key, c.request, {}) for c in batch] for batch in batches]
+        payloads = [[Call(c.key, c.request, {}) for c in batch] for batch in batches]
         # Wait for the first worker (it may need a node to start); the others join as they become ready.
         while not workers.ready:
             self._started(ray, model, workers, block=True)
         actors = ActorPool(list(workers.ready))
         in_pool = set(workers.ready)
-        for i, shard in enumerate(shards):
-            actors.submit(lambda a, v: a.run.remote(v[0], kind, model, base, v[1]), (i, shard))
+        for i, batch in enumerate(payloads):
+            actors.submit(lambda a, v: a.run.remote(v[0], kind, model, base, v[1]), (i, batch))
         while actors.has_next():
             try:
                 index, rows, pid = actors.get_next_unordered(timeout=READY_POLL_S if workers.waiting else None)
@@ -317,7 +317,7 @@ class RayExecutor:
                 for actor in self._started(ray, model, workers):
                     if actor not in in_pool:
                         in_pool.add(actor)
-                        actors.push(actor)  # an idle actor joins the pool and takes a waiting shard
+                        actors.push(actor)  # an idle actor joins the pool and takes a waiting batch
                 continue
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
@@ -325,7 +325,7 @@ class RayExecutor:
             except ray.exceptions.RayError as exc:
                 raise FactoryError(
                     f"a Ray worker for model '{model}' died and was restarted {self.max_restarts} time(s) without "
-                    f"finishing its shard; finished calls are saved, run again to resume: {first_line(exc)}"
+                    f"finishing its batch; finished calls are saved, run again to resume: {first_line(exc)}"
                 ) from None
             self.pids.setdefault(model, []).append(pid)
             yield batches[index], rows
