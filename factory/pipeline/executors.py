@@ -14,8 +14,9 @@ Ray's own facilities do the work (docs/SCALING.md):
   cluster `num_gpus` = `tensor_parallel_size` × `pipeline_parallel_size` (one engine per actor) or, above
   one GPU, vLLM's own Ray executor in a placement group of one GPU bundle per rank (the pattern of vLLM's
   `examples/offline_inference/distributed.py`);
-- `ray.util.ActorPool` hands batches to idle actors and returns results as they finish; actors that are not
-  scheduled yet (a busy or autoscaling cluster) join the pool when they become ready;
+- each actor has two batches queued (`IN_FLIGHT`), so it starts the next while the driver writes the last
+  one's rows; results are taken as they finish (`ray.wait`), and actors that are not scheduled yet (a busy
+  or autoscaling cluster) take batches when they become ready;
 - `max_restarts` / `max_task_retries`: a worker killed mid-batch (OOM, preemption, SIGKILL) is restarted by
   Ray, which reloads its model and runs the lost batch again; nothing was written for it, so every call is
   written exactly once.
@@ -55,6 +56,8 @@ LOG = logging.getLogger(__name__)
 """Cleanup failures are logged here (no handler configured: Python prints a warning on stderr)."""
 READY_POLL_S = 2.0
 """How often the driver looks for workers that became ready while it waits for results."""
+IN_FLIGHT = 2
+"""Batches queued on each actor at once, so it never waits for the driver between two batches."""
 
 
 def require_ray() -> None:
@@ -297,28 +300,35 @@ class RayExecutor:
         if spec.backend in DRIVER_BACKENDS:
             yield from self.local.map(pool, kind, model, base, batches)
             return
-        from ray.util import ActorPool
-
         ray = self._ray()
         workers = self._workers(model, spec, pool.loader, len(batches))
         # Only what a worker needs travels: the key and the request of every call, not the stage's row fields.
-        payloads = [[Call(c.key, c.request, {}) for c in batch] for batch in batches]
+        todo = [(i, [Call(c.key, c.request, {}) for c in batch]) for i, batch in reversed(list(enumerate(batches)))]
+        flight: dict[Any, Any] = {}  # task -> the actor running it
+        load: dict[Any, int] = {}  # actor -> its tasks in flight
+
+        def feed(actor: Any) -> None:
+            # Each actor holds IN_FLIGHT tasks: it starts its next batch while the driver writes the last one's rows.
+            while todo and load.get(actor, 0) < IN_FLIGHT:
+                index, payload = todo.pop()
+                flight[actor.run.remote(index, kind, model, base, payload)] = actor
+                load[actor] = load.get(actor, 0) + 1
+
         # Wait for the first worker (it may need a node to start); the others join as they become ready.
         while not workers.ready:
             self._started(ray, model, workers, block=True)
-        actors = ActorPool(list(workers.ready))
-        in_pool = set(workers.ready)
-        for i, batch in enumerate(payloads):
-            actors.submit(lambda a, v: a.run.remote(v[0], kind, model, base, v[1]), (i, batch))
-        while actors.has_next():
-            try:
-                index, rows, pid = actors.get_next_unordered(timeout=READY_POLL_S if workers.waiting else None)
-            except TimeoutError:
+        for actor in workers.ready:
+            feed(actor)
+        while flight:
+            done, _ = ray.wait(list(flight), num_returns=1, timeout=READY_POLL_S if workers.waiting else None)
+            if not done:
                 for actor in self._started(ray, model, workers):
-                    if actor not in in_pool:
-                        in_pool.add(actor)
-                        actors.push(actor)  # an idle actor joins the pool and takes a waiting batch
+                    feed(actor)  # an actor that became ready takes waiting batches
                 continue
+            actor = flight.pop(done[0])
+            load[actor] -= 1
+            try:
+                index, rows, pid = ray.get(done[0])
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
                 raise (cause if isinstance(cause, Exception) else exc) from None
@@ -327,6 +337,7 @@ class RayExecutor:
                     f"a Ray worker for model '{model}' died and was restarted {self.max_restarts} time(s) without "
                     f"finishing its batch; finished calls are saved, run again to resume: {first_line(exc)}"
                 ) from None
+            feed(actor)
             self.pids.setdefault(model, []).append(pid)
             yield batches[index], rows
 
