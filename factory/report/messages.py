@@ -81,7 +81,7 @@ def recipe_source(path: Path, overrides: dict[str, Any]) -> Source | str:
         protocol = judge_protocol(loaded)
     except UserInputError as exc:
         return f"recipe {path} not read: {exc}"
-    j = loaded.recipe.judgments
+    j = loaded.recipe.judging
     label = f"recipe {path}" + (f", template {loaded.resolve(j.template)}" if j.template else "")
     return Source(label, protocol)
 
