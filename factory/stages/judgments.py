@@ -310,9 +310,11 @@ def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
 def _plan_judge(ctx: Context, n_prompts: int | None, entry: int) -> PlannedStage:
     r = ctx.recipe
     j = r.judges[entry]
-    n = samples_per_prompt(ctx)
+    counts = samples_per_prompt(ctx)  # one count for every prompt, or one per prompt with imports
     protocol = judge_protocol(ctx.loaded, entry)
-    pairs = n * (n - 1) // (1 if j.orders == "both" else 2)
+    div = 1 if j.orders == "both" else 2
+    ordered = None if counts is None else [n * (n - 1) // div for n in counts]
+    pairs = 0 if not ordered else round(sum(ordered) / len(ordered))
     votes = max(1, len(j.reference_names))  # each reference that votes is one more judgment per pair
     chars = ctx.outputs.get("instruction_chars")
     ref = next((x for x in r.references if x.name in j.reference_names), None)
@@ -325,7 +327,9 @@ def _plan_judge(ctx: Context, n_prompts: int | None, entry: int) -> PlannedStage
         ref_tokens = sum(len(c.get(field) or "") for c in columns) / max(len(columns), 1) / 4
     longest = max([p.params.max_tokens for p in r.policies] or [0])
     each = len(protocol.template) / 4 + 2 * longest + (ref_tokens if protocol.uses_reference else 0)
-    per = None if n_prompts is None else n_prompts * pairs * votes
+    per = None if n_prompts is None or ordered is None else n_prompts * pairs * votes
+    if r.imports and ordered is not None:
+        per = sum(ordered) * votes  # each prompt's own count: imports hold different numbers
     # Without the instructions at hand (a Hub dataset) the estimate counts everything but them.
     approx = None if per is None else int(per * (each + (chars or 0) / 4))
     note = f"{pairs} ordered pairs per prompt, protocol {j.protocol}"
@@ -334,7 +338,7 @@ def _plan_judge(ctx: Context, n_prompts: int | None, entry: int) -> PlannedStage
     if j.template is not None:
         note += f", worded by {Path(j.template).name}"
     if r.imports:
-        note += f" ({n} samples per prompt with the imported ones)"
+        note = note.replace(f"{pairs} ordered pairs per prompt", f"{pairs} ordered pairs per prompt on average")
     note += "" if chars is not None else "; input tokens exclude the instructions"
     return PlannedStage("judgments", j.judge, per, None if per is None else per * j.generation_tokens, approx, note)
 

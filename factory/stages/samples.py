@@ -150,15 +150,17 @@ def _samples(ctx: Context, st: StageStats) -> StageOutput:
     return out
 
 
-def samples_per_prompt(ctx: Context) -> int:
-    """A prompt's samples as a plan counts them: every policy's `n`, and the mean number of completions an
-    import holds per prompt (rounded)."""
+def samples_per_prompt(ctx: Context) -> list[int] | None:
+    """Each prompt's samples as a plan counts them: every policy's `n`, plus the completions the imports hold
+    for it (None for the imports' share when the prompts are not at hand: a Hub dataset)."""
     n = sum(p.n for p in ctx.recipe.policies)
-    if ctx.recipe.imports:
-        prompts = max(len(ctx.rows.get("prompts", [])), 1)
-        imported = sum(s.notes()["completions"] for s in _imports(ctx).values())
-        n += round(imported / prompts)
-    return n
+    if not ctx.recipe.imports:
+        return [n]
+    if "prompts" not in ctx.rows:
+        return None
+    sources = _imports(ctx).values()
+    counts = [n + sum(len(set(s.completions.get(p["prompt_id"], []))) for s in sources) for p in ctx.rows["prompts"]]
+    return counts
 
 
 def _plan_samples(ctx: Context, n: int | None) -> list[PlannedStage]:
