@@ -5,6 +5,7 @@ call no model and count what they could not use, and a panel's judges keep their
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +234,30 @@ def test_the_shipped_relabelling_recipe_reads_its_ultrafeedback_fixture(tmp_path
     assert notes["imports"]["ultrafeedback"]["empty_rows"] == [1, 3]
     assert run["by_stage"]["judgments"]["rows"] == 6 + 2 + 2
     assert calls(build(recipe, wh)) == 0
+
+
+def test_show_and_report_give_per_policy_figures(tmp_path: Path, kit: Any) -> None:
+    path = kit.scripted(tmp_path, **{"models.m2": M2, "samples": TWO_POLICIES, "judgments": PANEL})
+    wh = tmp_path / "wh"
+    build(path, wh)
+    figures = rows(
+        wh,
+        "SELECT s.policy, count(*) AS samples, count(p.prompt_id) AS chosen FROM samples s "
+        "LEFT JOIN pairs p ON p.chosen_sample_id = s.sample_id GROUP BY ALL ORDER BY 1",
+    )
+    prompt = rows(wh, "SELECT prompt_id FROM prompts ORDER BY prompt_id LIMIT 1")[0]["prompt_id"]
+    shown = CliRunner().invoke(main, ["show", prompt[:8], "-w", str(wh)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "policies of the recipe (2)" in shown.output
+    for f in figures:  # policy, samples, chosen: the table's first three columns
+        assert re.search(rf"\n\s+{f['policy']}\s+{f['samples']}\s+{f['chosen']}\s", shown.output), shown.output
+    assert "m2 reffree" in shown.output  # a panel's rows name their judge
+    out = tmp_path / "report.html"
+    reported = CliRunner().invoke(main, ["report", "-w", str(wh), "--out", str(out)])
+    assert reported.exit_code == 0, reported.output
+    page = out.read_text(encoding="utf-8")
+    assert "policy or import source" in page
+    for f in figures:
+        cells = f'<td>{f["policy"]}</td><td class="num">{f["samples"]}</td><td class="num">{f["chosen"]}</td>'
+        assert cells in page
+    assert "m · refeval · human</td><td>m2 · reffree · no reference" in page  # the panel's agreement
