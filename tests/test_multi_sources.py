@@ -74,19 +74,22 @@ def test_two_policies_are_judged_as_one_set_and_rebuild_without_calls(tmp_path: 
     assert f"| `m` | 8 | {chosen} |" in card
 
 
-def test_one_policy_as_a_list_keeps_the_keys_and_a_second_policy_reuses_its_samples(tmp_path: Path, kit: Any) -> None:
+def test_one_policy_and_one_judge_as_lists_keep_their_keys(tmp_path: Path, kit: Any) -> None:
+    """And a second policy added to them reuses the first one's samples."""
     wh = tmp_path / "wh"
     build(kit.scripted(tmp_path), wh)
-    listed = kit.scripted(
-        tmp_path, "listed.yaml", **{"samples": [{"policy": "m", "n": 3, "params": {"max_tokens": 12}}]}
-    )
+    one = [{"policy": "m", "n": 3, "params": {"max_tokens": 12}}]
+    listed = kit.scripted(tmp_path, "listed.yaml", **{"samples": one})
     reused = build(listed, wh)
     assert calls(reused) == 0
     assert [s["stage"] for s in reused["stages"] if not s["skipped"]] == ["export"]  # its key covers the text
+    judge = kit.scripted_data["judgments"]
+    panel_of_one = build(kit.scripted(tmp_path, "judge.yaml", **{"samples": one, "judgments": [judge]}), wh)
+    assert [s["stage"] for s in panel_of_one["stages"] if not s["skipped"]] == ["export"]
     widened = kit.scripted(
         tmp_path,
         "widened.yaml",
-        **{"models.m2": M2, "samples": [{"policy": "m", "n": 3, "params": {"max_tokens": 12}}, TWO_POLICIES[1]]},
+        **{"models.m2": M2, "samples": [*one, TWO_POLICIES[1]]},
     )
     grown = build(widened, wh)
     assert grown["by_stage"]["samples"]["model_calls"] == 4 * 2  # only the new policy's samples

@@ -232,8 +232,8 @@ def _judgments_spec(ctx: Context) -> Any:
     for i, j in enumerate(ctx.recipe.judges):
         protocol = judge_protocol(ctx.loaded, i)
         specs.append([j.model_dump(), protocol.template, protocol.system, model_identity(ctx.recipe.models[j.judge])])
-    # One judge keeps the key it had before panels existed.
-    return specs if isinstance(ctx.recipe.judgments, list) else specs[0]
+    # One judge, in either form, keeps the key it had before panels existed.
+    return specs if len(specs) > 1 else specs[0]
 
 
 def _judgments(ctx: Context, st: StageStats) -> StageOutput:
