@@ -264,3 +264,27 @@ def test_show_and_report_give_per_policy_figures(tmp_path: Path, kit: Any) -> No
         cells = f'<td>{f["policy"]}</td><td class="num">{f["samples"]}</td><td class="num">{f["chosen"]}</td>'
         assert cells in page
     assert "m · refeval · human</td><td>m2 · reffree · no reference" in page  # the panel's agreement
+
+
+def test_completions_from_a_hub_dataset_join_by_instruction(
+    tmp_path: Path, kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub dataset is read by the prompt sources' own reader (stood in for here: no network in tests)."""
+    import factory.inputs.sources
+
+    asked: list[tuple[Any, ...]] = []
+
+    def hub(name: str, *, folder: Any, split: Any, config: Any) -> list[dict[str, Any]]:
+        asked.append((name, folder, split, config))
+        return [{"instruction": "Name a color.", "answer": "Teal."}, {"instruction": "Unknown?", "answer": "x"}]
+
+    monkeypatch.setattr(factory.inputs.sources, "read_dataset", hub)
+    source = {"imported": "hub", "dataset": "someone/outputs", "split": "test", "field": "answer"}
+    path = kit.scripted(tmp_path, **{"samples": [{"policy": "m", "n": 1}, source]})
+    run = build(path, tmp_path / "wh")
+    assert asked == [("someone/outputs", None, "test", None)]
+    texts = rows(tmp_path / "wh", "SELECT policy, text FROM samples WHERE finish_reason = 'imported'")
+    assert texts == [{"policy": "hub", "text": "Teal."}]
+    notes = run["by_stage"]["samples"]["notes"]
+    notes = json.loads(notes) if isinstance(notes, str) else notes
+    assert notes["imports"]["hub"]["unjoined_rows"] == [1]

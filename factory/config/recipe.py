@@ -168,7 +168,7 @@ class Recipe(Strict):
         for i, s in enumerate(self.samples):
             if isinstance(s, ImportedSamples):
                 ident = f"imported {s.imported}"
-                if s.join == "id" and s.path is not None and self.prompts.id_field is None:
+                if s.join == "id" and s.separate and self.prompts.id_field is None:
                     raise FieldError(("samples", i, "join"), "joining by id needs prompts.id_field")
             else:
                 # Two entries of one model with the same settings would ask the same requests twice.

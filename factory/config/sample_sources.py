@@ -40,13 +40,19 @@ class ImportedSamples(Strict):
     `response_field` and, optionally, `model_field`, as UltraFeedback's `completions`). A column of the prompt
     source, or of `path` when given."""
     path: str | None = Field(None, min_length=1)
-    """A separate JSONL, JSON, Parquet or CSV file (relative to the recipe), joined to the prompts by `join`;
-    leave out to read `field` from the prompt source."""
+    """A separate JSONL, JSON, Parquet or CSV file or saved dataset folder (relative to the recipe), joined to
+    the prompts by `join`; leave out (with `dataset`) to read `field` from the prompt source."""
+    dataset: str | None = Field(None, min_length=1)
+    """A Hugging Face dataset by name, joined to the prompts by `join` (instead of `path`)."""
+    config: str | None = None
+    """The dataset configuration name, for `dataset`."""
+    split: str = "train"
+    """The split to read, for `dataset` and saved dataset folders."""
     join: Literal["instruction", "id"] = "instruction"
-    """For `path`: join a file row to the prompt with the same instruction text, or the same id (the prompt
-    source's `id_field`)."""
+    """For `path` or `dataset`: join a row to the prompt with the same instruction text, or the same id (the
+    prompt source's `id_field`)."""
     join_field: str | None = None
-    """For `path`: the file's column holding the instruction or id (default: the prompt source's
+    """For `path` or `dataset`: the column holding the instruction or id (default: the prompt source's
     `instruction_field` or `id_field`)."""
     response_field: str = "response"
     """In a list of records: the key holding the completion's text."""
@@ -55,9 +61,16 @@ class ImportedSamples(Strict):
 
     @model_validator(mode="after")
     def _file_fields(self) -> ImportedSamples:
-        if self.path is None and self.join_field is not None:
-            raise FieldError(("join_field",), "'join_field' joins a separate file: give 'path' too")
+        if self.path is not None and self.dataset is not None:
+            raise FieldError(("dataset",), "give 'path' or 'dataset', not both")
+        if not self.separate and self.join_field is not None:
+            raise FieldError(("join_field",), "'join_field' joins a separate file: give 'path' or 'dataset' too")
         return self
+
+    @property
+    def separate(self) -> bool:
+        """Whether the completions are in a file or dataset of their own (else in the prompt source)."""
+        return self.path is not None or self.dataset is not None
 
 
 def _source_kind(value: Any) -> str:

@@ -159,7 +159,8 @@ def _source_lines(r: Any) -> list[str]:
     lines = []
     for s in r.sample_sources:
         if hasattr(s, "imported"):
-            where = f"column `{s.field}`" + (f" of `{s.path}`, joined by {s.join}" if s.path else " of the prompts")
+            separate = s.path or (s.dataset and f"hf:{s.dataset}")
+            where = f"column `{s.field}`" + (f" of `{separate}`, joined by {s.join}" if separate else " of the prompts")
             lines.append(f"- Imported completions `{s.imported}`: {where} (no model call)")
             continue
         m = r.models[s.policy]

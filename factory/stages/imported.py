@@ -89,19 +89,21 @@ def _read_source(loaded: LoadedRecipe, i: int, spec: ImportedSamples, prompts: l
     file's rows by instruction text or id)."""
     out = ImportedSource()
     r = loaded.recipe
-    if spec.path is None:
+    if not spec.separate:
         _, raw = read_rows(loaded)
         where = f"{loaded.where('samples', i, 'field')}: column '{spec.field}' of the prompt source"
         keyed = [(p["prompt_id"], p["source_row"]) for p in prompts]
     else:
-        _, raw = read_rows(loaded, PromptSource(path=spec.path), ("samples", i))
-        where = f"{loaded.where('samples', i, 'field')} ({loaded.resolve(spec.path).name}): column '{spec.field}'"
+        source = PromptSource(path=spec.path, dataset=spec.dataset, config=spec.config, split=spec.split)
+        named, raw = read_rows(loaded, source, ("samples", i))
+        named = loaded.resolve(spec.path).name if spec.path is not None else named
+        where = f"{loaded.where('samples', i, 'field')} ({named}): column '{spec.field}'"
         default = r.prompts.instruction_field if spec.join == "instruction" else r.prompts.id_field
         join_field = spec.join_field or default
         by_key = {(p["instruction"] if spec.join == "instruction" else p["source_id"]): p["prompt_id"] for p in prompts}
         if raw and all(join_field not in row for row in raw):
             raise UserInputError(
-                f"{loaded.where('samples', i, 'join_field')} ({loaded.resolve(spec.path).name}): column "
+                f"{loaded.where('samples', i, 'join_field')} ({named}): column "
                 f"'{join_field}' is in no row (available: {clip_value(sorted(raw[0])[:12])})"
             )
         keyed = []
