@@ -288,3 +288,20 @@ def test_completions_from_a_hub_dataset_join_by_instruction(
     notes = run["by_stage"]["samples"]["notes"]
     notes = json.loads(notes) if isinstance(notes, str) else notes
     assert notes["imports"]["hub"]["unjoined_rows"] == [1]
+
+
+def test_two_names_for_one_model_give_copies_not_colliding_ids(tmp_path: Path, kit: Any) -> None:
+    """Two model names with one identity ask the same requests: their samples are copies of one text each,
+    judged once, and every row keeps an id of its own."""
+    same = [
+        {"policy": "m", "n": 2, "params": {"max_tokens": 12}},
+        {"policy": "twin", "n": 2, "params": {"max_tokens": 12}},
+    ]
+    path = kit.scripted(tmp_path, **{"models.twin": {"backend": "scripted"}, "samples": same})
+    wh = tmp_path / "wh"
+    run = build(path, wh)
+    assert run["by_stage"]["samples"]["model_calls"] == 4 * 2
+    ids = rows(wh, "SELECT count(DISTINCT sample_id) AS ids, count(*) AS n FROM samples")[0]
+    assert ids["ids"] == ids["n"] == 4 * 4
+    assert run["by_stage"]["judgments"]["rows"] <= 4 * 2  # two distinct texts a prompt at most
+    assert rows(wh, "SELECT count(*) AS n FROM scores")[0]["n"] == 4 * 4  # a copy carries its text's score

@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from factory.config.sample_sources import ImportedSamples
+from factory.core.keys import stable_hash
 from factory.models.registry import model_identity
 from factory.models.requests import Call, generation_call
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
@@ -129,7 +130,8 @@ def _samples(ctx: Context, st: StageStats) -> StageOutput:
     rows: list[dict[str, Any]] = []
     failed = 0
     notes: dict[str, Any] = {}
-    for s in ctx.recipe.sample_sources:
+    seen: set[str] = set()
+    for position, s in enumerate(ctx.recipe.sample_sources):
         if isinstance(s, ImportedSamples):
             source = _imports(ctx)[s.imported]
             rows += imported_rows(s, list(offsets), source, offsets)
@@ -141,6 +143,11 @@ def _samples(ctx: Context, st: StageStats) -> StageOutput:
         out = sample_rows(calls, ctx.call(s.policy, "samples", calls, st), s)
         for row in out.rows:  # indices run on across sources; the request key keeps the policy's own index
             row["sample_index"] += offsets[row["prompt_id"]]
+            if row["request_key"] in seen:
+                # Two model names with one identity ask the same requests: the same answers, which are merged
+                # as copies of one text, but each row needs its own id.
+                row["sample_id"] = stable_hash([row["request_key"], position], 16)
+            seen.add(row["request_key"])
         for p in prompts:
             offsets[p["prompt_id"]] += s.n
         rows += out.rows
