@@ -23,6 +23,7 @@ from factory.pipeline.calls import ModelPool, Reporter
 from factory.pipeline.run import Run
 from factory.pipeline.shards import cut, execute_sharded
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageStats, order
+from factory.stages.imported import read_imports
 from factory.stages.judgments import judge_protocol
 from factory.stages.pairs import PAIRS
 from factory.stages.prompts import PROMPTS, read_prompts
@@ -36,8 +37,8 @@ def preflight(loaded: LoadedRecipe, wh_root: Path | None = None, *, keys: bool =
     template, local eval prompts, the API key variables (unless `keys` is off: a dry run spends nothing), and
     an export folder that factory did not write."""
     r = loaded.recipe
-    if r.judgments is not None:
-        judge_protocol(loaded)
+    for entry in range(len(r.judges)):
+        judge_protocol(loaded, entry)
     if r.eval is not None and r.eval.prompts.dataset is None:
         read_prompts(loaded, ("eval", "prompts"))  # a held-out file that is missing or wrong fails now, not last
     for name in sorted({name for _, name, _ in r.model_uses()}) if keys else []:
@@ -94,6 +95,7 @@ class Build:
         """Build every stage; returns the runs-table row. The warehouse is locked for the duration."""
         # Bad input is the user's to fix: find it before anything is written to the warehouse.
         prompt_output = read_prompts(self.loaded)
+        imports = read_imports(self.loaded, prompt_output.rows) if self.recipe.imports else None
         preflight(self.loaded, self.wh.root)
         recipe_hash = Run.hash_of(self.recipe.model_dump(mode="json"))
         run = Run(
@@ -102,6 +104,9 @@ class Build:
         self.run_id = run.run_id
         ctx = Context(self.loaded, run.call, run_id=run.run_id)
         ctx.outputs["warehouse_root"] = self.wh.root
+        if imports is not None:
+            ctx.outputs["imports"] = imports
+            ctx.outputs["first_prompt_id"] = prompt_output.rows[0]["prompt_id"]
         shards = cut(prompt_output, self.recipe.run.shard_prompts)
         del prompt_output  # the shards hold the rows now
         self.stats = run.stats

@@ -93,6 +93,7 @@ def validate(recipe: Path, warehouse: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe, its prompt data when it is local, its template files, API key variables and export
     folder, without building anything."""
     from factory.build.command import preflight
+    from factory.stages.imported import read_imports
     from factory.stages.prompts import read_prompts
 
     loaded = _load(recipe, overrides)
@@ -101,7 +102,12 @@ def validate(recipe: Path, warehouse: Path, overrides: tuple[str, ...]) -> None:
     if r.prompts.dataset is None:
         prompts = f"{read_prompts(loaded).notes['kept']} prompts"
     preflight(loaded, warehouse.resolve())
-    samples = f"{r.samples.n} samples per prompt, labeler {r.labeler}" if r.samples else "no samples (SFT export)"
+    if r.imports:  # imported completions are read and checked as a build reads them
+        read_imports(loaded, read_prompts(loaded).rows)
+    per = f"{sum(p.n for p in r.policies)} samples per prompt"
+    if len(r.policies) > 1 or r.imports:
+        per += f" from {len(r.policies)} policies and {len(r.imports)} imported sources"
+    samples = f"{per}, labeler {r.labeler}" if r.samples else "no samples (SFT export)"
     click.echo(
         clean(
             f"ok: recipe '{r.name}': {prompts}, {len(r.models)} model(s), {len(r.references)} reference source(s), "

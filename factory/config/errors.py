@@ -11,13 +11,17 @@ from pydantic_core import ErrorDetails
 from factory.config.base import FieldError
 from factory.core.text import clip_value, message_line
 
+FORM_TAG = "form-"
+"""How the tags of a field that takes one of several forms start (`samples` as a mapping or a list): pydantic
+puts the tag in an error's location, and a message names the field as the user wrote it, without it."""
+
 NUMERIC_ERRORS = ("float", "int", "greater", "less", "finite", "multiple")
 """Error types whose failed check is a number's: a non-finite input is named as the cause instead."""
 
 
 def error_loc(err: ErrorDetails) -> tuple[str | int, ...]:
     """The error's field location, without pydantic's validator names, and with the path a `FieldError` adds."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", FORM_TAG))))
     cause = err.get("ctx", {}).get("error")
     return loc + cause.loc if isinstance(cause, FieldError) else loc
 

@@ -6,18 +6,20 @@ Every field carries a docstring; `schemas/recipe.schema.json` is generated from 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from factory.config.base import SAFE_NAME, FieldError, Strict
 from factory.config.labeling import JudgmentsSpec, PairsSpec, RewardsSpec, SamplesSpec, SimilaritySpec
 from factory.config.models import ModelSpec
 from factory.config.outcomes import EvalSpec, ExportSpec, RoundsSpec, RunOptions
 from factory.config.overrides import override_of
+from factory.config.sample_sources import ImportedSamples, PolicySamples, SampleSource, one_or_list
 from factory.config.sources import PromptSource, ReferenceSpec
 from factory.config.training import TrainSettings
 from factory.config.vocabulary import BACKEND_ROLES, LABELER_MODELS, TRAINABLE_BACKENDS
@@ -39,10 +41,28 @@ class Recipe(Strict):
     """The instructions."""
     references: list[ReferenceSpec] = Field([])
     """Zero or more named reference sources."""
-    samples: SamplesSpec | None = None
-    """The policy's samples; leave out for a references-only recipe (SFT export)."""
-    judgments: JudgmentsSpec | None = None
-    """The pairwise judge labeler (the method). Give exactly one labeler when there are samples."""
+    samples: (
+        Annotated[
+            Annotated[SamplesSpec, Tag("form-one")]
+            | Annotated[list[SampleSource], Field(min_length=1), Tag("form-list")],
+            Discriminator(one_or_list),
+        ]
+        | None
+    ) = None
+    """The policy's samples (a mapping), or a list of sources whose samples of a prompt are judged as one set:
+    policies (`policy`, `n`, `params`, `seed` each) and imported completions (`imported`); leave out for a
+    references-only recipe (SFT export)."""
+    judgments: (
+        Annotated[
+            Annotated[JudgmentsSpec, Tag("form-one")]
+            | Annotated[list[JudgmentsSpec], Field(min_length=1), Tag("form-list")],
+            Discriminator(one_or_list),
+        ]
+        | None
+    ) = None
+    """The pairwise judge labeler (the method), or a panel: a list of (judge, protocol, reference) entries,
+    each judging every ordered pair, whose judgments vote as several references do. Give exactly one labeler
+    when there are samples."""
     rewards: RewardsSpec | None = None
     """The reward-model labeler (a baseline)."""
     similarity: SimilaritySpec | None = None
@@ -67,6 +87,42 @@ class Recipe(Strict):
         return stable_hash(self.model_dump(mode="json"), 16)
 
     @property
+    def sample_sources(self) -> list[SamplesSpec | PolicySamples | ImportedSamples]:
+        """Where a prompt's samples come from, in order (the mapping form is one policy)."""
+        if self.samples is None:
+            return []
+        return list(self.samples) if isinstance(self.samples, list) else [self.samples]
+
+    @property
+    def policies(self) -> list[SamplesSpec | PolicySamples]:
+        """The sample sources that call a model."""
+        return [s for s in self.sample_sources if not isinstance(s, ImportedSamples)]
+
+    @property
+    def imports(self) -> list[ImportedSamples]:
+        """The sample sources read from data."""
+        return [s for s in self.sample_sources if isinstance(s, ImportedSamples)]
+
+    @property
+    def policy(self) -> str | None:
+        """The model name of the recipe's one policy (what rounds train and eval measures); None when it has
+        none or several."""
+        names = [p.policy for p in self.policies]
+        return names[0] if len(names) == 1 else None
+
+    @property
+    def judges(self) -> list[JudgmentsSpec]:
+        """The judge entries: one, or a panel."""
+        if self.judgments is None:
+            return []
+        return list(self.judgments) if isinstance(self.judgments, list) else [self.judgments]
+
+    @property
+    def judging(self) -> JudgmentsSpec:
+        """The first judge entry, whose orders, scoring, schedule and pooling the panel shares."""
+        return self.judges[0]
+
+    @property
     def labeler(self) -> str | None:
         """Which labeler scores the samples: judgments, rewards, similarity (or None)."""
         given = [n for n in LABELER_MODELS if getattr(self, n) is not None]
@@ -86,16 +142,61 @@ class Recipe(Strict):
         if self.rounds is not None:
             if self.samples is None:
                 raise FieldError(("rounds",), "rounds train on the policy's own pairs: add 'samples' and a labeler")
-            backend = self.models[self.samples.policy].backend if self.samples.policy in self.models else None
+            if self.policy is None:
+                raise FieldError(("rounds",), "rounds train one policy: give 'samples' exactly one policy entry")
+            backend = self.models[self.policy].backend if self.policy in self.models else None
             if backend is not None and backend not in TRAINABLE_BACKENDS:
                 raise FieldError(
                     ("rounds",),
-                    f"rounds train the policy '{self.samples.policy}', but backend '{backend}' has no weights to "
+                    f"rounds train the policy '{self.policy}', but backend '{backend}' has no weights to "
                     f"train; use one of {list(TRAINABLE_BACKENDS)}",
                 )
         if self.eval is not None and self.samples is None:
             raise FieldError(("eval",), "eval measures the policy: add a 'samples' section naming it")
+        if self.eval is not None and self.policy is None:
+            raise FieldError(("eval",), "eval measures one policy: give 'samples' exactly one policy entry")
+        self._sources_fit()
+        self._panel_fits()
         return self
+
+    def _sources_fit(self) -> None:
+        """The list form of `samples`: distinct entries, at least two samples a prompt when nothing is
+        imported, and an import joined by id only to prompts that have ids."""
+        if not isinstance(self.samples, list):
+            return
+        seen: dict[str, int] = {}
+        for i, s in enumerate(self.samples):
+            if isinstance(s, ImportedSamples):
+                ident = f"imported {s.imported}"
+                if s.join == "id" and s.separate and self.prompts.id_field is None:
+                    raise FieldError(("samples", i, "join"), "joining by id needs prompts.id_field")
+            else:
+                # Two entries of one model with the same settings would ask the same requests twice.
+                ident = f"policy {s.policy} {s.params.model_dump_json()} {s.seed}"
+            if ident in seen:
+                raise FieldError(("samples", i), f"repeats entry {seen[ident]} of 'samples'")
+            seen[ident] = i
+        if not self.imports and sum(p.n for p in self.policies) < 2:
+            raise FieldError(("samples",), "a pair needs at least 2 samples per prompt: raise 'n'")
+
+    def _panel_fits(self) -> None:
+        """A panel of judges votes on each ordered pair, so its entries share how pairs are asked and read."""
+        if not isinstance(self.judgments, list):
+            return
+        first = self.judgments[0]
+        seen: dict[str, int] = {}
+        for i, j in enumerate(self.judgments):
+            for name in ("orders", "scoring", "schedule", "pooling"):
+                if getattr(j, name) != getattr(first, name):
+                    raise FieldError(
+                        ("judgments", i, name), f"a panel's entries share '{name}': set it as entry 0 does"
+                    )
+            ident = json.dumps([j.judge, j.protocol, j.reference_names, j.template])
+            if ident in seen:
+                raise FieldError(("judgments", i), f"repeats entry {seen[ident]} of the panel")
+            seen[ident] = i
+        if len(self.judgments) > 1 and first.schedule == "adaptive":
+            raise FieldError(("judgments", 0, "schedule"), "a panel judges every pair: use 'all-pairs'")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Recipe:
@@ -108,10 +209,7 @@ class Recipe(Strict):
         if len(set(names)) != len(names):
             raise FieldError(("references",), f"names must be unique, got {names}")
         wanted = [
-            *[
-                (("judgments", "reference"), name)
-                for name in (self.judgments.reference_names if self.judgments else [])
-            ],
+            *[(self._judge_loc(i, "reference"), name) for i, j in enumerate(self.judges) for name in j.reference_names],
             (("similarity", "reference"), self.similarity.reference if self.similarity else None),
             (("export", "sft_reference"), self.export.sft_reference),
         ]
@@ -135,12 +233,21 @@ class Recipe(Strict):
     def model_uses(self) -> list[tuple[tuple[str | int, ...], str, str]]:
         """Every place the recipe names a model: (field location, model name, role it must play)."""
         uses: list[tuple[tuple[str | int, ...], str, str]] = []
-        if self.samples is not None:
+        if isinstance(self.samples, SamplesSpec):
             uses.append((("samples", "policy"), self.samples.policy, "generate"))
+        elif self.samples is not None:
+            uses += [
+                (("samples", i, "policy"), s.policy, "generate")
+                for i, s in enumerate(self.samples)
+                if isinstance(s, PolicySamples)
+            ]
         uses += [(("references", i, "model"), r.model, "generate") for i, r in enumerate(self.references) if r.model]
         for section, labeler in LABELER_MODELS.items():
             spec = getattr(self, section)
-            if spec is not None and labeler is not None:
+            if isinstance(spec, list) and labeler is not None:
+                field, role = labeler.field, labeler.role
+                uses += [((section, i, field), getattr(s, field), role) for i, s in enumerate(spec)]
+            elif spec is not None and labeler is not None:
                 uses.append(((section, labeler.field), getattr(spec, labeler.field), labeler.role))
         if self.eval is not None:
             uses.append((("eval", "judge"), self.eval.judge, "judge"))
@@ -155,6 +262,10 @@ class Recipe(Strict):
             if role not in BACKEND_ROLES[backend]:
                 able = [b for b, roles in BACKEND_ROLES.items() if role in roles]
                 raise FieldError(loc, f"model '{name}' (backend '{backend}') cannot {role}; backends that can: {able}")
+
+    def _judge_loc(self, i: int, name: str) -> tuple[str | int, ...]:
+        """Where judge entry `i`'s field is written: `judgments.NAME`, or `judgments.I.NAME` in a panel."""
+        return ("judgments", i, name) if isinstance(self.judgments, list) else ("judgments", name)
 
     def column_field(self, ref: ReferenceSpec) -> str:
         """The prompt-source column a `column` reference reads."""

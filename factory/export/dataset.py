@@ -52,6 +52,8 @@ def preference_features(datasets: Any) -> Any:
             "rejected_score": number,
             "margin": number,
             "policy": text,
+            "chosen_policy": text,
+            "rejected_policy": text,
             "judge": text,
             "protocol": text,
             "reference_name": text,
@@ -84,6 +86,9 @@ def preference_records(
     labeler = found.provenance(recipe)
     messages = {p["prompt_id"]: p["messages"] for p in prompts}
     texts = {s["sample_id"]: s["text"] for s in samples}
+    # Where each sample came from: its policy, or its import source (`NAME/MODEL` with a model field).
+    source = {s["sample_id"]: s.get("policy") for s in samples}
+    policy = recipe.policy or "+".join(source_names(recipe))
     recipe_hash = recipe.content_hash
     records = []
     for pair in pairs:
@@ -98,7 +103,9 @@ def preference_records(
                 "chosen_score": pair["chosen_score"],
                 "rejected_score": pair["rejected_score"],
                 "margin": pair["margin"],
-                "policy": recipe.samples.policy,
+                "policy": policy,
+                "chosen_policy": source[pair["chosen_sample_id"]],
+                "rejected_policy": source[pair["rejected_sample_id"]],
                 **labeler,
                 "recipe": recipe.name,
                 "recipe_hash": recipe_hash,
@@ -130,6 +137,38 @@ class Tally:
     dropped: int = 0
     margins: list[float] = field(default_factory=list)
     """One float per pair (8 bytes: 60K pairs are half a MiB)."""
+    sources: dict[str, list[int]] = field(default_factory=dict)
+    """Per policy or import source: [samples, chosen, rejected]."""
+
+    def count(self, samples: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+        """Add one shard's samples and exported pairs to the per-source counts."""
+        for s in samples:
+            self.sources.setdefault(s.get("policy") or "?", [0, 0, 0])[0] += 1
+        for rec in records:
+            self.sources.setdefault(rec["chosen_policy"] or "?", [0, 0, 0])[1] += 1
+            self.sources.setdefault(rec["rejected_policy"] or "?", [0, 0, 0])[2] += 1
+
+
+def source_names(r: Any) -> list[str]:
+    """The recipe's sample sources by name: each policy's model name, each import's name."""
+    return [getattr(s, "policy", None) or s.imported for s in r.sample_sources]
+
+
+def _source_lines(r: Any) -> list[str]:
+    """How the card names where the samples came from: one line per policy or import source."""
+    lines = []
+    for s in r.sample_sources:
+        if hasattr(s, "imported"):
+            separate = s.path or (s.dataset and f"hf:{s.dataset}")
+            where = f"column `{s.field}`" + (f" of `{separate}`, joined by {s.join}" if separate else " of the prompts")
+            lines.append(f"- Imported completions `{s.imported}`: {where} (no model call)")
+            continue
+        m = r.models[s.policy]
+        lines.append(
+            f"- Policy: `{s.policy}` ({m.backend}: {m.model}), {s.n} samples per prompt, "
+            f"temperature {s.params.temperature}, top_p {s.params.top_p}"
+        )
+    return lines
 
 
 def card(ctx: Context, rows: dict[str, int], tally: Tally, notes: dict[str, Any]) -> str:
@@ -155,9 +194,7 @@ def card(ctx: Context, rows: dict[str, int], tally: Tally, notes: dict[str, Any]
         "## How it was built",
         "",
         f"- Prompts: {tally.prompts} from `{r.prompts.path or r.prompts.dataset or 'inline'}`",
-        f"- Policy: `{r.samples.policy}` ({r.models[r.samples.policy].backend}: "
-        f"{r.models[r.samples.policy].model}), {r.samples.n} samples per prompt, "
-        f"temperature {r.samples.params.temperature}, top_p {r.samples.params.top_p}",
+        *_source_lines(r),
         labeler.card_line(r),
         f"- Pairs: {r.pairs.method}, min margin {r.pairs.min_margin}, max tokens {r.pairs.max_tokens}",
         f"- Run `{notes['run_id']}`, export stage key `{notes['stage_key']}`, recipe hash "
@@ -171,6 +208,12 @@ def card(ctx: Context, rows: dict[str, int], tally: Tally, notes: dict[str, Any]
         *[f"| {what} | {n} |" for what, n in counts],
         *[f"| pairs in {s} | {n} |" for s, n in rows.items()],
         f"| pairs dropped for a chat control token in their text | {tally.dropped} |",
+        "",
+        "## Sources",
+        "",
+        "| policy or import source | samples | chosen | rejected |",
+        "| --- | --- | --- | --- |",
+        *[f"| `{name}` | {n[0]} | {n[1]} | {n[2]} |" for name, n in sorted(tally.sources.items())],
         "",
         "## Scores",
         "",
@@ -215,7 +258,7 @@ def export_dataset(path: Path, ctx: Context, stage_key: str) -> ExportResult:
         tally = Tally()
         shards = zip(
             ctx.each_shard("prompts", ["prompt_id", "messages"]),
-            ctx.each_shard("samples", ["sample_id", "text"]),
+            ctx.each_shard("samples", ["sample_id", "text", "policy"]),
             ctx.each_shard("pairs"),
             strict=True,
         )
@@ -228,6 +271,7 @@ def export_dataset(path: Path, ctx: Context, stage_key: str) -> ExportResult:
                     tally.dropped + dropped,
                 )
                 tally.margins += [rec["margin"] for rec in records]
+                tally.count(samples, records)
                 for split, recs in split_records(records, r.export.test_fraction, r.export.seed).items():
                     out.write(split, recs)
             complete = not ctx.incomplete

@@ -19,16 +19,31 @@ from factory.stages.judgments import JUDGMENTS
 from factory.stages.scores import JUDGE_SCORES
 
 if TYPE_CHECKING:
+    from factory.config.labeling import JudgmentsSpec
     from factory.config.recipe import Recipe
 
 
 def _judge_provenance(r: Recipe) -> dict[str, str | None]:
-    j = r.judgments
-    return {"judge": j.judge, "protocol": j.protocol, "reference_name": "+".join(j.reference_names) or None}
+    # A panel's entries joined with `+`, as several references are (one judge: its own values).
+    judges = r.judges
+    return {
+        "judge": "+".join(j.judge for j in judges),
+        "protocol": "+".join(j.protocol for j in judges),
+        "reference_name": "+".join("+".join(j.reference_names) for j in judges) or None,
+    }
 
 
 def _judge_card_line(r: Recipe) -> str:
-    j = r.judgments
+    lines = [_judge_entry_line(r, j) for j in r.judges]
+    if len(lines) == 1:
+        return lines[0]
+    votes = "mean soft score" if r.judging.scoring == "logprob" else "majority verdict"
+    return f"- A panel of {len(lines)} judges votes on every ordered pair ({votes}):\n" + "\n".join(
+        "  " + line for line in lines
+    )
+
+
+def _judge_entry_line(r: Recipe, j: JudgmentsSpec) -> str:
     protocol = j.protocol if j.protocol == CUSTOM else f"{j.protocol} ({get_protocol(j.protocol).description})"
     if j.template is not None:
         protocol += f", worded by the template file {Path(j.template).name}"
@@ -52,7 +67,7 @@ def consistent_pairs(judgments: list[dict[str, Any]]) -> tuple[int, int]:
     for j in judgments:
         if j["verdict"] not in ("a", "b"):
             continue
-        pair = (*sorted((j["sample_a"], j["sample_b"])), j.get("reference_name") or "")
+        pair = (*sorted((j["sample_a"], j["sample_b"])), j.get("reference_name") or "", j.get("judge") or "")
         winners[pair].append(j["sample_a"] if j["verdict"] == "a" else j["sample_b"])
     both = [w for w in winners.values() if len(w) == 2]
     return sum(w[0] == w[1] for w in both), len(both)
@@ -65,16 +80,18 @@ def position_consistency(judgments: list[dict[str, Any]]) -> tuple[float | None,
 
 
 def consistent_pairs_arrow(judgments: pa.Table) -> tuple[int, int]:
-    """`consistent_pairs` over Arrow columns (sample_a, sample_b, verdict, reference_name), without a Python
-    loop per row: the card counts a paper-scale run's million judgments this way."""
+    """`consistent_pairs` over Arrow columns (sample_a, sample_b, verdict, reference_name, and judge when
+    present), without a Python loop per row: the card counts a paper-scale run's million judgments this way."""
     parsed = judgments.filter(pc.is_in(judgments["verdict"], pa.array(["a", "b"])))
     a, b = parsed["sample_a"], parsed["sample_b"]
     first = pc.if_else(pc.less(a, b), a, b)
     second = pc.if_else(pc.less(a, b), b, a)
     winner = pc.if_else(pc.equal(parsed["verdict"], "a"), a, b)
+    judge = parsed["judge"] if "judge" in parsed.column_names else pa.nulls(parsed.num_rows, pa.string())
+    columns = {"x": first, "y": second, "ref": pc.fill_null(parsed["reference_name"], ""), "w": winner}
     grouped = (
-        pa.table({"x": first, "y": second, "ref": pc.fill_null(parsed["reference_name"], ""), "w": winner})
-        .group_by(["x", "y", "ref"])
+        pa.table({**columns, "judge": pc.fill_null(judge, "")})
+        .group_by(["x", "y", "ref", "judge"])
         .aggregate([("w", "count"), ("w", "count_distinct")])
     )
     both = grouped.filter(pc.equal(grouped["w_count"], 2))
@@ -83,18 +100,23 @@ def consistent_pairs_arrow(judgments: pa.Table) -> tuple[int, int]:
 
 def _judge_card_facts(ctx: Context) -> tuple[list[tuple[str, int]], list[str]]:
     status: dict[str, int] = defaultdict(int)
+    judges: dict[str, int] = defaultdict(int)
     total = same = both = 0
-    columns = ["sample_a", "sample_b", "verdict", "parse_status", "reference_name"]
+    columns = ["sample_a", "sample_b", "verdict", "parse_status", "reference_name", "judge"]
     for judgments in ctx.each_table("judgments", columns):
         if judgments.num_rows == 0:
             continue
         total += judgments.num_rows
         for found in pc.value_counts(judgments["parse_status"]).to_pylist():
             status[found["values"]] += found["counts"]
+        for found in pc.value_counts(judgments["judge"]).to_pylist():
+            judges[found["values"]] += found["counts"]
         agreed, judged = consistent_pairs_arrow(judgments)
         same, both = same + agreed, both + judged
     counts = [("judgments", total)]
     counts += [(f"judgments with parse status `{k}`", v) for k, v in sorted(status.items())]
+    if len(judges) > 1:  # a panel: each judge's share (one judge's card stays as it was)
+        counts += [(f"judgments by judge `{k}`", v) for k, v in sorted(judges.items())]
     shown = "n/a" if not both else f"{same / both:.3f}"
     return counts, [f"- Position consistency (same winner in both orders): {shown} over {both} pairs"]
 

@@ -50,7 +50,7 @@ def _reward_scores(ctx: Context, st: StageStats) -> StageOutput:
 
 def _plan_rewards(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
     r = ctx.recipe
-    calls = None if n_prompts is None else n_prompts * r.samples.n
+    calls = None if n_prompts is None else n_prompts * sum(p.n for p in r.policies)
     return [PlannedStage("scores", r.rewards.model, calls, 0, None, "reward model")]
 
 

@@ -57,7 +57,8 @@ class Contender:
 def recipe_policy(loaded: LoadedRecipe) -> Contender:
     """The recipe's own policy (`samples.policy`) as a contender."""
     r = loaded.recipe
-    return Contender(r.samples.policy, r.models[r.samples.policy])
+    assert r.policy is not None  # a recipe with eval has one policy (the recipe checks)
+    return Contender(r.policy, r.models[r.policy])
 
 
 def _unit(name: str, label: str) -> str:

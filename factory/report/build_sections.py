@@ -12,6 +12,7 @@ from typing import Any
 from factory.report.data import (
     MARGINS_SQL,
     PAIR_LENGTHS_SQL,
+    POLICIES_SQL,
     RUNS_SQL,
     SCORE_LENGTHS_SQL,
     SCORES_SQL,
@@ -71,6 +72,15 @@ def scores(d: Data) -> Section:
         m = margin_of.get(recipe, [])
         table.append([recipe, labeler, len(values), mean(values), min(values), max(values), len(m), mean(m)])
     s.table(["recipe", "labeler", "samples", "mean", "min", "max", "pairs", "mean margin"], table)
+    policies = d.rows(POLICIES_SQL)
+    s.table(
+        ["recipe", "policy or import source", "samples", "chosen", "rejected", "mean score", "mean length"],
+        [
+            [p["recipe"], p["policy"], p["samples"], p["chosen"], p["rejected"], p["mean_score"], p["mean_length"]]
+            for p in policies
+        ],
+        caption="per policy: how often its sample is chosen and rejected, its mean score and length (characters)",
+    )
     if len(groups) > MAX_GROUPS:
         s.note(
             f"The histograms show the {MAX_GROUPS} largest of {len(groups)} recipe · labeler groups; the table has all."

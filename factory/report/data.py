@@ -38,6 +38,19 @@ SELECT recipe, judge, protocol, reference_name, prompt_id, sample_a, sample_b, "
 FROM judgments
 """
 EVAL_JUDGMENTS_SQL = "SELECT * FROM eval_judgments"
+# Per policy (or import source) of each recipe: its samples, how often one is chosen and rejected, its mean
+# score and mean length in characters. `factory show` reads it for one recipe (`policy_figures`).
+POLICIES_SQL = """
+SELECT s.recipe, coalesce(s.policy, '?') AS policy, count(*) AS samples,
+       count(pc.prompt_id) AS chosen, count(pr.prompt_id) AS rejected,
+       avg(sc.score) AS mean_score, avg(length(s.text)) AS mean_length
+FROM samples s
+LEFT JOIN scores sc ON sc.recipe = s.recipe AND sc.sample_id = s.sample_id
+LEFT JOIN pairs pc ON pc.recipe = s.recipe AND pc.chosen_sample_id = s.sample_id
+LEFT JOIN pairs pr ON pr.recipe = s.recipe AND pr.rejected_sample_id = s.sample_id
+WHERE s.error IS NULL
+GROUP BY ALL ORDER BY 1, 2
+"""
 PARSE_SQL = """
 SELECT 'build' AS source, judge, protocol, coalesce(parse_status, 'null') AS status, count(*) AS n
 FROM judgments GROUP BY judge, protocol, status

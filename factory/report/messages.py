@@ -49,7 +49,7 @@ def protocol_sources(wh: Warehouse, judgments: list[dict[str, Any]], options: Me
     out: list[Source | str] = []
     path = options.recipe_file or recorded_recipe(wh, {j["run_id"] for j in judgments})
     if path is not None:
-        out.append(recipe_source(path, options.overrides))
+        out += recipe_sources(path, options.overrides)
     names = {j["protocol"] for j in judgments}
     prefills = {j["prefill"] for j in judgments}
     for name in sorted(names & set(PROTOCOLS)):
@@ -72,18 +72,21 @@ def recorded_recipe(wh: Warehouse, run_ids: set[str]) -> Path | None:
     return Path(paths[0]) if paths else None
 
 
-def recipe_source(path: Path, overrides: dict[str, Any]) -> Source | str:
-    """The judge protocol of a recipe file (with `--set` overrides), or a note on why it could not be read."""
+def recipe_sources(path: Path, overrides: dict[str, Any]) -> list[Source | str]:
+    """The judge protocols of a recipe file (with `--set` overrides; one per entry of a panel), or a note on
+    why it could not be read."""
     try:
         loaded = load_recipe(path, overrides)
         if loaded.recipe.judgments is None:
-            return f"recipe {path} has no judgments section"
-        protocol = judge_protocol(loaded)
+            return [f"recipe {path} has no judgments section"]
+        protocols = [judge_protocol(loaded, i) for i in range(len(loaded.recipe.judges))]
     except UserInputError as exc:
-        return f"recipe {path} not read: {exc}"
-    j = loaded.recipe.judgments
-    label = f"recipe {path}" + (f", template {loaded.resolve(j.template)}" if j.template else "")
-    return Source(label, protocol)
+        return [f"recipe {path} not read: {exc}"]
+    out: list[Source | str] = []
+    for j, protocol in zip(loaded.recipe.judges, protocols, strict=True):
+        label = f"recipe {path}" + (f", template {loaded.resolve(j.template)}" if j.template else "")
+        out.append(Source(label, protocol))
+    return out
 
 
 def rebuild(

@@ -76,6 +76,13 @@ def rows_of(wh: Warehouse, prompt_id: str) -> dict[str, dict[str, list[dict[str,
     return out
 
 
+def policy_figures(wh: Warehouse, recipe: str) -> list[dict[str, Any]]:
+    """Per policy (or import source) of one recipe: samples, chosen, rejected, mean score and length."""
+    from factory.report.data import POLICIES_SQL
+
+    return [r for r in wh.query(POLICIES_SQL).to_pylist() if r["recipe"] == recipe]
+
+
 def judgment_order(j: dict[str, Any], index: dict[str, str]) -> tuple[Any, ...]:
     """The judgments table's order: pair by pair, each pair's two orders together, per reference."""
     pair = sorted((index.get(j["sample_a"], j["sample_a"]), index.get(j["sample_b"], j["sample_b"])))

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from factory.core.text import clean, one_line
 from factory.report.messages import MessageOptions, print_messages, protocol_sources
-from factory.report.prompt_rows import find_prompt, judgment_order, rows_of
+from factory.report.prompt_rows import find_prompt, judgment_order, policy_figures, rows_of
 from factory.report.terminal import heading, paragraph
 from factory.warehouse.store import Warehouse
 
@@ -44,6 +44,7 @@ def show_prompt(
     for prompt in prompts:
         rows = tables[prompt["recipe"]]
         index = print_recipe(console, prompt, rows)
+        print_policies(console, policy_figures(wh, prompt["recipe"]))
         if messages is not None:
             sources = protocol_sources(wh, rows["judgments"], messages)
             print_messages(console, prompt, rows, index, sources)
@@ -86,11 +87,14 @@ def print_samples(console: Console, samples: list[dict[str, Any]], pairs: list[d
     if not samples:
         paragraph(console, "none (a references-only recipe, or samples not built yet)", "dim")
     index = {}
+    several = len({s["policy"] for s in samples}) > 1  # name each sample's source when they differ
     for s in samples:
         index[s["sample_id"]] = f"#{s['sample_index']}"
         line = Text(f"  #{s['sample_index']}  ", style="bold")
         line.append(clean(s["sample_id"]), style="dim")
         line.append(f"  {score_text(s)}  {s['n_tokens'] or 0} tokens, {clean(s['finish_reason'])}")
+        if several:
+            line.append(f", {clean(s['policy'])}")
         if s["sample_id"] in chosen:
             line.append("  ← chosen", style="bold green")
         if s["sample_id"] in rejected:
@@ -116,7 +120,8 @@ def print_judgments(console: Console, judgments: list[dict[str, Any]], index: di
         return
 
     table = Table(header_style="bold", box=None, padding=(0, 1), pad_edge=False)
-    for column in ("order", "(a)", "(b)", "ref", "verdict", "winner", "p(a)", "parse"):
+    panel = len(judges) > 1  # a panel: each row names its judge
+    for column in ("order", "(a)", "(b)", "ref", *(["judge"] if panel else []), "verdict", "winner", "p(a)", "parse"):
         table.add_column(column, no_wrap=True)
     table.add_column("answer", min_width=16, overflow="fold")
     previous = None
@@ -132,6 +137,7 @@ def print_judgments(console: Console, judgments: list[dict[str, Any]], index: di
             a,
             b,
             clean(j["reference_name"]) or "—",
+            *([f"{clean(j['judge'])} {clean(j['protocol'])}"] if panel else []),
             verdict or "—",
             {"a": a, "b": b}.get(verdict or "", "—"),
             "" if j["p_a"] is None else f"{j['p_a']:.3f}",
@@ -162,3 +168,19 @@ def print_pair(console: Console, pairs: list[dict[str, Any]], index: dict[str, s
                 (0, 0, 0, 4),
             )
         )
+
+
+def print_policies(console: Console, figures: list[dict[str, Any]]) -> None:
+    """The recipe's figures per policy (or import source), over all its prompts; only when it has several."""
+    if len(figures) < 2:
+        return
+    heading(console, f"policies of the recipe ({len(figures)}), over all its prompts")
+    table = Table(header_style="bold", box=None, padding=(0, 1), pad_edge=False)
+    for column in ("policy", "samples", "chosen", "rejected", "mean score", "mean length"):
+        table.add_column(column, no_wrap=column != "policy")
+    for f in figures:
+        score = "—" if f["mean_score"] is None else f"{f['mean_score']:.3f}"
+        length = "—" if f["mean_length"] is None else f"{f['mean_length']:.0f}"
+        cells = (clean(f["policy"]), str(f["samples"]), str(f["chosen"]), str(f["rejected"]), score, length)
+        table.add_row(*(Text(x) for x in cells))
+    console.print(Padding(table, (0, 0, 0, 2)))

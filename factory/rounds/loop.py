@@ -50,7 +50,7 @@ def round_recipe(loaded: LoadedRecipe, k: int, policy: ModelSpec | None, *, sft_
     if r.export.path is not None:
         data["export"]["path"] = f"{r.export.path}.r{k}"
     if policy is not None:
-        data["models"][r.samples.policy] = policy.model_dump()
+        data["models"][r.policy] = policy.model_dump()
     if sft_only:
         data.update(samples=None, judgments=None, rewards=None, similarity=None)
         data["export"]["sft_reference"] = r.rounds.sft_reference
@@ -94,9 +94,9 @@ class Loop:
         r = self.loaded.recipe
         spec = r.rounds
         assert spec is not None and r.samples is not None
-        policy = r.models[r.samples.policy]
+        policy = r.models[r.policy]
         self._check_selection(spec.dpo, policy)  # before round 0, not after a round's data is built
-        self.chain = [Contender(r.samples.policy, policy)]
+        self.chain = [Contender(r.policy, policy)]
         replaced: ModelSpec | None = None
         if spec.sft_reference is not None:
             build = self._build(round_recipe(self.loaded, 0, None, sft_only=True), 0)

@@ -22,23 +22,24 @@ from factory.judge.verdicts import soft_score
 from factory.models.registry import model_identity
 from factory.models.requests import Call, judge_call
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
-from factory.stages.samples import distinct_samples, text_representatives
+from factory.stages.samples import distinct_samples, samples_per_prompt, text_representatives
 
 if TYPE_CHECKING:
     from factory.config.labeling import JudgmentsSpec
     from factory.config.recipe import LoadedRecipe
 
 
-def judge_protocol(loaded: LoadedRecipe) -> Protocol:
-    """The recipe's judge protocol (checked up front): a built-in one, a `custom` one read from its template
-    file, or a built-in one worded by its template file (`factory.judge.protocols.with_template`)."""
-    j = loaded.recipe.judgments
-    assert j is not None
+def judge_protocol(loaded: LoadedRecipe, entry: int = 0) -> Protocol:
+    """The protocol of the recipe's judge (of panel entry `entry`), checked up front: a built-in one, a
+    `custom` one read from its template file, or a built-in one worded by its template file
+    (`factory.judge.protocols.with_template`)."""
+    j = loaded.recipe.judges[entry]
+    loc: tuple[str | int, ...] = ("judgments", entry) if isinstance(loaded.recipe.judgments, list) else ("judgments",)
     if j.template is None:
         protocol = get_protocol(j.protocol)
         return protocol.unprefilled() if j.prefill == "none" else protocol
     path = loaded.resolve(j.template)
-    where = loaded.where("judgments", "template")
+    where = loaded.where(*loc, "template")
     try:
         text = read_input_text(path, "judge template file")
     except UserInputError as exc:
@@ -50,7 +51,7 @@ def judge_protocol(loaded: LoadedRecipe) -> Protocol:
     protocol = custom_protocol(text, prefill="" if j.prefill == "none" else "Output (", where=named)
     if protocol.uses_reference != bool(j.reference_names):
         need = "uses {reference}, so set" if protocol.uses_reference else "has no {reference}, so remove"
-        raise UserInputError(f"{loaded.where('judgments', 'reference')}: the template {need} 'judgments.reference'")
+        raise UserInputError(f"{loaded.where(*loc, 'reference')}: the template {need} 'judgments.reference'")
     return protocol
 
 
@@ -226,24 +227,44 @@ def schedule_seed(prompt_id: str) -> int:
 
 
 def _judgments_spec(ctx: Context) -> Any:
-    j = ctx.recipe.judgments
     # The prompt text is in the key, so editing a protocol's wording (or a custom file) re-judges.
-    protocol = judge_protocol(ctx.loaded)
-    return [j.model_dump(), protocol.template, protocol.system, model_identity(ctx.recipe.models[j.judge])]
+    specs = []
+    for i, j in enumerate(ctx.recipe.judges):
+        protocol = judge_protocol(ctx.loaded, i)
+        specs.append([j.model_dump(), protocol.template, protocol.system, model_identity(ctx.recipe.models[j.judge])])
+    # One judge, in either form, keeps the key it had before panels existed.
+    return specs if len(specs) > 1 else specs[0]
 
 
 def _judgments(ctx: Context, st: StageStats) -> StageOutput:
-    j = ctx.recipe.judgments
-    protocol = judge_protocol(ctx.loaded)
-    identity = model_identity(ctx.recipe.models[j.judge])
-    calls, notes = judge_calls(ctx.rows["prompts"], ctx.rows["samples"], ctx.rows["references"], j, protocol, identity)
-    if j.schedule == "adaptive":
+    j = ctx.recipe.judging
+    if j.schedule == "adaptive":  # one judge: a panel judges every pair (the recipe checks)
+        protocol = judge_protocol(ctx.loaded)
+        identity = model_identity(ctx.recipe.models[j.judge])
+        calls, notes = judge_calls(
+            ctx.rows["prompts"], ctx.rows["samples"], ctx.rows["references"], j, protocol, identity
+        )
         out = _adaptive_judgments(ctx, st, calls, protocol)
-    else:
-        out = judgment_rows(calls, ctx.call(j.judge, "judgments", calls, st), j, protocol)
-        for row in out.rows:
+        out.notes.update(notes)
+        out.complete = not out.notes["parse_status"].get("error", 0)
+        return out
+    out = StageOutput([], {"parse_status": {}})
+    for i, entry in enumerate(ctx.recipe.judges):
+        protocol = judge_protocol(ctx.loaded, i)
+        identity = model_identity(ctx.recipe.models[entry.judge])
+        calls, notes = judge_calls(
+            ctx.rows["prompts"], ctx.rows["samples"], ctx.rows["references"], entry, protocol, identity
+        )
+        judged = judgment_rows(calls, ctx.call(entry.judge, "judgments", calls, st), entry, protocol)
+        for row in judged.rows:
             row.update(schedule="all-pairs", schedule_round=1)
-    out.notes.update(notes)
+        out.rows += judged.rows
+        for status, n in judged.notes["parse_status"].items():
+            out.notes["parse_status"][status] = out.notes["parse_status"].get(status, 0) + n
+        out.notes["prompts_without_reference"] = (
+            out.notes.get("prompts_without_reference", 0) + notes["prompts_without_reference"]
+        )
+        out.notes["merged_samples"] = notes["merged_samples"]  # the same samples for every judge
     out.complete = not out.notes["parse_status"].get("error", 0)
     return out
 
@@ -251,7 +272,7 @@ def _judgments(ctx: Context, st: StageStats) -> StageOutput:
 def _adaptive_judgments(ctx: Context, st: StageStats, calls: list[Any], protocol: Any) -> StageOutput:
     """Judge round by round, every prompt's schedule in lockstep: each round's calls go to the judge as one
     batch, and its answers decide the next round's pairs (`factory.judge.adaptive.Adaptive`)."""
-    j = ctx.recipe.judgments
+    j = ctx.recipe.judging
     by_pair: dict[tuple[str, str], list[Any]] = {}
     for c in calls:  # all-pairs calls in both orders; the schedule picks among them (one per reference)
         by_pair.setdefault((c.meta["sample_a"], c.meta["sample_b"]), []).append(c)
@@ -283,10 +304,17 @@ def _adaptive_judgments(ctx: Context, st: StageStats, calls: list[Any], protocol
 
 
 def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
+    return [_plan_judge(ctx, n_prompts, i) for i in range(len(ctx.recipe.judges))]
+
+
+def _plan_judge(ctx: Context, n_prompts: int | None, entry: int) -> PlannedStage:
     r = ctx.recipe
-    s, j = r.samples, r.judgments
-    protocol = judge_protocol(ctx.loaded)
-    pairs = s.n * (s.n - 1) // (1 if j.orders == "both" else 2)
+    j = r.judges[entry]
+    counts = samples_per_prompt(ctx)  # one count for every prompt, or one per prompt with imports
+    protocol = judge_protocol(ctx.loaded, entry)
+    div = 1 if j.orders == "both" else 2
+    ordered = None if counts is None else [n * (n - 1) // div for n in counts]
+    pairs = 0 if not ordered else round(sum(ordered) / len(ordered))
     votes = max(1, len(j.reference_names))  # each reference that votes is one more judgment per pair
     chars = ctx.outputs.get("instruction_chars")
     ref = next((x for x in r.references if x.name in j.reference_names), None)
@@ -297,8 +325,11 @@ def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
         field = r.column_field(ref)
         columns = [json.loads(p["reference_fields"]) for p in ctx.rows.get("prompts", [])]
         ref_tokens = sum(len(c.get(field) or "") for c in columns) / max(len(columns), 1) / 4
-    each = len(protocol.template) / 4 + 2 * s.params.max_tokens + (ref_tokens if protocol.uses_reference else 0)
-    per = None if n_prompts is None else n_prompts * pairs * votes
+    longest = max([p.params.max_tokens for p in r.policies] or [0])
+    each = len(protocol.template) / 4 + 2 * longest + (ref_tokens if protocol.uses_reference else 0)
+    per = None if n_prompts is None or ordered is None else n_prompts * pairs * votes
+    if r.imports and ordered is not None:
+        per = sum(ordered) * votes  # each prompt's own count: imports hold different numbers
     # Without the instructions at hand (a Hub dataset) the estimate counts everything but them.
     approx = None if per is None else int(per * (each + (chars or 0) / 4))
     note = f"{pairs} ordered pairs per prompt, protocol {j.protocol}"
@@ -306,8 +337,10 @@ def _plan_judgments(ctx: Context, n_prompts: int | None) -> list[PlannedStage]:
         note = f"at most {pairs} ordered pairs per prompt (adaptive asks fewer), protocol {j.protocol}"
     if j.template is not None:
         note += f", worded by {Path(j.template).name}"
+    if r.imports:
+        note = note.replace(f"{pairs} ordered pairs per prompt", f"{pairs} ordered pairs per prompt on average")
     note += "" if chars is not None else "; input tokens exclude the instructions"
-    return [PlannedStage("judgments", j.judge, per, None if per is None else per * j.generation_tokens, approx, note)]
+    return PlannedStage("judgments", j.judge, per, None if per is None else per * j.generation_tokens, approx, note)
 
 
 # version 2: identical samples merged, system turns, decoding switches recorded in rows.

@@ -155,7 +155,7 @@ def adaptive_score_rows(samples: list[dict[str, Any]], judgments: list[dict[str,
 
 
 def _judge_scores(ctx: Context, st: StageStats) -> StageOutput:
-    j = ctx.recipe.judgments
+    j = ctx.recipe.judging
     if j.schedule == "adaptive":
         return adaptive_score_rows(ctx.rows["samples"], ctx.rows["judgments"], j.scoring)
     if j.pooling == "paper":
@@ -164,7 +164,7 @@ def _judge_scores(ctx: Context, st: StageStats) -> StageOutput:
 
 
 def _scores_spec(ctx: Context) -> dict[str, str]:
-    j = ctx.recipe.judgments
+    j = ctx.recipe.judging
     spec = {"scoring": j.scoring, "schedule": j.schedule}
     if j.pooling != "merged":  # only when set, so the key of a recipe that leaves it unset is unchanged
         spec["pooling"] = j.pooling

@@ -73,7 +73,7 @@ def held_out_for(loaded: Any, policy: Any = None) -> HeldOut | None:
     r = loaded.recipe
     if r.eval is None or r.samples is None:
         return None
-    return HeldOut(loaded, policy if policy is not None else r.models[r.samples.policy])
+    return HeldOut(loaded, policy if policy is not None else r.models[r.policy or ""])
 
 
 def win_rates(
