@@ -42,7 +42,7 @@ class Views(CallCache, StageVersions):
     def _sources(self) -> dict[str, list[str]]:
         """The readable files behind each view (unreadable ones are skipped and named in skipped_parts)."""
         files = {t: self._usable(self._current_files(t)) for t in STAGE_TABLES}
-        files.update({t: self._usable(self._parts(t)) for t in CALL_TABLES})
+        files.update({t: self._call_files(t) for t in CALL_TABLES})
         runs = self.root / "runs"
         files["runs"] = self._usable(sorted(str(p) for p in runs.glob("*.parquet")) if runs.is_dir() else [])
         return files
