@@ -96,7 +96,7 @@ class CallCache(DamageChecks):
             try:
                 return self._read_cached(parts, wanted)
             except duckdb.Error as exc:
-                if not self._set_aside_named(str(exc), parts):
+                if not self._vanished(parts) and not self._set_aside_named(str(exc), parts):
                     folder = self.root / "calls" / table
                     raise FactoryError(f"{folder}: cannot read the call cache: {first_line(exc)}") from None
 
