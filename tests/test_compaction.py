@@ -17,7 +17,7 @@ import yaml
 from factory.build.command import Build
 from factory.config.loading import load_recipe
 from factory.core.errors import FactoryError
-from factory.warehouse import call_cache, compaction
+from factory.warehouse import compaction
 from factory.warehouse.call_cache import CallCache
 from factory.warehouse.compaction import COVERS_KEY, MIN_FILES
 from factory.warehouse.store import Warehouse
@@ -194,9 +194,7 @@ def test_readers_that_listed_before_a_compaction_read_again(tmp_path: Path, monk
     assert compacted == [1]
 
 
-def test_the_listing_waits_for_a_compaction_that_lands_while_parts_are_listed(
-    tmp_path: Path, monkeypatch: Any
-) -> None:
+def test_the_listing_waits_for_a_compaction_that_lands_while_parts_are_listed(tmp_path: Path, monkeypatch: Any) -> None:
     wh = Warehouse(tmp_path / "wh")
     fill(wh, MIN_FILES)
     rows_before = Warehouse(wh.root).query(ROWS_SQL).to_pylist()
@@ -242,7 +240,7 @@ def scripted(tmp_path: Path, prompts: int) -> Path:
 def test_a_build_compacts_its_calls_and_a_rebuild_makes_no_call(tmp_path: Path, monkeypatch: Any) -> None:
     wh_path = tmp_path / "wh"
     recipe = scripted(tmp_path, 16)  # 16 generation batches, 320 judge batches
-    monkeypatch.setattr(call_cache, "MIN_FILES", 10**9)  # a first build that leaves its parts, to compare
+    monkeypatch.setattr(compaction, "MIN_FILES", 10**9)  # a first build that leaves its parts, to compare
     first = Build(load_recipe(recipe), Warehouse(wh_path)).run()
     assert first["status"] == "ok" and first["model_calls"] > 0
     tables = ("generation_calls", "judge_calls", "samples", "judgments")

@@ -14,8 +14,8 @@ import pyarrow as pa
 
 from factory.core.errors import FactoryError
 from factory.core.text import first_line
-from factory.warehouse.compaction import COMPACT_GLOB, MIN_FILES, PART_GLOB, ROWS_PER_FILE, Source, merge
-from factory.warehouse.compaction import read_footer, remove_covered
+from factory.warehouse import compaction
+from factory.warehouse.compaction import COMPACT_GLOB, PART_GLOB, ROWS_PER_FILE, Source, merge, read_footer
 from factory.warehouse.damage import DamageChecks
 from factory.warehouse.parquet import arrow, atomic_write_parquet, to_table
 from factory.warehouse.tables import CALL_TABLES
@@ -27,7 +27,8 @@ class CallCache(DamageChecks):
     def __init__(self, root: str | Path) -> None:
         super().__init__(root)
         self._seq = 0  # parts this instance wrote, numbering the next one
-        self._footers: dict[tuple[str, int, int], tuple[frozenset[str], int]] = {}  # by (path, size, mtime), as _checked
+        # Footers of compacted files read (what each covers, its rows), keyed by (path, size, mtime) as `_checked`.
+        self._footers: dict[tuple[str, int, int], tuple[frozenset[str], int]] = {}
 
     def append_calls(self, table: str, run_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Flush a batch of model-call rows as one new part file."""
@@ -142,7 +143,7 @@ class CallCache(DamageChecks):
 
     def compact_calls(self, run_id: str) -> list[Path]:
         """Merge each calls table's small files (parts, and compacted files under half of ROWS_PER_FILE
-        rows) into compacted files, once a table has MIN_FILES of them; returns the new files.
+        rows) into compacted files, once a table has `compaction.MIN_FILES` of them; returns the new files.
 
         Call it with the warehouse lock held (a build does, at its end), so nothing else writes or removes
         calls files meanwhile. Files a killed compaction left covered are removed first. Every row is kept,
@@ -155,14 +156,14 @@ class CallCache(DamageChecks):
         for table in CALL_TABLES:
             folder = self.root / "calls" / table
             listed, covered = self._listing(table)
-            remove_covered(folder, covered)
+            compaction.remove_covered(folder, covered)
             small = []
             for p in map(Path, self._usable(listed)):
                 if not p.name.startswith("compact-"):
                     small.append(Source(p, frozenset()))
                 elif (footer := self._footer(p))[1] < ROWS_PER_FILE // 2:
                     small.append(Source(p, footer[0]))
-            if len(small) >= MIN_FILES:
+            if len(small) >= compaction.MIN_FILES:
                 try:
                     written += merge(folder, f"compact-{run_id}", small, CALL_TABLES[table])
                 except (OSError, pa.ArrowException) as exc:  # e.g. a full disk: the parts are all still there
