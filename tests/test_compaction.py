@@ -4,7 +4,12 @@ compact and then reuse their calls."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -260,3 +265,55 @@ def test_a_build_compacts_its_calls_and_a_rebuild_makes_no_call(tmp_path: Path, 
     assert third["model_calls"] == 0 and third["cached_calls"] > 0
     more = Build(load_recipe(scripted(tmp_path, 17)), Warehouse(wh_path)).run()
     assert more["model_calls"] == first["model_calls"] // 16  # one more prompt: its calls only
+
+
+# ------------------------------------------------------------------------------------------- kill -9
+COMPACT_CHILD = """
+import sys
+from factory.warehouse.store import Warehouse
+wh = Warehouse(sys.argv[1])
+with wh.lock():
+    print("go", flush=True)
+    wh.compact_calls(sys.argv[2])
+print("done", flush=True)
+"""
+
+
+def compact_in_child(wh: Path, run: str, kill_after_s: float | None) -> tuple[float, int]:
+    """Compact in a child process, killed with SIGKILL `kill_after_s` after it took the lock (None: let it
+    finish); returns the seconds from taking the lock to the end, and the child's exit code."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", COMPACT_CHILD, str(wh), run], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "go"
+    t0 = time.monotonic()
+    if kill_after_s is not None:
+        time.sleep(kill_after_s)
+        proc.send_signal(signal.SIGKILL)
+    code = proc.wait(timeout=120)
+    return time.monotonic() - t0, code
+
+
+def test_kill_9_during_compaction_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    wh = Warehouse(tmp_path / "wh")
+    keys = fill(wh, 6 * MIN_FILES)
+    spare = tmp_path / "spare"
+    shutil.copytree(wh.root, spare)
+    duration, _ = compact_in_child(spare, "runT", None)  # how long an uninterrupted compaction takes here
+    killed = []
+    for n, fraction in enumerate((0.05, 0.3, 0.6, 0.9)):
+        keys += fill(wh, 1, run=f"more{n}", start=10_000 + n)  # each trial also has a new part to merge
+        rows_before = Warehouse(wh.root).query(ROWS_SQL).to_pylist()
+        cached_before = Warehouse(wh.root).cached_calls(TABLE, keys)
+        killed.append(compact_in_child(wh.root, f"runK{n}", duration * fraction)[1] == -signal.SIGKILL)
+        reader = Warehouse(wh.root)
+        assert reader.query(ROWS_SQL).to_pylist() == rows_before
+        assert len(rows_before) == 3 * (6 * MIN_FILES + n + 1)
+        assert reader.cached_calls(TABLE, keys) == cached_before
+    assert killed[0]  # at 5 % of its time, at least the first was killed mid-way
+    compact_in_child(wh.root, "runEnd", None)
+    reader = Warehouse(wh.root)
+    assert reader.query(ROWS_SQL).to_pylist() == rows_before
+    _, covered = reader._listing(TABLE)
+    assert not any((folder(wh) / name).exists() for name in covered)  # leftovers of killed runs removed
