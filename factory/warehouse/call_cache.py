@@ -70,6 +70,10 @@ class CallCache(DamageChecks):
         covered = {name for c in compacted for name in self._footer(folder / c)[0]}
         return [str(folder / n) for n in sorted({*parts, *compacted} - covered)], covered
 
+    def _parts(self, table: str) -> list[str]:
+        """The files of a calls table that readers use, readable or not (see `_listing`)."""
+        return self._listing(table)[0]
+
     def _call_files(self, table: str) -> list[str]:
         """The readable files of a calls table (unreadable ones skipped, or set aside under the lock), listed
         again while some listed file vanished before it was checked (a concurrent compaction removed it)."""
@@ -136,7 +140,7 @@ class CallCache(DamageChecks):
         self._check_root()
         moved = []
         for table in CALL_TABLES:
-            for part in map(Path, self._listing(table)[0]):
+            for part in map(Path, self._parts(table)):
                 if self._problem(part) is not None and os.path.lexists(part):
                     moved.append(self._quarantine(part))
         return moved
