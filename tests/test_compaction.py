@@ -129,6 +129,13 @@ def test_small_compacted_files_are_merged_again_and_cover_what_they_merged(tmp_p
     covers = pq.read_metadata(second[0]).metadata[COVERS_KEY].decode()
     assert first[0].name in covers and "part-run1-000001.parquet" in covers  # what the first one covered too
     assert Warehouse(wh.root).query(ROWS_SQL).to_pylist() == rows_before
+    # The same run id again (a warehouse handle serving several runs): no new file takes a covered name.
+    fill(wh, MIN_FILES - 1, run="run3", start=2 * MIN_FILES)
+    rows_before = Warehouse(wh.root).query(ROWS_SQL).to_pylist()
+    third = compact(wh)  # the first one's run id: its first name is gone, but covered
+    assert len(third) == 1 and third[0].name not in {first[0].name, second[0].name}
+    assert Warehouse(wh.root).query(ROWS_SQL).to_pylist() == rows_before
+    assert len(rows_before) == 3 * (3 * MIN_FILES - 2)
 
 
 def test_too_few_files_are_left_alone_and_compaction_needs_the_lock(tmp_path: Path) -> None:

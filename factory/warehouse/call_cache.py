@@ -169,7 +169,7 @@ class CallCache(DamageChecks):
                     small.append(Source(p, footer[0]))
             if len(small) >= compaction.MIN_FILES:
                 try:
-                    written += merge(folder, f"compact-{run_id}", small, CALL_TABLES[table])
+                    written += merge(folder, f"compact-{run_id}", small, CALL_TABLES[table], covered)
                 except (OSError, pa.ArrowException) as exc:  # e.g. a full disk: the parts are all still there
                     raise FactoryError(f"{folder}: cannot compact the call cache: {first_line(exc)}") from None
         return written

@@ -113,22 +113,24 @@ class _Output:
             os.unlink(self.tmp)
 
 
-def _names(folder: Path, prefix: str) -> Iterator[Path]:
+def _names(folder: Path, prefix: str, taken: set[str]) -> Iterator[Path]:
+    """New file names: never one that exists or that a compacted file covers (a file of a covered name would
+    be ignored by every reader), whatever the prefix."""
     n = 0
     while True:
         n += 1
         path = folder / f"{prefix}-{n:06d}.parquet"
-        if not path.exists():
+        if path.name not in taken and not path.exists():
             yield path
 
 
-def merge(folder: Path, prefix: str, sources: Sequence[Source], schema: pa.Schema) -> list[Path]:
+def merge(folder: Path, prefix: str, sources: Sequence[Source], schema: pa.Schema, covered: set[str]) -> list[Path]:
     """Write the rows of `sources` into new compacted files of about ROWS_PER_FILE rows each (`prefix` names
-    them), then remove the files they cover; returns the new files. Sources that do not read in full or do
-    not fit `schema` are left as they are."""
+    them; `covered`: the names compacted files cover already), then remove the files they cover; returns the
+    new files. Sources that do not read in full or do not fit `schema` are left as they are."""
     if len(sources) < 2:
         return []  # nothing to gain: one file merged alone is the same number of files
-    names = _names(folder, prefix)
+    names = _names(folder, prefix, covered | {n for s in sources for n in (s.path.name, *s.covers)})
     written: list[Path] = []
     removable: set[str] = set()
     out: _Output | None = None
