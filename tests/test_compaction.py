@@ -118,7 +118,12 @@ def test_a_compaction_killed_before_removing_its_parts_counts_nothing_twice(tmp_
     assert names(wh, "part-*") == [] and Warehouse(wh.root).query(ROWS_SQL).to_pylist() == rows_before
 
 
-def test_small_compacted_files_are_merged_again_and_cover_what_they_merged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("row_group", [compaction.ROW_GROUP_ROWS, 4])
+def test_small_compacted_files_are_merged_again_and_cover_what_they_merged(
+    tmp_path: Path, monkeypatch: Any, row_group: int
+) -> None:
+    # With row groups of 4 rows, a compacted file is larger than one and is checked, then streamed, piecewise.
+    monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", row_group)
     wh = Warehouse(tmp_path / "wh")
     fill(wh, MIN_FILES)
     first = compact(wh)

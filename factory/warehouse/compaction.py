@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,20 +55,30 @@ def fits(schema: pa.Schema, target: pa.Schema) -> bool:
     return all(target.get_field_index(f.name) >= 0 and target.field(f.name).type == f.type for f in schema)
 
 
-def _load(path: Path, target: pa.Schema) -> pa.Table | None:
-    """A file's rows in the target columns (missing ones as nulls), or None when a page does not read or a
-    column does not fit: such a file stays where it is, for the readers' own damage handling (skipped, or
-    set aside by a build), and is never merged."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError, pa.ArrowException):
-        return None
-    if not fits(table.schema, target):
-        return None
+def _conformed(table: pa.Table, target: pa.Schema) -> pa.Table:
     columns = [
         table.column(f.name) if f.name in table.schema.names else pa.nulls(table.num_rows, f.type) for f in target
     ]
     return pa.Table.from_arrays(columns, schema=target)
+
+
+def _pieces(path: Path, target: pa.Schema) -> list[pa.Table] | Iterator[pa.Table] | None:
+    """A file's rows in the target columns (missing ones as nulls), or None when a page does not read or a
+    column does not fit: such a file stays where it is, for the readers' own damage handling (skipped, or
+    set aside by a build), and is never merged. A small file is read whole; a larger one (a compacted file
+    merged again) is read through once to check it, then streamed, so memory stays bounded."""
+    try:
+        source = pq.ParquetFile(path)
+        if not fits(source.schema_arrow, target):
+            return None
+        if source.metadata.num_rows <= ROW_GROUP_ROWS:
+            return [_conformed(source.read(), target)]
+        for _ in source.iter_batches(batch_size=ROW_GROUP_ROWS):
+            pass
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    batches = source.iter_batches(batch_size=ROW_GROUP_ROWS)
+    return (_conformed(pa.Table.from_batches([b]), target) for b in batches)
 
 
 class _Output:
@@ -84,13 +94,14 @@ class _Output:
         self.rows = 0
         self.covers: set[str] = set()
 
-    def add(self, source: Source, table: pa.Table) -> None:
-        self.buffer.append(table)
-        self.buffered += table.num_rows
-        self.rows += table.num_rows
+    def add(self, source: Source, pieces: Iterable[pa.Table]) -> None:
+        for table in pieces:
+            self.buffer.append(table)
+            self.buffered += table.num_rows
+            self.rows += table.num_rows
+            if self.buffered >= ROW_GROUP_ROWS:
+                self._flush()
         self.covers |= {source.path.name, *source.covers}
-        if self.buffered >= ROW_GROUP_ROWS:
-            self._flush()
 
     def _flush(self) -> None:
         if self.buffer:
@@ -136,12 +147,12 @@ def merge(folder: Path, prefix: str, sources: Sequence[Source], schema: pa.Schem
     out: _Output | None = None
     try:
         for source in sources:
-            table = _load(source.path, schema)
-            if table is None:
+            pieces = _pieces(source.path, schema)
+            if pieces is None:
                 continue
             if out is None:
                 out = _Output(next(names), schema)
-            out.add(source, table)
+            out.add(source, pieces)
             if out.rows >= ROWS_PER_FILE:
                 out.close()
                 written.append(out.path)
