@@ -181,9 +181,14 @@ def stage_at(wh: Path) -> str:
 
 
 def call_rows(wh: Path, table: str) -> list[dict[str, Any]]:
-    """Every row of every part of a calls table (parts set aside in corrupt/ are not globbed)."""
-    parts = sorted((wh / "calls" / table).glob("part-*.parquet"))
-    return [row for p in parts for row in pq.read_table(p).to_pylist()]
+    """Every row of a calls table: its parts and compacted files, less the files that a compacted file says
+    it holds (a compaction killed before removing them leaves them); files set aside in corrupt/ are not
+    globbed."""
+    folder = wh / "calls" / table
+    compacted = sorted(folder.glob("compact-*.parquet"))
+    covered = {name for c in compacted for name in json.loads(pq.read_metadata(c).metadata[b"factory.covers"])}
+    files = [p for p in sorted(folder.glob("part-*.parquet")) + compacted if p.name not in covered]
+    return [row for p in files for row in pq.read_table(p).to_pylist()]
 
 
 def all_calls(wh: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ at a time; the test stops it as soon as the first batch is on disk, then builds 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,9 +27,13 @@ STARTUP_LIMIT_S = 300  # generous: loading torch and the model on a busy 2-core 
 
 
 def call_rows(warehouse: Path, table: str) -> list[dict[str, Any]]:
-    """Every row of every finished part file of a calls table (temporary files are never globbed)."""
-    parts = sorted((warehouse / "calls" / table).glob("part-*.parquet"))
-    return [row for p in parts for row in pq.read_table(p).to_pylist()]
+    """Every row of a calls table's finished parts and compacted files, less the files that a compacted file
+    says it holds (temporary files are never globbed)."""
+    folder = warehouse / "calls" / table
+    compacted = sorted(folder.glob("compact-*.parquet"))
+    covered = {name for c in compacted for name in json.loads(pq.read_metadata(c).metadata[b"factory.covers"])}
+    files = [p for p in sorted(folder.glob("part-*.parquet")) + compacted if p.name not in covered]
+    return [row for p in files for row in pq.read_table(p).to_pylist()]
 
 
 def default_sigint() -> None:

@@ -154,6 +154,11 @@ class Run:
             self.wh.write_run(self.row)
             if exc is not None:
                 mark_recorded(exc, self.row["run_id"])  # so the CLI's one line may say the run records it
+            if kind is None:  # not after a failure or Ctrl-C: the next build that ends well compacts those parts
+                try:
+                    self.wh.compact_calls(self.run_id)
+                except FactoryError as err:  # every call is still in its part: only the speed-up is lost
+                    self.reporter.warn(str(err))
             self.wh.refresh_database()
         finally:
             self._lock.__exit__(None, None, None)

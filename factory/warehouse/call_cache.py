@@ -1,5 +1,6 @@
-"""The call cache: every model call, appended as one calls/<table>/part-<run>-<seq>.parquet per batch, and the
-newest successful result per request key read back from the readable parts."""
+"""The call cache: every model call, appended as one calls/<table>/part-<run>-<seq>.parquet per batch and
+merged by builds into compact-<run>-<seq>.parquet files (compaction.py), and the newest successful result per
+request key read back from the readable files that no compacted file covers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pyarrow as pa
 
 from factory.core.errors import FactoryError
 from factory.core.text import first_line
+from factory.warehouse import compaction
+from factory.warehouse.compaction import COMPACT_GLOB, PART_GLOB, ROWS_PER_FILE, Source, merge, read_footer
 from factory.warehouse.damage import DamageChecks
 from factory.warehouse.parquet import arrow, atomic_write_parquet, to_table
 from factory.warehouse.tables import CALL_TABLES
@@ -24,6 +27,8 @@ class CallCache(DamageChecks):
     def __init__(self, root: str | Path) -> None:
         super().__init__(root)
         self._seq = 0  # parts this instance wrote, numbering the next one
+        # Footers of compacted files read (what each covers, its rows), keyed by (path, size, mtime) as `_checked`.
+        self._footers: dict[tuple[str, int, int], tuple[frozenset[str], int]] = {}
 
     def append_calls(self, table: str, run_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Flush a batch of model-call rows as one new part file."""
@@ -34,9 +39,51 @@ class CallCache(DamageChecks):
         path = self.root / "calls" / table / f"part-{run_id}-{self._seq:06d}.parquet"
         atomic_write_parquet(path, to_table(rows, CALL_TABLES[table]))
 
-    def _parts(self, table: str) -> list[str]:
+    def _footer(self, path: Path) -> tuple[frozenset[str], int]:
+        """What a compacted file covers and its rows (read from its footer once per version of the file)."""
+        key = self._stat_key(path)
+        if key is None:
+            return frozenset(), 0
+        if key not in self._footers:
+            self._footers[key] = read_footer(path)
+        return self._footers[key]
+
+    def _listing(self, table: str) -> tuple[list[str], set[str]]:
+        """The files of a calls table that readers use (compacted files and the parts no compacted file
+        covers, readable or not), and the names of the covered ones.
+
+        The compacted files are listed before and after the parts, again until both lists agree: a compaction
+        renames its file into place before it removes what it covers, so when no compacted file appeared
+        meanwhile, every part it covers was still there when the parts were listed. A file that goes after
+        this listing makes the read fail and list again (`_call_files`, and the retries of every reader).
+        """
         folder = self.root / "calls" / table
-        return sorted(str(p) for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
+        if not folder.is_dir():
+            return [], set()
+        compacted = sorted(p.name for p in folder.glob(COMPACT_GLOB))
+        while True:
+            parts = sorted(p.name for p in folder.glob(PART_GLOB))
+            again = sorted(p.name for p in folder.glob(COMPACT_GLOB))
+            if again == compacted:
+                break
+            compacted = again
+        covered = {name for c in compacted for name in self._footer(folder / c)[0]}
+        return [str(folder / n) for n in sorted({*parts, *compacted} - covered)], covered
+
+    def _parts(self, table: str) -> list[str]:
+        """The files of a calls table that readers use, readable or not (see `_listing`)."""
+        return self._listing(table)[0]
+
+    def _call_files(self, table: str) -> list[str]:
+        """The readable files of a calls table (unreadable ones skipped, or set aside under the lock), listed
+        again while some listed file vanished before it was checked (a concurrent compaction removed it)."""
+        while True:
+            start = len(self.set_aside)
+            listed, _ = self._listing(table)
+            usable = self._usable(listed)
+            moved = set(map(str, self.set_aside[start:]))
+            if all(p in moved or os.path.lexists(p) for p in listed):
+                return usable
 
     def cached_calls(self, table: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The newest successful call for each request key that has one; failures never count.
@@ -48,13 +95,13 @@ class CallCache(DamageChecks):
         if wanted.num_rows == 0:
             return {}
         while True:  # each retry leaves out at least one more part, so this ends
-            parts = self._usable(self._parts(table))
+            parts = self._call_files(table)
             if not parts:
                 return {}
             try:
                 return self._read_cached(parts, wanted)
             except duckdb.Error as exc:
-                if not self._set_aside_named(str(exc), parts):
+                if not self._vanished(parts) and not self._set_aside_named(str(exc), parts):
                     folder = self.root / "calls" / table
                     raise FactoryError(f"{folder}: cannot read the call cache: {first_line(exc)}") from None
 
@@ -97,3 +144,32 @@ class CallCache(DamageChecks):
                 if self._problem(part) is not None and os.path.lexists(part):
                     moved.append(self._quarantine(part))
         return moved
+
+    def compact_calls(self, run_id: str) -> list[Path]:
+        """Merge each calls table's small files (parts, and compacted files under half of ROWS_PER_FILE
+        rows) into compacted files, once a table has `compaction.MIN_FILES` of them; returns the new files.
+
+        Call it with the warehouse lock held (a build does, at its end), so nothing else writes or removes
+        calls files meanwhile. Files a killed compaction left covered are removed first. Every row is kept,
+        failed calls included; a file that does not read in full is left for the damage checks.
+        """
+        self._check_root()
+        if not self._holding_lock:
+            raise FactoryError(f"{self.root}: compacting the call cache needs the warehouse lock")
+        written: list[Path] = []
+        for table in CALL_TABLES:
+            folder = self.root / "calls" / table
+            listed, covered = self._listing(table)
+            compaction.remove_covered(folder, covered)
+            small = []
+            for p in map(Path, self._usable(listed)):
+                if not p.name.startswith("compact-"):
+                    small.append(Source(p, frozenset()))
+                elif (footer := self._footer(p))[1] < ROWS_PER_FILE // 2:
+                    small.append(Source(p, footer[0]))
+            if len(small) >= compaction.MIN_FILES:
+                try:
+                    written += merge(folder, f"compact-{run_id}", small, CALL_TABLES[table], covered)
+                except (OSError, pa.ArrowException) as exc:  # e.g. a full disk: the parts are all still there
+                    raise FactoryError(f"{folder}: cannot compact the call cache: {first_line(exc)}") from None
+        return written

@@ -124,6 +124,12 @@ class DamageChecks:
             f"next build sets them aside and remakes the stage tables and calls among them): {names}"
         )
 
+    @staticmethod
+    def _vanished(files: Sequence[str]) -> bool:
+        """Whether some file a read was given is gone: a build compacting the call cache removed it after
+        the read listed it, so the read must list its files again (call_cache.CallCache._listing)."""
+        return not all(os.path.lexists(f) for f in files)
+
     def _set_aside_named(self, message: str, files: Sequence[str], search_all: bool = True) -> bool:
         """After a DuckDB read error: find the bad files among `files`, skip or set them aside; any found?
 

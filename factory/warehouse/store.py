@@ -4,6 +4,7 @@ only code that touches them).
 Layout under the root (default `warehouse/`):
 
     calls/<generation_calls|judge_calls>/part-<run>-<seq>.parquet   every model call, appended as it arrives
+    calls/<table>/compact-<run>-<seq>.parquet                        parts merged by a build (compaction.py)
     calls/<table>/corrupt/part-*.parquet                              unreadable parts, set aside by a build
     tables/<table>/<recipe>/<stage_key>.parquet                     one materialised version of a stage
     tables/<table>/<recipe>/CURRENT.json                             which version the views show

@@ -42,7 +42,7 @@ class Views(CallCache, StageVersions):
     def _sources(self) -> dict[str, list[str]]:
         """The readable files behind each view (unreadable ones are skipped and named in skipped_parts)."""
         files = {t: self._usable(self._current_files(t)) for t in STAGE_TABLES}
-        files.update({t: self._usable(self._parts(t)) for t in CALL_TABLES})
+        files.update({t: self._call_files(t) for t in CALL_TABLES})
         runs = self.root / "runs"
         files["runs"] = self._usable(sorted(str(p) for p in runs.glob("*.parquet")) if runs.is_dir() else [])
         return files
@@ -87,7 +87,7 @@ class Views(CallCache, StageVersions):
                     finally:
                         con.close()
                 except duckdb.Error as exc:
-                    if self._set_aside_named(str(exc), self._view_files):
+                    if self._vanished(self._view_files) or self._set_aside_named(str(exc), self._view_files):
                         continue
                     raise FactoryError(f"{target}: cannot write the views: {first_line(exc)}") from None
                 try:
@@ -134,7 +134,7 @@ class Views(CallCache, StageVersions):
                 return con
             except duckdb.Error as exc:
                 con.close()
-                if not self._set_aside_named(str(exc), self._view_files):
+                if not self._vanished(self._view_files) and not self._set_aside_named(str(exc), self._view_files):
                     raise FactoryError(f"{self.root}: cannot define the table views: {first_line(exc)}") from None
             except BaseException:
                 con.close()
@@ -149,6 +149,8 @@ class Views(CallCache, StageVersions):
             try:
                 return interruptible(con, work, limits)
             except duckdb.Error as exc:
+                if self._vanished(self._view_files):
+                    continue  # a build compacted the call cache meanwhile: the same query, on its new files
                 if isinstance(exc, duckdb.ParserException | duckdb.PermissionException):
                     raise
                 if not self._set_aside_named(str(exc), self._view_files, not isinstance(exc, QUERY_ERRORS)):
