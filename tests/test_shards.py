@@ -140,3 +140,35 @@ def test_the_cards_position_consistency_over_arrow_matches_the_row_by_row_count(
     same, both = consistent_pairs(rows)
     assert both > 0 and 0 < same < both
     assert consistent_pairs_arrow(pa.Table.from_pylist(rows)) == (same, both)
+
+
+def test_a_long_build_compacts_its_call_parts_between_shards(
+    tmp_path: Path, kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between shards the run merges its calls parts once a table has SHARD_COMPACT_FILES of them (lowered
+    here to 2 so a 4-prompt build reaches it); the tables equal a build without shards, and a rebuild makes no
+    call."""
+    from factory.pipeline import run as run_module
+    from factory.pipeline import shards
+
+    monkeypatch.setattr(shards, "SHARD_COMPACT_FILES", 2)
+    seen: list[tuple[int, int]] = []  # (min_files, calls files on disk before the compaction)
+    real = run_module.Run.compact_calls
+
+    def counting(self: Any, min_files: int = 16) -> None:
+        seen.append((min_files, len(list((self.wh.root / "calls").rglob("*.parquet")))))
+        real(self, min_files)
+
+    monkeypatch.setattr(run_module.Run, "compact_calls", counting)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    build(kit.scripted(tmp_path, "one.yaml"), whole)
+    seen.clear()
+    build(kit.scripted(tmp_path, "cut.yaml", **{"run.shard_prompts": 1, "models.m.batch_size": 1}), cut)
+    assert [m for m, _ in seen] == [2, 2, 2, 16]  # after each of the first three shards, then at the end
+    assert len(list((cut / "calls").rglob("compact-*.parquet"))) >= 1
+    calls = kit.runs(cut)[-1]["model_calls"]  # batch size 1: each call was written as its own part
+    assert len(list((cut / "calls").rglob("*.parquet"))) < calls / 3  # merged, and no row lost (tables below)
+    for table in TABLES:
+        assert rows(cut, table) == rows(whole, table), table
+    build(kit.scripted(tmp_path, "cut.yaml", **{"run.shard_prompts": 1, "models.m.batch_size": 1}), cut)
+    assert kit.runs(cut)[-1]["model_calls"] == 0

@@ -32,6 +32,7 @@ from factory.models.registry import package_version
 from factory.models.requests import Call
 from factory.pipeline.calls import CallRunner, ModelPool, Reporter, now
 from factory.pipeline.stage import StageOutput, StageStats, merge_notes
+from factory.warehouse.compaction import MIN_FILES
 from factory.warehouse.store import Warehouse
 
 if TYPE_CHECKING:
@@ -155,13 +156,18 @@ class Run:
             if exc is not None:
                 mark_recorded(exc, self.row["run_id"])  # so the CLI's one line may say the run records it
             if kind is None:  # not after a failure or Ctrl-C: the next build that ends well compacts those parts
-                try:
-                    self.wh.compact_calls(self.run_id)
-                except FactoryError as err:  # every call is still in its part: only the speed-up is lost
-                    self.reporter.warn(str(err))
+                self.compact_calls()
             self.wh.refresh_database()
         finally:
             self._lock.__exit__(None, None, None)
+
+    def compact_calls(self, min_files: int = MIN_FILES) -> None:
+        """Merge the call cache's small files (docs/DESIGN.md, "Compaction"): at the end of a build, and between
+        shards once a large build has left `min_files` of them, so readers never pay for thousands of parts."""
+        try:
+            self.wh.compact_calls(self.run_id, min_files)
+        except FactoryError as err:  # every call is still in its part: only the speed-up is lost
+            self.reporter.warn(str(err))
 
     @property
     def status(self) -> str:

@@ -64,6 +64,11 @@ def whole_key(stage: Stage, keys: Sequence[str]) -> str:
     return stable_hash({"stage": stage.writes, "version": stage.version, "shards": list(keys)})
 
 
+SHARD_COMPACT_FILES = 256
+"""Between shards, the call cache is compacted once a table has this many small files: a long build's own parts
+would otherwise make every shard's cache lookup slower than the last (the end of the build compacts at 16)."""
+
+
 def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[Shard]) -> set[str]:
     """Run the stages shard by shard (`shards`: the prompt rows of each, which the `prompts` stage hands on
     as `ctx.outputs["prompt_output"]`), point each stage at its shard files, then run the sinks on the whole
@@ -105,6 +110,8 @@ def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[Sh
             if not upstream_ok or any(not out.complete for out in made):
                 shard_incomplete.add(stage.name)
         ctx.incomplete |= shard_incomplete
+        if shard is not shards[-1]:
+            run.compact_calls(SHARD_COMPACT_FILES)
     ctx.rows.clear()
     ctx.outputs.pop("prompt_output", None)
     ctx.keys = {}

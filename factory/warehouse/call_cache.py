@@ -145,9 +145,9 @@ class CallCache(DamageChecks):
                     moved.append(self._quarantine(part))
         return moved
 
-    def compact_calls(self, run_id: str) -> list[Path]:
+    def compact_calls(self, run_id: str, min_files: int = compaction.MIN_FILES) -> list[Path]:
         """Merge each calls table's small files (parts, and compacted files under half of ROWS_PER_FILE
-        rows) into compacted files, once a table has `compaction.MIN_FILES` of them; returns the new files.
+        rows) into compacted files, once a table has `min_files` of them; returns the new files.
 
         Call it with the warehouse lock held (a build does, at its end), so nothing else writes or removes
         calls files meanwhile. Files a killed compaction left covered are removed first. Every row is kept,
@@ -167,7 +167,7 @@ class CallCache(DamageChecks):
                     small.append(Source(p, frozenset()))
                 elif (footer := self._footer(p))[1] < ROWS_PER_FILE // 2:
                     small.append(Source(p, footer[0]))
-            if len(small) >= compaction.MIN_FILES:
+            if len(small) >= min_files:
                 try:
                     written += merge(folder, f"compact-{run_id}", small, CALL_TABLES[table], covered)
                 except (OSError, pa.ArrowException) as exc:  # e.g. a full disk: the parts are all still there
