@@ -1,11 +1,14 @@
 """factory's own cost at paper scale: builds of N prompts on the `scripted` backend (a model that takes no time,
 so every second and byte measured is factory's), one fresh warehouse per size.
 
-For each size it prints: the build's wall time and peak RSS (GNU time), factory's time per model call, an
-unchanged rebuild (wall, RSS, model calls: must be 0), a build after adding 1 % more prompts (wall, calls),
+For each size it prints: the build's wall time and peak RSS (GNU time), its time per model call
+(`ms_per_call`), the time spent inside the backend's methods (`model_s`: the sum of the call rows'
+`latency_s`) and factory's own time per model call without it (`factory_ms_per_call`), an unchanged rebuild
+(wall, RSS, model calls: must be 0), a build after adding 1 % more prompts (wall, calls),
 `factory sql "select 1"`, `factory ls`, a GROUP BY over every judgment, and, with `--ray`, the same build
 with `--executor ray` on a local cluster (wall, RSS, and whether its tables equal the local build's). With
-`--profile` the first build also runs under cProfile and the top of its profile is printed.
+`--profile` the first build also runs under cProfile and a summary is printed: own time by area (factory's
+modules, the backend, json, hashlib, pyarrow, duckdb...) and the top functions by own time.
 
 The recipe is the quickstart's shape: 5 samples of at most 64 tokens per prompt, RefEval against a column
 reference in both orders (20 judgments per prompt), batch size 256.
@@ -96,6 +99,52 @@ def build(recipe: Path, wh: Path, *extra: str) -> dict[str, Any]:
     return out
 
 
+def model_seconds(wh: Path) -> float:
+    """Seconds the build's models spent answering: a call row's `latency_s` is its batch's time inside the
+    backend's method divided by the batch's calls, so the rows add up to the time inside the backend."""
+    import pyarrow.parquet as pq
+
+    from factory.warehouse.tables import CALL_TABLES
+
+    total = 0.0
+    for table in CALL_TABLES:
+        for part in sorted((wh / "calls" / table).glob("part-*.parquet")):
+            total += sum(x for x in pq.read_table(part, columns=["latency_s"])["latency_s"].to_pylist() if x)
+    return total
+
+
+def area(filename: str) -> str:
+    """The part of the program a profiled function belongs to: a factory module, a library, or Python."""
+    path = filename.replace("\\", "/")
+    if "/factory/" in path:
+        return "factory/" + path.rsplit("/factory/", 1)[1]
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0]
+    if path.startswith("<"):
+        return path  # <frozen importlib._bootstrap>, <string>
+    return "/".join(path.split("/")[-2:])  # the standard library: json/encoder.py
+
+
+def profile_summary(stats_file: Path, n: int, top: int = 15) -> None:
+    """Where the profiled build's time went: own time per area, then the functions with the most own time."""
+    import pstats
+
+    stats = pstats.Stats(str(stats_file))
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values()) or 1.0
+    by_area: dict[str, float] = {}
+    for (filename, _, name), v in raw.items():
+        key = area(filename) if filename != "~" else f"builtins ({name.split(' of ')[0].strip('<>{}')})"
+        by_area[key] = by_area.get(key, 0.0) + v[2]
+    print(f"--- profile of the {n}-prompt build: own time by area ({total:.1f} s under cProfile) ---")
+    for key, sec in sorted(by_area.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{sec:9.2f} s {100 * sec / total:5.1f} %  {key}")
+    print(f"--- top {top} functions by own time ---")
+    print(f"{'own s':>9} {'cum s':>9} {'calls':>10}  function")
+    for (filename, line, name), v in sorted(raw.items(), key=lambda kv: -kv[1][2])[:top]:
+        print(f"{v[2]:9.2f} {v[3]:9.2f} {v[1]:10d}  {area(filename)}:{line}({name})")
+
+
 def tables_equal(a: Path, b: Path) -> bool:
     """Whether two warehouses hold the same stage rows (run ids, times and latencies aside)."""
     import duckdb
@@ -122,6 +171,9 @@ def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"prompts": n, "build_s": first["wall_s"], "build_rss_mib": first["rss_mib"]}
     row["calls"] = first["calls"]
     row["ms_per_call"] = round(1000 * first["wall_s"] / max(first["calls"], 1), 4)
+    row["model_s"] = round(model_seconds(wh), 2)
+    row["factory_s"] = round(first["wall_s"] - row["model_s"], 2)
+    row["factory_ms_per_call"] = round(1000 * row["factory_s"] / max(first["calls"], 1), 4)
     again = build(recipe, wh, "-q")
     row.update(rebuild_s=again["wall_s"], rebuild_rss_mib=again["rss_mib"], rebuild_calls=again["calls"])
     for name, args in (
@@ -164,12 +216,7 @@ def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
             check=False,
             capture_output=True,
         )
-        import pstats
-
-        print(f"--- profile of the {n}-prompt build (cumulative, top 25) ---")
-        pstats.Stats(str(stats)).sort_stats("cumulative").print_stats(25)
-        print(f"--- profile of the {n}-prompt build (own time, top 25) ---")
-        pstats.Stats(str(stats)).sort_stats("tottime").print_stats(25)
+        profile_summary(stats, n)
     return row
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from factory.config.vocabulary import Role
 from factory.core.errors import FactoryError
-from factory.core.keys import stable_hash
+from factory.core.keys import canonical_json
 from factory.core.redact import redact
 from factory.models.registry import BACKENDS, Backend, load_backend
 from factory.models.requests import Call, GenerationRequest, JudgeRequest, RequestFailed, RewardRequest, TransientError
@@ -233,8 +233,7 @@ class CallRunner:
         # Generation: group a prompt's missing sample indices into one n-sample request; batch by prompt.
         by_prompt: dict[str, list[Call]] = {}
         for c in calls:
-            r = c.request
-            by_prompt.setdefault(stable_hash([r.messages, r.params.model_dump(), r.seed]), []).append(c)
+            by_prompt.setdefault(_request_group(c.request), []).append(c)
         groups = list(by_prompt.values())
         for chunk in _chunks(groups, size):
             yield [c for g in chunk for c in g]
@@ -243,12 +242,11 @@ class CallRunner:
         return call_batch(kind, backend, model, batch, {"recipe": self.recipe, "run_id": self.run_id, "model": model})
 
     @staticmethod
-    def _generate(backend: Backend, batch: list[Call]) -> list[dict[str, Any] | Exception]:
+    def _generate(backend: Backend, batch: list[Call], clock: _Clock | None = None) -> list[dict[str, Any] | Exception]:
         """Merge a prompt's calls into one request with several sample indices, then split the outputs."""
         merged: dict[str, tuple[Any, list[Call]]] = {}
         for c in batch:
-            r = c.request
-            h = stable_hash([r.messages, r.params.model_dump(), r.seed])
+            h = _request_group(c.request)
             if h in merged:
                 merged[h][1].append(c)
             else:
@@ -257,7 +255,7 @@ class CallRunner:
             type(req)(req.messages, req.params, req.seed, tuple(c.request.sample_indices[0] for c in cs))
             for req, cs in merged.values()
         ]
-        outputs = backend.generate(requests)
+        outputs = (clock or _Clock()).run(backend.generate, requests)
         by_key: dict[str, dict[str, Any] | Exception] = {}
         if len(outputs) != len(requests):
             raise FactoryError(f"a backend returned {len(outputs)} results for {len(requests)} generation requests")
@@ -274,28 +272,52 @@ class CallRunner:
         return [by_key[c.key] for c in batch]
 
 
+def _request_group(r: GenerationRequest) -> str:
+    """What a generation request asks, sample index aside: requests that share it are one n-sample request.
+    The canonical JSON itself (not its hash): a dict key needs no digest."""
+    return canonical_json([r.messages, r.params.model_dump(), r.seed])
+
+
+class _Clock:
+    """Seconds spent inside a backend's methods: a call row's latency is the model's time, not factory's."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def run(self, method: Callable[[Any], Any], requests: list[Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return method(requests)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
 def call_batch(
     kind: CallKind, backend: Any, model: str, batch: list[Call], base: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """One batch's call rows from `backend` (in this process or on a worker): a transient failure becomes
-    error rows; any other exception propagates and stops the run. `base` holds recipe, run_id and model."""
-    t0 = time.perf_counter()
+    error rows; any other exception propagates and stops the run. `base` holds recipe, run_id and model.
+
+    Each row's `latency_s` is the batch's time inside the backend's method divided by its calls, so the rows
+    of a run add up to the time its models took (bench/scale.py subtracts it to find factory's own cost)."""
+    clock = _Clock()
     try:
         if kind.role == "judge":
             flat: list[dict[str, Any] | Exception] = [
-                o if isinstance(o, Exception) else _judge_fields(o) for o in backend.judge([c.request for c in batch])
+                o if isinstance(o, Exception) else _judge_fields(o)
+                for o in clock.run(backend.judge, [c.request for c in batch])
             ]
         elif kind.role == "reward":
             flat = [
                 o if isinstance(o, Exception) else {"reward": o.reward, "tokens_in": o.tokens_in, "tokens_out": 0}
-                for o in backend.reward([c.request for c in batch])
+                for o in clock.run(backend.reward, [c.request for c in batch])
             ]
         else:
-            flat = CallRunner._generate(backend, batch)
+            flat = CallRunner._generate(backend, batch, clock)
         error: TransientError | None = None
     except TransientError as exc:  # the whole batch failed transiently: error rows, retried next build
         flat, error = [], exc
-    latency = (time.perf_counter() - t0) / max(len(batch), 1)
+    latency = clock.seconds / max(len(batch), 1)
     created = now()
     if error is not None:
         return [_failed_row(base, c.key, error, latency, created) for c in batch]
