@@ -30,6 +30,9 @@ from factory.judge.prose import (
 )
 from factory.judge.verdicts import Verdict, parse_verdict
 
+_PLACEHOLDER = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+"""Any placeholder, compiled once: a build renders a judge prompt per ordered pair."""
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -81,13 +84,11 @@ class Protocol:
             "{output_a}": output_a,
             "{output_b}": output_b,
         }
-        pattern = "|".join(re.escape(p) for p in PLACEHOLDERS)
         # One pass over each turn, so a placeholder-like string inside an output is never substituted.
         messages = [] if self.system is None else [("system", self.system)]
         messages.append(("user", template))
-        return [
-            {"role": role, "content": re.sub(pattern, lambda m: values[m.group(0)], text)} for role, text in messages
-        ]
+        fill = lambda m: values[m.group(0)]  # noqa: E731 (one closure per render, not one per turn)
+        return [{"role": role, "content": _PLACEHOLDER.sub(fill, text)} for role, text in messages]
 
     def parse(
         self,
