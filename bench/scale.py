@@ -1,7 +1,8 @@
 """factory's own cost at paper scale: builds of N prompts on the `scripted` backend (a model that takes no time,
 so every second and byte measured is factory's), one fresh warehouse per size.
 
-For each size it prints: the build's wall time and peak RSS (GNU time), its time per model call
+For each size it prints: the build's wall time, CPU time and peak RSS (GNU time), the load average after it,
+its time per model call
 (`ms_per_call`), the time spent inside the backend's methods (`model_s`: the sum of the call rows'
 `latency_s`) and factory's own time per model call without it (`factory_ms_per_call`), an unchanged rebuild
 (wall, RSS, model calls: must be 0), a build after adding 1 % more prompts (wall, calls),
@@ -82,7 +83,9 @@ def timed(args: list[str], ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
-    return {"wall_s": round(seconds, 2), "rss_mib": round(rss / 1024), "stdout": proc.stdout}
+    # CPU seconds as well: on a shared machine the wall time also counts the time other programs held the cores.
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+    return {"wall_s": round(seconds, 2), "cpu_s": round(cpu, 2), "rss_mib": round(rss / 1024), "stdout": proc.stdout}
 
 
 def calls_of(stdout: str) -> int:
@@ -168,7 +171,9 @@ def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
     write_prompts(prompts, n)
     write_recipe(recipe, prompts)
     first = build(recipe, wh, "-q")
-    row: dict[str, Any] = {"prompts": n, "build_s": first["wall_s"], "build_rss_mib": first["rss_mib"]}
+    row: dict[str, Any] = {"prompts": n, "build_s": first["wall_s"], "build_cpu_s": first["cpu_s"]}
+    row["build_rss_mib"] = first["rss_mib"]
+    row["load_avg"] = round(os.getloadavg()[0], 2)
     row["calls"] = first["calls"]
     row["ms_per_call"] = round(1000 * first["wall_s"] / max(first["calls"], 1), 4)
     row["model_s"] = round(model_seconds(wh), 2)
