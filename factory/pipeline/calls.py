@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
@@ -215,23 +216,36 @@ class CallRunner:
         pool.check(model, kind.role)
         batches = list(self._batches(kind, missing, pool.specs[model].batch_size))
         base = {"recipe": self.recipe, "run_id": self.run_id, "model": model}
-        for _, rows in pool.executor.map(pool, kind, model, base, batches):
-            self.wh.append_calls(kind.table, self.run_id, rows)
-            for row in rows:
-                st.model_calls += 1
-                st.retries += row.get("retries") or 0
-                if row.get("cost_usd") is not None:
-                    st.cost_usd = (st.cost_usd or 0.0) + row["cost_usd"]
-                if row["status"] == "ok":
-                    results[row["request_key"]] = row
-                    st.tokens_in += row["tokens_in"] or 0
-                    st.tokens_out += row["tokens_out"] or 0
-                else:
-                    st.failed_calls += 1
-            self.reporter.calls_done(stage, len(rows), sum(r.get("tokens_out") or 0 for r in rows))
+        # A batch's rows are written (Parquet, fsync, rename) on a thread while the next batch is computed:
+        # fsync waits on the disk, not the CPU. One write at a time, and every write ends before `run`
+        # returns or raises (the pool's shutdown waits), so a stage never reads a cache still being written.
+        written: Future[None] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="factory-calls") as writer:
+            for _, rows in pool.executor.map(pool, kind, model, base, batches):
+                if written is not None:
+                    written.result()  # the previous batch is on disk (its error, if any, stops the run here)
+                written = writer.submit(self.wh.append_calls, kind.table, self.run_id, rows)
+                self._count(stage, st, rows, results)
+            if written is not None:
+                written.result()
         if pool.executor.name != "local":
             st.notes.setdefault("executor", pool.executor.name)
         return results
+
+    def _count(self, stage: str, st: StageStats, rows: list[dict[str, Any]], results: dict[str, Any]) -> None:
+        """One batch's rows into the stage's stats and results, and the progress display."""
+        for row in rows:
+            st.model_calls += 1
+            st.retries += row.get("retries") or 0
+            if row.get("cost_usd") is not None:
+                st.cost_usd = (st.cost_usd or 0.0) + row["cost_usd"]
+            if row["status"] == "ok":
+                results[row["request_key"]] = row
+                st.tokens_in += row["tokens_in"] or 0
+                st.tokens_out += row["tokens_out"] or 0
+            else:
+                st.failed_calls += 1
+        self.reporter.calls_done(stage, len(rows), sum(r.get("tokens_out") or 0 for r in rows))
 
     @staticmethod
     def _batches(kind: CallKind, calls: list[Call], size: int) -> Iterator[list[Call]]:
