@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from factory.core.keys import canonical_json, canonical_object, stable_hash
+from factory.core.keys import canonical_json, canonical_messages, canonical_object, stable_hash
 from factory.models.chat_tokens import neutralise_messages
 from factory.models.requests import judge_call, prompt_hash, request_key
 
@@ -43,3 +43,24 @@ def test_the_shared_encoder_still_refuses_and_detects_cycles() -> None:
     with pytest.raises(TypeError):
         canonical_json({"a": {1, 2}})
     assert canonical_json({"b": [1], "a": "é"}) == '{"a":"é","b":[1]}'  # a failure leaves no state behind
+
+
+class Text(str):
+    """A str subclass: rendered like a str by the encoder, but not the shape the fast path takes."""
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": t} for t in TEXTS] + [{"content": "x", "role": "user"}],
+        [],
+        [{"role": "user", "content": "x", "name": "extra key"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": Text("sub")}],
+        [{"role": "user"}, {"content": "x", "role": "user"}],
+        ({"role": "user", "content": "a tuple"},),
+        [["not", "a", "dict"]],
+    ],
+)
+def test_canonical_messages_is_canonical_json(messages: Any) -> None:
+    assert canonical_messages(messages) == canonical_json(messages)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from factory.core.keys import canonical_json, canonical_object, hash_text, stable_hash
+from factory.core.keys import canonical_json, canonical_messages, canonical_object, hash_text, stable_hash
 from factory.models.chat_tokens import neutralise_messages
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def judge_call(
     messages, neutralised = neutralise_messages(messages)
     # The messages are rendered once for both hashes, and set into the rest of the payload's rendering (the
     # same for every call of a stage): the very text `request_key` renders, so the key is unchanged.
-    sent = canonical_json(messages)
+    sent = canonical_messages(messages)
     before, after = _judge_frame(canonical_json(identity), prefill, max_tokens, top_logprobs)
     request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
     meta = {**meta, "prompt_hash": hash_text(sent, PROMPT_HASH_LENGTH)}
