@@ -2,9 +2,10 @@
 so every second and byte measured is factory's), one fresh warehouse per size.
 
 For each size it prints: the build's wall time, CPU time and peak RSS (GNU time), the load average after it,
-its time per model call
-(`ms_per_call`), the time spent inside the backend's methods (`model_s`: the sum of the call rows'
-`latency_s`) and factory's own time per model call without it (`factory_ms_per_call`), an unchanged rebuild
+its time per model call (`ms_per_call`), the time spent inside the backend's methods (`model_s`: the sum of
+the call rows' `latency_s`) and factory's own time per model call without it (`factory_ms_per_call`); the
+same in CPU time (`model_cpu_s`, as the scripted backend clocks its thread, and `factory_cpu_ms_per_call`:
+on a shared machine the wall time also counts the time other programs held the cores), an unchanged rebuild
 (wall, RSS, model calls: must be 0), a build after adding 1 % more prompts (wall, calls),
 `factory sql "select 1"`, `factory ls`, a GROUP BY over every judgment, and, with `--ray`, the same build
 with `--executor ray` on a local cluster (wall, RSS, and whether its tables equal the local build's). With
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from factory.models.scripted import CLOCK_ENV
 
 WORDS = [
     "the",
@@ -75,9 +78,10 @@ def write_recipe(path: Path, prompts: Path) -> None:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
 
-def timed(args: list[str], ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
-    """Run a command under GNU time: wall seconds, peak RSS (MiB) and its stdout."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True)
+def timed(args: list[str], ok: tuple[int, ...] = (0,), env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command under GNU time: wall and CPU seconds, peak RSS (MiB) and its stdout."""
+    environ = {**os.environ, **(env or {})}
+    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True, env=environ)
     if proc.returncode not in ok:
         raise SystemExit(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
@@ -96,8 +100,10 @@ def calls_of(stdout: str) -> int:
 FACTORY = [sys.executable, "-m", "factory.cli.main"]
 
 
-def build(recipe: Path, wh: Path, *extra: str) -> dict[str, Any]:
-    out = timed([*FACTORY, "build", str(recipe), "-w", str(wh), *extra])
+def build(recipe: Path, wh: Path, *extra: str, clock: Path | None = None) -> dict[str, Any]:
+    """A build's times and model calls; with `clock`, the scripted backends' own times go to that file."""
+    env = {CLOCK_ENV: str(clock)} if clock is not None else None
+    out = timed([*FACTORY, "build", str(recipe), "-w", str(wh), *extra], env=env)
     out["calls"] = calls_of(out.pop("stdout"))
     return out
 
@@ -114,6 +120,12 @@ def model_seconds(wh: Path) -> float:
         for part in sorted((wh / "calls" / table).glob("part-*.parquet")):
             total += sum(x for x in pq.read_table(part, columns=["latency_s"])["latency_s"].to_pylist() if x)
     return total
+
+
+def clock_seconds(clock: Path) -> tuple[float, float]:
+    """The wall and CPU seconds the scripted backends of a build spent answering (`FACTORY_SCRIPTED_CLOCK`)."""
+    lines = [json.loads(x) for x in clock.read_text(encoding="utf-8").splitlines()] if clock.is_file() else []
+    return sum(x["wall_s"] for x in lines), sum(x["cpu_s"] for x in lines)
 
 
 def area(filename: str) -> str:
@@ -170,7 +182,9 @@ def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
     prompts, recipe, wh = folder / f"p{n}.jsonl", folder / f"r{n}.yaml", folder / f"wh{n}"
     write_prompts(prompts, n)
     write_recipe(recipe, prompts)
-    first = build(recipe, wh, "-q")
+    clock = folder / f"clock{n}.jsonl"
+    clock.unlink(missing_ok=True)
+    first = build(recipe, wh, "-q", clock=clock)
     row: dict[str, Any] = {"prompts": n, "build_s": first["wall_s"], "build_cpu_s": first["cpu_s"]}
     row["build_rss_mib"] = first["rss_mib"]
     row["load_avg"] = round(os.getloadavg()[0], 2)
@@ -179,6 +193,10 @@ def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
     row["model_s"] = round(model_seconds(wh), 2)
     row["factory_s"] = round(first["wall_s"] - row["model_s"], 2)
     row["factory_ms_per_call"] = round(1000 * row["factory_s"] / max(first["calls"], 1), 4)
+    # The same in CPU seconds (the build's, less the backend thread's): what the wall figures would be on a
+    # machine of its own, where no other program holds the cores.
+    row["model_cpu_s"] = round(clock_seconds(clock)[1], 2)
+    row["factory_cpu_ms_per_call"] = round(1000 * (first["cpu_s"] - row["model_cpu_s"]) / max(first["calls"], 1), 4)
     again = build(recipe, wh, "-q")
     row.update(rebuild_s=again["wall_s"], rebuild_rss_mib=again["rss_mib"], rebuild_calls=again["calls"])
     for name, args in (
