@@ -368,7 +368,10 @@ def _judge_fields(o: Any) -> dict[str, Any]:
     return {
         "text": o.text,
         "tokens": o.tokens,
-        "top_logprobs": [[{"token": t, "logprob": lp} for t, lp in step] for step in o.top_logprobs],
+        # Kept as the backend's (token, logprob) pairs: Arrow writes a pair as the {token, logprob} struct
+        # (the same Parquet bytes as dicts), and `verdict_fields` reads pairs as well as the dicts a cached row
+        # holds, so no call converts them twice.
+        "top_logprobs": o.top_logprobs,
         "tokens_in": o.tokens_in,
         "tokens_out": o.tokens_out,
         "retries": o.retries,

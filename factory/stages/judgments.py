@@ -122,7 +122,7 @@ def verdict_fields(
             "parse_status": "error",
             "error": result.get("error") or "no result",
         }
-    tops = [[(t["token"], t["logprob"]) for t in step] for step in result["top_logprobs"]]
+    tops = logprob_pairs(result["top_logprobs"])
     v = protocol.parse(result["text"], result["tokens"], tops, markers=markers)
     fields = {
         "raw_output": protocol.prefill + result["text"],
@@ -136,6 +136,15 @@ def verdict_fields(
     if paper and v.p_a is None:
         fields.update(paper_first_token(tops, markers))
     return fields
+
+
+def logprob_pairs(steps: list[list[Any]]) -> list[list[tuple[str, float]]]:
+    """A call row's top log-probabilities as (token, logprob) pairs: a row made in this run holds the
+    backend's pairs, a row read from the cache holds {token, logprob} dicts (Parquet structs)."""
+    first = next((step[0] for step in steps if step), None)
+    if isinstance(first, dict):
+        return [[(t["token"], t["logprob"]) for t in step] for step in steps]
+    return steps
 
 
 def paper_first_token(tops: list[list[tuple[str, float]]], markers: str) -> dict[str, Any]:
