@@ -14,6 +14,7 @@ Failure has two kinds (docs/DESIGN.md, "No silent failure"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -147,14 +148,23 @@ def judge_call(
 
     Chat control tokens in the rendered contents (an output that writes `<|im_start|>assistant`) are
     neutralised before keying, so the key and the prompt hash describe what the judge is sent."""
-    messages, neutralised = neutralise_messages(messages)
-    # The messages are rendered once for both hashes, and set into the rest of the payload's rendering (the
-    # same for every call of a stage): the very text `request_key` renders, so the key is unchanged.
-    sent = canonical_messages(messages)
+    return judge_caller(identity, prefill, max_tokens, top_logprobs)(messages, **meta)
+
+
+def judge_caller(identity: dict[str, Any], prefill: str, max_tokens: int, top_logprobs: int) -> Callable[..., Call]:
+    """`judge_call` with the arguments every call of a stage shares rendered once: `make(messages, **meta)`."""
+    # The messages are rendered once for both hashes, and set into the rest of the payload's rendering: the
+    # very text `request_key` renders, so the key is unchanged.
     before, after = _judge_frame(canonical_json(identity), prefill, max_tokens, top_logprobs)
-    request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
-    meta = {**meta, "prompt_hash": hash_text(sent, PROMPT_HASH_LENGTH)}
-    return Call(hash_text(before + sent + after), request, meta, neutralised)
+
+    def make(messages: list[dict[str, str]], **meta: Any) -> Call:
+        messages, neutralised = neutralise_messages(messages)
+        sent = canonical_messages(messages)
+        request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
+        meta = {**meta, "prompt_hash": hash_text(sent, PROMPT_HASH_LENGTH)}
+        return Call(hash_text(before + sent + after), request, meta, neutralised)
+
+    return make
 
 
 @lru_cache(maxsize=64)

@@ -20,7 +20,7 @@ from factory.judge.adaptive import Adaptive
 from factory.judge.protocols import Protocol, custom_protocol, get_protocol, with_template
 from factory.judge.verdicts import soft_score
 from factory.models.registry import model_identity
-from factory.models.requests import Call, judge_call
+from factory.models.requests import Call, judge_caller
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
 from factory.stages.samples import distinct_samples, text_representatives
 
@@ -72,6 +72,7 @@ def judge_calls(
     names: list[str | None] = list(spec.reference_names) if protocol.uses_reference else [None]
     refs = {(r["reference_name"], r["prompt_id"]): r["text"] for r in references if r["status"] == "ok"}
     calls: list[Call] = []
+    make = judge_caller(identity, protocol.prefill, spec.generation_tokens, spec.top_logprobs)
     no_reference = 0
     for p, name in ((p, name) for p in prompts for name in names):
         group = sorted(by_prompt.get(p["prompt_id"], []), key=lambda s: s["sample_index"])
@@ -84,12 +85,8 @@ def judge_calls(
                 if a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
                     continue
                 messages = protocol.render(p["instruction"], a["text"], b["text"], reference)
-                call = judge_call(
-                    identity,
+                call = make(
                     messages,
-                    protocol.prefill,
-                    spec.generation_tokens,
-                    spec.top_logprobs,
                     prompt_id=p["prompt_id"],
                     sample_a=a["sample_id"],
                     sample_b=b["sample_id"],
