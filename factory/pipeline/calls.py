@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -111,6 +112,10 @@ class LocalExecutor:
     def close(self) -> None:
         """Nothing beyond the pool's own backends."""
 
+
+WRITES_QUEUED = 3
+"""Batches whose call rows may wait to be written while the next is computed (`kill -9` loses at most these
+and the batch being computed)."""
 
 _scoped_executor: Executor | None = None
 
@@ -216,18 +221,19 @@ class CallRunner:
         pool.check(model, kind.role)
         batches = list(self._batches(kind, missing, pool.specs[model].batch_size))
         base = {"recipe": self.recipe, "run_id": self.run_id, "model": model}
-        # A batch's rows are written (Parquet, fsync, rename) on a thread while the next batch is computed:
-        # fsync waits on the disk, not the CPU. One write at a time, and every write ends before `run`
-        # returns or raises (the pool's shutdown waits), so a stage never reads a cache still being written.
-        written: Future[None] | None = None
+        # A batch's rows are written (Parquet, fsync, rename) on a thread while the next batches are computed:
+        # fsync waits on the disk, not the CPU, and a slow one on a busy disk is absorbed by the batches queued
+        # behind it. One write at a time, in order, at most WRITES_QUEUED waiting; every write ends before
+        # `run` returns or raises (the pool's shutdown waits), so a stage never reads a cache being written.
+        written: deque[Future[None]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="factory-calls") as writer:
             for _, rows in pool.executor.map(pool, kind, model, base, batches):
-                if written is not None:
-                    written.result()  # the previous batch is on disk (its error, if any, stops the run here)
-                written = writer.submit(self.wh.append_calls, kind.table, self.run_id, rows)
+                while len(written) >= WRITES_QUEUED:
+                    written.popleft().result()  # that batch is on disk (its error, if any, stops the run here)
+                written.append(writer.submit(self.wh.append_calls, kind.table, self.run_id, rows))
                 self._count(stage, st, rows, results)
-            if written is not None:
-                written.result()
+            while written:
+                written.popleft().result()
         if pool.executor.name != "local":
             st.notes.setdefault("executor", pool.executor.name)
         return results
