@@ -1,11 +1,16 @@
 """factory's own cost at paper scale: builds of N prompts on the `scripted` backend (a model that takes no time,
 so every second and byte measured is factory's), one fresh warehouse per size.
 
-For each size it prints: the build's wall time and peak RSS (GNU time), factory's time per model call, an
-unchanged rebuild (wall, RSS, model calls: must be 0), a build after adding 1 % more prompts (wall, calls),
+For each size it prints: the build's wall time, CPU time and peak RSS (GNU time), the load average after it,
+its time per model call (`ms_per_call`), the time spent inside the backend's methods (`model_s`: the sum of
+the call rows' `latency_s`) and factory's own time per model call without it (`factory_ms_per_call`); the
+same in CPU time (`model_cpu_s`, as the scripted backend clocks its thread, and `factory_cpu_ms_per_call`:
+on a shared machine the wall time also counts the time other programs held the cores), an unchanged rebuild
+(wall, RSS, model calls: must be 0), a build after adding 1 % more prompts (wall, calls),
 `factory sql "select 1"`, `factory ls`, a GROUP BY over every judgment, and, with `--ray`, the same build
 with `--executor ray` on a local cluster (wall, RSS, and whether its tables equal the local build's). With
-`--profile` the first build also runs under cProfile and the top of its profile is printed.
+`--profile` the first build also runs under cProfile and a summary is printed: own time by area (factory's
+modules, the backend, json, hashlib, pyarrow, duckdb...) and the top functions by own time.
 
 The recipe is the quickstart's shape: 5 samples of at most 64 tokens per prompt, RefEval against a column
 reference in both orders (20 judgments per prompt), batch size 256.
@@ -29,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from factory.models.scripted import CLOCK_ENV
 
 WORDS = [
     "the",
@@ -71,15 +78,18 @@ def write_recipe(path: Path, prompts: Path) -> None:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
 
-def timed(args: list[str], ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
-    """Run a command under GNU time: wall seconds, peak RSS (MiB) and its stdout."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True)
+def timed(args: list[str], ok: tuple[int, ...] = (0,), env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command under GNU time: wall and CPU seconds, peak RSS (MiB) and its stdout."""
+    environ = {**os.environ, **(env or {})}
+    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True, env=environ)
     if proc.returncode not in ok:
         raise SystemExit(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
-    return {"wall_s": round(seconds, 2), "rss_mib": round(rss / 1024), "stdout": proc.stdout}
+    # CPU seconds as well: on a shared machine the wall time also counts the time other programs held the cores.
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", proc.stderr))
+    return {"wall_s": round(seconds, 2), "cpu_s": round(cpu, 2), "rss_mib": round(rss / 1024), "stdout": proc.stdout}
 
 
 def calls_of(stdout: str) -> int:
@@ -90,10 +100,90 @@ def calls_of(stdout: str) -> int:
 FACTORY = [sys.executable, "-m", "factory.cli.main"]
 
 
-def build(recipe: Path, wh: Path, *extra: str) -> dict[str, Any]:
-    out = timed([*FACTORY, "build", str(recipe), "-w", str(wh), *extra])
+def build(recipe: Path, wh: Path, *extra: str, clock: Path | None = None) -> dict[str, Any]:
+    """A build's times and model calls; with `clock`, the scripted backends' own times go to that file."""
+    env = {CLOCK_ENV: str(clock)} if clock is not None else None
+    out = timed([*FACTORY, "build", str(recipe), "-w", str(wh), *extra], env=env)
     out["calls"] = calls_of(out.pop("stdout"))
     return out
+
+
+def model_seconds(wh: Path) -> float:
+    """Seconds the build's models spent answering: a call row's `latency_s` is its batch's time inside the
+    backend's method divided by the batch's calls, so the rows add up to the time inside the backend."""
+    import pyarrow.parquet as pq
+
+    from factory.warehouse.tables import CALL_TABLES
+
+    total = 0.0
+    for table in CALL_TABLES:
+        for part in sorted((wh / "calls" / table).glob("part-*.parquet")):
+            total += sum(x for x in pq.read_table(part, columns=["latency_s"])["latency_s"].to_pylist() if x)
+    return total
+
+
+def clock_seconds(clock: Path) -> tuple[float, float]:
+    """The wall and CPU seconds the scripted backends of a build spent answering (`FACTORY_SCRIPTED_CLOCK`)."""
+    lines = [json.loads(x) for x in clock.read_text(encoding="utf-8").splitlines()] if clock.is_file() else []
+    return sum(x["wall_s"] for x in lines), sum(x["cpu_s"] for x in lines)
+
+
+def area(filename: str) -> str:
+    """The part of the program a profiled function belongs to: a factory module, a library, or Python."""
+    path = filename.replace("\\", "/")
+    if "/factory/" in path:
+        return "factory/" + path.rsplit("/factory/", 1)[1]
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0]
+    if path.startswith("<"):
+        return path  # <frozen importlib._bootstrap>, <string>
+    return "/".join(path.split("/")[-2:])  # the standard library: json/encoder.py
+
+
+Func = tuple[str, int, str]
+
+
+def backend_shares(raw: dict[Func, tuple[Any, ...]]) -> dict[Func, float]:
+    """For each profiled function, the share of its own time spent on the backend's behalf: 1 for the
+    scripted backend's own functions, and for a function both sides call (stable_hash, the JSON encoder) the
+    share of its own time along the edges from callers inside the backend, weighted by those callers' shares."""
+    share = {f: 1.0 if "models/scripted.py" in f[0] else 0.0 for f in raw}
+    for _ in range(30):  # call chains from the backend are short: a fixed number of passes settles them
+        for f, v in raw.items():
+            callers = v[4]
+            if "models/scripted.py" in f[0] or not callers:
+                continue
+            along = sum(edge[2] for edge in callers.values())
+            if along:
+                share[f] = sum(edge[2] * share.get(c, 0.0) for c, edge in callers.items()) / along
+    return share
+
+
+def profile_summary(stats_file: Path, n: int, top: int = 15) -> None:
+    """Where the profiled build's time went: the backend's share, factory's own time per area, then the
+    functions with the most of factory's own time (the backend's share of each left out)."""
+    import pstats
+
+    stats = pstats.Stats(str(stats_file))
+    raw: dict[Func, tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    share = backend_shares(raw)
+    total = sum(v[2] for v in raw.values()) or 1.0
+    backend = sum(v[2] * share[f] for f, v in raw.items())
+    own = {f: v[2] * (1.0 - share[f]) for f, v in raw.items()}
+    by_area: dict[str, float] = {}
+    for (filename, _, name), sec in own.items():
+        key = area(filename) if filename != "~" else f"builtins ({name.split(' of ')[0].strip('<>{}')})"
+        by_area[key] = by_area.get(key, 0.0) + sec
+    print(
+        f"--- profile of the {n}-prompt build: {total:.1f} s under cProfile, {backend:.1f} s of it inside the "
+        f"scripted backend; factory's own {total - backend:.1f} s by area (share of it) ---"
+    )
+    for key, sec in sorted(by_area.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{sec:9.2f} s {100 * sec / max(total - backend, 1e-9):5.1f} %  {key}")
+    print(f"--- top {top} functions by factory's own time (the backend's share left out) ---")
+    print(f"{'own s':>9} {'cum s':>9} {'calls':>10}  function")
+    for f, sec in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{sec:9.2f} {raw[f][3]:9.2f} {raw[f][1]:10d}  {area(f[0])}:{f[1]}({f[2]})")
 
 
 def tables_equal(a: Path, b: Path) -> bool:
@@ -118,10 +208,21 @@ def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
     prompts, recipe, wh = folder / f"p{n}.jsonl", folder / f"r{n}.yaml", folder / f"wh{n}"
     write_prompts(prompts, n)
     write_recipe(recipe, prompts)
-    first = build(recipe, wh, "-q")
-    row: dict[str, Any] = {"prompts": n, "build_s": first["wall_s"], "build_rss_mib": first["rss_mib"]}
+    clock = folder / f"clock{n}.jsonl"
+    clock.unlink(missing_ok=True)
+    first = build(recipe, wh, "-q", clock=clock)
+    row: dict[str, Any] = {"prompts": n, "build_s": first["wall_s"], "build_cpu_s": first["cpu_s"]}
+    row["build_rss_mib"] = first["rss_mib"]
+    row["load_avg"] = round(os.getloadavg()[0], 2)
     row["calls"] = first["calls"]
     row["ms_per_call"] = round(1000 * first["wall_s"] / max(first["calls"], 1), 4)
+    row["model_s"] = round(model_seconds(wh), 2)
+    row["factory_s"] = round(first["wall_s"] - row["model_s"], 2)
+    row["factory_ms_per_call"] = round(1000 * row["factory_s"] / max(first["calls"], 1), 4)
+    # The same in CPU seconds (the build's, less the backend thread's): what the wall figures would be on a
+    # machine of its own, where no other program holds the cores.
+    row["model_cpu_s"] = round(clock_seconds(clock)[1], 2)
+    row["factory_cpu_ms_per_call"] = round(1000 * (first["cpu_s"] - row["model_cpu_s"]) / max(first["calls"], 1), 4)
     again = build(recipe, wh, "-q")
     row.update(rebuild_s=again["wall_s"], rebuild_rss_mib=again["rss_mib"], rebuild_calls=again["calls"])
     for name, args in (
@@ -164,12 +265,7 @@ def measure(n: int, folder: Path, ray: bool, profile: bool) -> dict[str, Any]:
             check=False,
             capture_output=True,
         )
-        import pstats
-
-        print(f"--- profile of the {n}-prompt build (cumulative, top 25) ---")
-        pstats.Stats(str(stats)).sort_stats("cumulative").print_stats(25)
-        print(f"--- profile of the {n}-prompt build (own time, top 25) ---")
-        pstats.Stats(str(stats)).sort_stats("tottime").print_stats(25)
+        profile_summary(stats, n)
     return row
 
 

@@ -159,11 +159,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 # ------------------------------------------------------------------------------------ warehouse state
 def _table_done(table: str) -> Callable[[Path], bool]:
-    return lambda wh: (wh / "tables" / table / NAME / "CURRENT.json").is_file()
+    # A stage's version file is complete when the stage ends; the pointers (CURRENT.json) are all written
+    # together once every shard is done (docs/DESIGN.md, "Shards"), so they cannot tell the stages apart.
+    return lambda wh: any((wh / "tables" / table / NAME).glob("*.complete"))
 
 
 # What a build has done so far, in order, as files a watcher can see: the runs row (written once the lock is
-# held), each stage table's pointer (written when the stage ends), the export folder's marker.
+# held), each stage table's version file (complete when the stage ends), the export folder's marker.
 MARKS: list[tuple[str, Callable[[Path], bool]]] = [
     ("lock", lambda wh: any((wh / "runs").glob("*.parquet"))),
     *[(t, _table_done(t)) for t in STAGE_TABLES],

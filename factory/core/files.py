@@ -66,6 +66,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log-like file in a single write (lines from several processes never interleave)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------- locking
 # What a lock file holds while factory owns it: who took it, padded to a fixed size so that it is always
 # written whole, in place, and never truncated.

@@ -67,12 +67,18 @@ def without_special_tokens(
     records: list[dict[str, Any]], columns: tuple[str, ...] = ("prompt", "chosen", "rejected")
 ) -> tuple[list[dict[str, Any]], int]:
     """Records whose messages carry no chat control token, and how many were dropped for carrying one."""
-    kept = [
-        rec
-        for rec in records
-        if not any(tok in m["content"] for col in columns for m in rec[col] for tok in SPECIAL_TOKENS)
-    ]
+    kept = [rec for rec in records if not any(_has_special(m["content"]) for col in columns for m in rec[col])]
     return kept, len(records) - len(kept)
+
+
+_SHARED = "<|"
+assert all(_SHARED in tok for tok in SPECIAL_TOKENS)  # what makes `_has_special`'s first test exact
+
+
+def _has_special(text: str) -> bool:
+    """Whether a text holds a special token: one substring test for the text of nearly every record, which
+    holds none of what all of them share."""
+    return _SHARED in text and any(tok in text for tok in SPECIAL_TOKENS)
 
 
 def preference_records(
@@ -123,8 +129,13 @@ def split_of(prompt_id: str, fraction: float, seed: int) -> str:
 def split_records(records: list[dict[str, Any]], fraction: float, seed: int) -> dict[str, list[dict[str, Any]]]:
     """Records by split (`split_of`)."""
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    of: dict[str, str] = {}  # a prompt's pairs share its split: one hash per prompt
     for rec in records:
-        splits[split_of(rec["prompt_id"], fraction, seed)].append(rec)
+        pid = rec["prompt_id"]
+        split = of.get(pid)
+        if split is None:
+            split = of[pid] = split_of(pid, fraction, seed)
+        splits[split].append(rec)
     return splits
 
 

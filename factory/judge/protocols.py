@@ -11,6 +11,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from factory.config.vocabulary import CUSTOM
 from factory.core.errors import UserInputError
@@ -29,6 +30,17 @@ from factory.judge.prose import (
     SYSTEM,
 )
 from factory.judge.verdicts import Verdict, parse_verdict
+
+_PLACEHOLDER = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
+"""Any placeholder (captured, so splitting on it keeps it)."""
+
+
+@lru_cache(maxsize=64)
+def _pieces(text: str) -> tuple[str, ...]:
+    """A template cut into its literal text and its placeholders, once per template: a build renders a judge
+    prompt per ordered pair. Odd positions hold placeholders, even ones text (a text equal to a placeholder's
+    name cannot occur between two matches, so `render` may look every piece up)."""
+    return tuple(_PLACEHOLDER.split(text))
 
 
 @dataclass(frozen=True)
@@ -81,13 +93,11 @@ class Protocol:
             "{output_a}": output_a,
             "{output_b}": output_b,
         }
-        pattern = "|".join(re.escape(p) for p in PLACEHOLDERS)
-        # One pass over each turn, so a placeholder-like string inside an output is never substituted.
+        # Each turn is filled in one pass over its pieces, so a placeholder-like string inside an output is
+        # never substituted.
         messages = [] if self.system is None else [("system", self.system)]
         messages.append(("user", template))
-        return [
-            {"role": role, "content": re.sub(pattern, lambda m: values[m.group(0)], text)} for role, text in messages
-        ]
+        return [{"role": role, "content": "".join(values.get(p, p) for p in _pieces(text))} for role, text in messages]
 
     def parse(
         self,

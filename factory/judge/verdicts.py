@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 VERDICT_RE = re.compile(r"Output \((\S+)\)")
 BETTER_RE = re.compile(
@@ -42,8 +43,10 @@ class Verdict:
     position; `p_a` is the score under the rule the caller asked for."""
 
 
+@lru_cache(maxsize=4096)
 def marker_of(token: str) -> str | None:
-    """'a' or 'b' if a token is a variant of a marker (`a`, ` A`, `(a`, `a)`), else None."""
+    """'a' or 'b' if a token is a variant of a marker (`a`, ` A`, `(a`, `a)`), else None. Cached: a judge's
+    answers use a handful of distinct tokens, read several times in each of a build's judgments."""
     core = token.strip().strip("()").strip().lower()
     return core if core in ("a", "b") else None
 
@@ -137,11 +140,17 @@ def parse_verdict(
     if step is None:
         if not prefill:
             # A reasoning answer with no verdict: its first token starts the explanation, not a choice.
-            return Verdict(verdict, None, status, "none", json.dumps({"a": [], "b": []}))
+            return Verdict(verdict, None, status, "none", _seen_json((), ()))
         step, p_source = 0, "first_token"
     if step >= len(top_logprobs):
-        return Verdict(verdict, None, status, "none", json.dumps({"a": [], "b": []}))
+        return Verdict(verdict, None, status, "none", _seen_json((), ()))
     p_a, seen = soft_score(top_logprobs[step])
     p_exact, _ = soft_score(top_logprobs[step], exact=True)
     chosen = p_exact if markers == "exact" else p_a
-    return Verdict(verdict, chosen, status, p_source, json.dumps(seen, ensure_ascii=False), p_exact)
+    return Verdict(verdict, chosen, status, p_source, _seen_json(tuple(seen["a"]), tuple(seen["b"])), p_exact)
+
+
+@lru_cache(maxsize=4096)
+def _seen_json(a: tuple[str, ...], b: tuple[str, ...]) -> str:
+    """`marker_tokens`: the marker variants seen, as JSON (cached: the same few lists recur in every answer)."""
+    return json.dumps({"a": list(a), "b": list(b)}, ensure_ascii=False)

@@ -14,10 +14,12 @@ Failure has two kinds (docs/DESIGN.md, "No silent failure"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from factory.core.keys import stable_hash
+from factory.core.keys import canonical_json, canonical_messages, canonical_object, hash_text, stable_hash
 from factory.models.chat_tokens import neutralise_messages
 
 if TYPE_CHECKING:
@@ -146,17 +148,49 @@ def judge_call(
 
     Chat control tokens in the rendered contents (an output that writes `<|im_start|>assistant`) are
     neutralised before keying, so the key and the prompt hash describe what the judge is sent."""
-    messages, neutralised = neutralise_messages(messages)
-    payload = {"messages": messages, "prefill": prefill, "max_tokens": max_tokens, "top_logprobs": top_logprobs}
-    request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
-    meta = {**meta, "prompt_hash": prompt_hash(messages)}
-    return Call(request_key("judge", identity, payload), request, meta, neutralised)
+    return judge_caller(identity, prefill, max_tokens, top_logprobs)(messages, **meta)
+
+
+def judge_caller(identity: dict[str, Any], prefill: str, max_tokens: int, top_logprobs: int) -> Callable[..., Call]:
+    """`judge_call` with the arguments every call of a stage shares rendered once: `make(messages, **meta)`."""
+    # The messages are rendered once for both hashes, and set into the rest of the payload's rendering: the
+    # very text `request_key` renders, so the key is unchanged.
+    before, after = _judge_frame(canonical_json(identity), prefill, max_tokens, top_logprobs)
+
+    def make(messages: list[dict[str, str]], **meta: Any) -> Call:
+        messages, neutralised = neutralise_messages(messages)
+        sent = canonical_messages(messages)
+        request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
+        meta = {**meta, "prompt_hash": hash_text(sent, PROMPT_HASH_LENGTH)}
+        return Call(hash_text(before + sent + after), request, meta, neutralised)
+
+    return make
+
+
+@lru_cache(maxsize=64)
+def _judge_frame(identity: str, prefill: str, max_tokens: int, top_logprobs: int) -> tuple[str, str]:
+    """The canonical JSON of a judge request's payload before and after its messages (`identity` rendered).
+    Split at a NUL character: canonical JSON writes a NUL inside any string as an escape, so the only raw one
+    is the stand-in for the messages."""
+    rendered = {
+        "kind": canonical_json("judge"),
+        "model": identity,
+        "messages": "\0",
+        "prefill": canonical_json(prefill),
+        "max_tokens": canonical_json(max_tokens),
+        "top_logprobs": canonical_json(top_logprobs),
+    }
+    before, after = canonical_object(rendered).split("\0")
+    return before, after
 
 
 def prompt_hash(sent: list[dict[str, str]]) -> str:
     """The `prompt_hash` of a judgment row: a short hash of its messages as sent (after `neutralise_messages`),
     which `factory show --messages` recomputes to check a rebuilt prompt."""
-    return stable_hash(sent, 16)
+    return stable_hash(sent, PROMPT_HASH_LENGTH)
+
+
+PROMPT_HASH_LENGTH = 16
 
 
 def reward_call(identity: dict[str, Any], messages: list[dict[str, str]], **meta: Any) -> Call:

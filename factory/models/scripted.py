@@ -21,14 +21,17 @@ Injected trouble (operational: not part of the model's identity, like a flaky ne
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from factory.config.models import ModelSpec, ScriptSpec
+from factory.core.files import append_line
 from factory.core.keys import stable_hash
 from factory.core.stats import sigmoid
 from factory.models.requests import (
@@ -66,6 +69,11 @@ _BLOCK = re.compile(r"# Output \(a\):\n(?P<a>.*?)\n\n# Output \(b\):\n(?P<b>.*?)
 
 T = TypeVar("T")
 
+CLOCK_ENV = "FACTORY_SCRIPTED_CLOCK"
+"""When set to a file name, each scripted backend appends to it, as it closes, one JSON line with the seconds
+it spent answering: wall and CPU (its thread's). bench/scale.py subtracts them from a build's times to find
+factory's own cost per call; CPU seconds stay honest on a machine that other programs share."""
+
 
 class ScriptedCrash(RuntimeError):
     """The injected non-transient failure: stands for a programming or configuration error in a backend."""
@@ -94,6 +102,8 @@ class ScriptedBackend:
         self.script = spec.script or ScriptSpec()
         self.requests_seen = 0
         self._process = [os.getpid(), time.time_ns()]
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------ trouble
     def _trouble(self) -> RequestFailed | None:
@@ -114,9 +124,14 @@ class ScriptedBackend:
     def _each(self, requests: Sequence[Any], answer: Callable[[Any], T]) -> list[T | Exception]:
         """One answer per request, or the injected failure in its place."""
         out: list[T | Exception] = []
-        for r in requests:
-            failed = self._trouble()
-            out.append(failed if failed is not None else answer(r))
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            for r in requests:
+                failed = self._trouble()
+                out.append(failed if failed is not None else answer(r))
+        finally:
+            self.seconds += time.perf_counter() - wall
+            self.cpu_seconds += time.thread_time() - cpu
         return out
 
     # -------------------------------------------------------------------------------------------- roles
@@ -188,4 +203,8 @@ class ScriptedBackend:
         )
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Nothing to release; the time spent answering goes to the file `FACTORY_SCRIPTED_CLOCK` names."""
+        clock = os.environ.get(CLOCK_ENV)
+        if clock and self.requests_seen:
+            times = {"requests": self.requests_seen, "wall_s": self.seconds, "cpu_s": self.cpu_seconds}
+            append_line(Path(clock), json.dumps(times))

@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 from factory.config.vocabulary import Role
 from factory.core.errors import FactoryError
-from factory.core.keys import stable_hash
+from factory.core.keys import canonical_json
 from factory.core.redact import redact
 from factory.models.registry import BACKENDS, Backend, load_backend
-from factory.models.requests import Call, GenerationRequest, JudgeRequest, RequestFailed, RewardRequest, TransientError
+from factory.models.requests import (
+    Call,
+    Generation,
+    GenerationRequest,
+    JudgeRequest,
+    RequestFailed,
+    RewardRequest,
+    TransientError,
+)
 from factory.pipeline.stage import StageStats
 from factory.warehouse.store import Warehouse
 
@@ -102,6 +112,10 @@ class LocalExecutor:
     def close(self) -> None:
         """Nothing beyond the pool's own backends."""
 
+
+WRITES_QUEUED = 3
+"""Batches whose call rows may wait to be written while the next is computed (`kill -9` loses at most these
+and the batch being computed)."""
 
 _scoped_executor: Executor | None = None
 
@@ -207,23 +221,37 @@ class CallRunner:
         pool.check(model, kind.role)
         batches = list(self._batches(kind, missing, pool.specs[model].batch_size))
         base = {"recipe": self.recipe, "run_id": self.run_id, "model": model}
-        for _, rows in pool.executor.map(pool, kind, model, base, batches):
-            self.wh.append_calls(kind.table, self.run_id, rows)
-            for row in rows:
-                st.model_calls += 1
-                st.retries += row.get("retries") or 0
-                if row.get("cost_usd") is not None:
-                    st.cost_usd = (st.cost_usd or 0.0) + row["cost_usd"]
-                if row["status"] == "ok":
-                    results[row["request_key"]] = row
-                    st.tokens_in += row["tokens_in"] or 0
-                    st.tokens_out += row["tokens_out"] or 0
-                else:
-                    st.failed_calls += 1
-            self.reporter.calls_done(stage, len(rows), sum(r.get("tokens_out") or 0 for r in rows))
+        # A batch's rows are written (Parquet, fsync, rename) on a thread while the next batches are computed:
+        # fsync waits on the disk, not the CPU, and a slow one on a busy disk is absorbed by the batches queued
+        # behind it. One write at a time, in order, at most WRITES_QUEUED waiting; every write ends before
+        # `run` returns or raises (the pool's shutdown waits), so a stage never reads a cache being written.
+        written: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="factory-calls") as writer:
+            for _, rows in pool.executor.map(pool, kind, model, base, batches):
+                while len(written) >= WRITES_QUEUED:
+                    written.popleft().result()  # that batch is on disk (its error, if any, stops the run here)
+                written.append(writer.submit(self.wh.append_calls, kind.table, self.run_id, rows))
+                self._count(stage, st, rows, results)
+            while written:
+                written.popleft().result()
         if pool.executor.name != "local":
             st.notes.setdefault("executor", pool.executor.name)
         return results
+
+    def _count(self, stage: str, st: StageStats, rows: list[dict[str, Any]], results: dict[str, Any]) -> None:
+        """One batch's rows into the stage's stats and results, and the progress display."""
+        for row in rows:
+            st.model_calls += 1
+            st.retries += row.get("retries") or 0
+            if row.get("cost_usd") is not None:
+                st.cost_usd = (st.cost_usd or 0.0) + row["cost_usd"]
+            if row["status"] == "ok":
+                results[row["request_key"]] = row
+                st.tokens_in += row["tokens_in"] or 0
+                st.tokens_out += row["tokens_out"] or 0
+            else:
+                st.failed_calls += 1
+        self.reporter.calls_done(stage, len(rows), sum(r.get("tokens_out") or 0 for r in rows))
 
     @staticmethod
     def _batches(kind: CallKind, calls: list[Call], size: int) -> Iterator[list[Call]]:
@@ -233,8 +261,7 @@ class CallRunner:
         # Generation: group a prompt's missing sample indices into one n-sample request; batch by prompt.
         by_prompt: dict[str, list[Call]] = {}
         for c in calls:
-            r = c.request
-            by_prompt.setdefault(stable_hash([r.messages, r.params.model_dump(), r.seed]), []).append(c)
+            by_prompt.setdefault(_request_group(c.request), []).append(c)
         groups = list(by_prompt.values())
         for chunk in _chunks(groups, size):
             yield [c for g in chunk for c in g]
@@ -243,12 +270,11 @@ class CallRunner:
         return call_batch(kind, backend, model, batch, {"recipe": self.recipe, "run_id": self.run_id, "model": model})
 
     @staticmethod
-    def _generate(backend: Backend, batch: list[Call]) -> list[dict[str, Any] | Exception]:
+    def _generate(backend: Backend, batch: list[Call], clock: _Clock | None = None) -> list[dict[str, Any] | Exception]:
         """Merge a prompt's calls into one request with several sample indices, then split the outputs."""
         merged: dict[str, tuple[Any, list[Call]]] = {}
         for c in batch:
-            r = c.request
-            h = stable_hash([r.messages, r.params.model_dump(), r.seed])
+            h = _request_group(c.request)
             if h in merged:
                 merged[h][1].append(c)
             else:
@@ -257,7 +283,7 @@ class CallRunner:
             type(req)(req.messages, req.params, req.seed, tuple(c.request.sample_indices[0] for c in cs))
             for req, cs in merged.values()
         ]
-        outputs = backend.generate(requests)
+        outputs = (clock or _Clock()).run(backend.generate, requests)
         by_key: dict[str, dict[str, Any] | Exception] = {}
         if len(outputs) != len(requests):
             raise FactoryError(f"a backend returned {len(outputs)} results for {len(requests)} generation requests")
@@ -270,32 +296,61 @@ class CallRunner:
                 by_key.update((c.key, gens if i == 0 else rest) for i, c in enumerate(cs))
                 continue
             for c, g in zip(cs, gens, strict=True):
-                by_key[c.key] = asdict(g)
+                by_key[c.key] = {name: getattr(g, name) for name in _GENERATION_FIELDS}
         return [by_key[c.key] for c in batch]
+
+
+_GENERATION_FIELDS = tuple(f.name for f in fields(Generation))
+"""A `Generation`'s fields, in order: its row fields are scalars, so reading them equals `asdict`, without
+its deep copy of each value."""
+
+
+def _request_group(r: GenerationRequest) -> str:
+    """What a generation request asks, sample index aside: requests that share it are one n-sample request.
+    The canonical JSON itself (not its hash): a dict key needs no digest."""
+    return canonical_json([r.messages, r.params.model_dump(), r.seed])
+
+
+class _Clock:
+    """Seconds spent inside a backend's methods: a call row's latency is the model's time, not factory's."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def run(self, method: Callable[[Any], Any], requests: list[Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return method(requests)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def call_batch(
     kind: CallKind, backend: Any, model: str, batch: list[Call], base: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """One batch's call rows from `backend` (in this process or on a worker): a transient failure becomes
-    error rows; any other exception propagates and stops the run. `base` holds recipe, run_id and model."""
-    t0 = time.perf_counter()
+    error rows; any other exception propagates and stops the run. `base` holds recipe, run_id and model.
+
+    Each row's `latency_s` is the batch's time inside the backend's method divided by its calls, so the rows
+    of a run add up to the time its models took (bench/scale.py subtracts it to find factory's own cost)."""
+    clock = _Clock()
     try:
         if kind.role == "judge":
             flat: list[dict[str, Any] | Exception] = [
-                o if isinstance(o, Exception) else _judge_fields(o) for o in backend.judge([c.request for c in batch])
+                o if isinstance(o, Exception) else _judge_fields(o)
+                for o in clock.run(backend.judge, [c.request for c in batch])
             ]
         elif kind.role == "reward":
             flat = [
                 o if isinstance(o, Exception) else {"reward": o.reward, "tokens_in": o.tokens_in, "tokens_out": 0}
-                for o in backend.reward([c.request for c in batch])
+                for o in clock.run(backend.reward, [c.request for c in batch])
             ]
         else:
-            flat = CallRunner._generate(backend, batch)
+            flat = CallRunner._generate(backend, batch, clock)
         error: TransientError | None = None
     except TransientError as exc:  # the whole batch failed transiently: error rows, retried next build
         flat, error = [], exc
-    latency = (time.perf_counter() - t0) / max(len(batch), 1)
+    latency = clock.seconds / max(len(batch), 1)
     created = now()
     if error is not None:
         return [_failed_row(base, c.key, error, latency, created) for c in batch]
@@ -319,7 +374,10 @@ def _judge_fields(o: Any) -> dict[str, Any]:
     return {
         "text": o.text,
         "tokens": o.tokens,
-        "top_logprobs": [[{"token": t, "logprob": lp} for t, lp in step] for step in o.top_logprobs],
+        # Kept as the backend's (token, logprob) pairs: Arrow writes a pair as the {token, logprob} struct
+        # (the same Parquet bytes as dicts), and `verdict_fields` reads pairs as well as the dicts a cached row
+        # holds, so no call converts them twice.
+        "top_logprobs": o.top_logprobs,
         "tokens_in": o.tokens_in,
         "tokens_out": o.tokens_out,
         "retries": o.retries,

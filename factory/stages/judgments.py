@@ -20,7 +20,7 @@ from factory.judge.adaptive import Adaptive
 from factory.judge.protocols import Protocol, custom_protocol, get_protocol, with_template
 from factory.judge.verdicts import soft_score
 from factory.models.registry import model_identity
-from factory.models.requests import Call, judge_call
+from factory.models.requests import Call, judge_caller
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
 from factory.stages.samples import distinct_samples, samples_per_prompt, text_representatives
 
@@ -73,6 +73,7 @@ def judge_calls(
     names: list[str | None] = list(spec.reference_names) if protocol.uses_reference else [None]
     refs = {(r["reference_name"], r["prompt_id"]): r["text"] for r in references if r["status"] == "ok"}
     calls: list[Call] = []
+    make = judge_caller(identity, protocol.prefill, spec.generation_tokens, spec.top_logprobs)
     no_reference = 0
     for p, name in ((p, name) for p in prompts for name in names):
         group = sorted(by_prompt.get(p["prompt_id"], []), key=lambda s: s["sample_index"])
@@ -85,12 +86,8 @@ def judge_calls(
                 if a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
                     continue
                 messages = protocol.render(p["instruction"], a["text"], b["text"], reference)
-                call = judge_call(
-                    identity,
+                call = make(
                     messages,
-                    protocol.prefill,
-                    spec.generation_tokens,
-                    spec.top_logprobs,
                     prompt_id=p["prompt_id"],
                     sample_a=a["sample_id"],
                     sample_b=b["sample_id"],
@@ -123,7 +120,7 @@ def verdict_fields(
             "parse_status": "error",
             "error": result.get("error") or "no result",
         }
-    tops = [[(t["token"], t["logprob"]) for t in step] for step in result["top_logprobs"]]
+    tops = logprob_pairs(result["top_logprobs"])
     v = protocol.parse(result["text"], result["tokens"], tops, markers=markers)
     fields = {
         "raw_output": protocol.prefill + result["text"],
@@ -137,6 +134,15 @@ def verdict_fields(
     if paper and v.p_a is None:
         fields.update(paper_first_token(tops, markers))
     return fields
+
+
+def logprob_pairs(steps: list[list[Any]]) -> list[list[tuple[str, float]]]:
+    """A call row's top log-probabilities as (token, logprob) pairs: a row made in this run holds the
+    backend's pairs, a row read from the cache holds {token, logprob} dicts (Parquet structs)."""
+    first = next((step[0] for step in steps if step), None)
+    if isinstance(first, dict):
+        return [[(t["token"], t["logprob"]) for t in step] for step in steps]
+    return steps
 
 
 def paper_first_token(tops: list[list[tuple[str, float]]], markers: str) -> dict[str, Any]:

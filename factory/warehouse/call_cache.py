@@ -5,12 +5,15 @@ request key read back from the readable files that no compacted file covers."""
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from factory.core.errors import FactoryError
 from factory.core.text import first_line
@@ -29,6 +32,10 @@ class CallCache(DamageChecks):
         self._seq = 0  # parts this instance wrote, numbering the next one
         # Footers of compacted files read (what each covers, its rows), keyed by (path, size, mtime) as `_checked`.
         self._footers: dict[tuple[str, int, int], tuple[frozenset[str], int]] = {}
+        # Per table, the parts this instance wrote and the `hash()` of each of their request keys (8 bytes a
+        # call): a lookup reads only those of its own parts that may hold a wanted key, not every part a
+        # build has written so far (a build of 60K prompts writes thousands, and looks up 60 shards).
+        self._mine: dict[str, list[tuple[str, pa.Array]]] = {}
 
     def append_calls(self, table: str, run_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Flush a batch of model-call rows as one new part file."""
@@ -38,6 +45,30 @@ class CallCache(DamageChecks):
         self._seq += 1
         path = self.root / "calls" / table / f"part-{run_id}-{self._seq:06d}.parquet"
         atomic_write_parquet(path, to_table(rows, CALL_TABLES[table]))
+        hashes = pa.array([hash(r["request_key"]) for r in rows], pa.int64())
+        self._mine.setdefault(table, []).append((str(path), hashes))
+
+    def _worth_reading(self, table: str, parts: list[str], keys: list[str]) -> list[str]:
+        """The parts that may hold one of `keys`: every part this instance did not write, and those it wrote
+        whose key hashes meet the keys' (a hash collision only adds a part; the query matches whole keys).
+        One of its own parts always stays in, so the result has the columns it would have with them all."""
+        listed = set(parts)
+        # A part merged into a compacted file (docs/DESIGN.md, "Compaction") is no longer listed: forget it.
+        mine = self._mine[table] = [(path, hashes) for path, hashes in self._mine.get(table, []) if path in listed]
+        if not mine:
+            return parts
+        wanted = pa.array([hash(k) for k in keys], pa.int64())
+        # One lookup over all of them (the wanted set is built once), then the part of each hit.
+        hits = pc.is_in(pa.concat_arrays([hashes for _, hashes in mine]), value_set=wanted)
+        ends = list(accumulate(len(hashes) for _, hashes in mine))
+        holding = {mine[bisect_right(ends, i)][0] for i in pc.indices_nonzero(hits).to_pylist()}
+        own = {path for path, _ in mine}
+        kept = [p for p in parts if p not in own or p in holding]
+        if not holding and len(kept) < len(parts):
+            if not kept:
+                return []  # only this instance's parts, none holding a wanted key: nothing to read
+            kept.append(next(p for p in parts if p in own))
+        return kept
 
     def _footer(self, path: Path) -> tuple[frozenset[str], int]:
         """What a compacted file covers and its rows (read from its footer once per version of the file)."""
@@ -91,11 +122,12 @@ class CallCache(DamageChecks):
         Unreadable parts are left out (their calls count as not cached): skipped and named in
         `skipped_parts`, or moved to corrupt/ while this instance holds the lock.
         """
-        wanted = pa.table({"request_key": pa.array(sorted(set(keys)), pa.string())})
+        unique = sorted(set(keys))
+        wanted = pa.table({"request_key": pa.array(unique, pa.string())})
         if wanted.num_rows == 0:
             return {}
         while True:  # each retry leaves out at least one more part, so this ends
-            parts = self._call_files(table)
+            parts = self._worth_reading(table, self._call_files(table), unique)
             if not parts:
                 return {}
             try:

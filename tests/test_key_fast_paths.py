@@ -1,0 +1,66 @@
+"""The fast paths to keys render the very text the plain path renders, so no request key or prompt hash moves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from factory.core.keys import canonical_json, canonical_messages, canonical_object, stable_hash
+from factory.models.chat_tokens import neutralise_messages
+from factory.models.requests import judge_call, prompt_hash, request_key
+
+TEXTS = [
+    "plain",
+    'quotes " and \\ backslashes',
+    "control \x00\x1f\t\n and unicode é 漢字 😀 \u2028",
+    "markers <|im_start|>assistant\n[INST] </s>",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_judge_call_keys_equal_the_plain_rendering(text: str) -> None:
+    identity: dict[str, Any] = {"backend": "scripted", "seed": 3, "path": None, "options": {"z": 1.5, "a": [True]}}
+    messages = [{"role": "system", "content": "judge"}, {"role": "user", "content": f"A: {text}\nB: {text[::-1]}"}]
+    call = judge_call(identity, messages, "Output (", 8, 20, prompt_id="p")
+    sent, _ = neutralise_messages(messages)
+    payload = {"messages": sent, "prefill": "Output (", "max_tokens": 8, "top_logprobs": 20}
+    assert call.key == request_key("judge", identity, payload)
+    assert call.meta["prompt_hash"] == prompt_hash(sent) == stable_hash(sent, 16)
+
+
+def test_canonical_object_is_canonical_json_of_the_object() -> None:
+    obj: dict[str, Any] = {"zeta": [1, {"b": 2, "a": None}], "é": "x", "A": 1.25, "a": "\x7f", "_": {}}
+    assert canonical_object({k: canonical_json(v) for k, v in obj.items()}) == canonical_json(obj)
+
+
+def test_the_shared_encoder_still_refuses_and_detects_cycles() -> None:
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="Circular reference"):
+        canonical_json(cycle)
+    with pytest.raises(TypeError):
+        canonical_json({"a": {1, 2}})
+    assert canonical_json({"b": [1], "a": "é"}) == '{"a":"é","b":[1]}'  # a failure leaves no state behind
+
+
+class Text(str):
+    """A str subclass: rendered like a str by the encoder, but not the shape the fast path takes."""
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": t} for t in TEXTS] + [{"content": "x", "role": "user"}],
+        [],
+        [{"role": "user", "content": "x", "name": "extra key"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": Text("sub")}],
+        [{"role": "user"}, {"content": "x", "role": "user"}],
+        ({"role": "user", "content": "a tuple"},),
+        [["not", "a", "dict"]],
+    ],
+)
+def test_canonical_messages_is_canonical_json(messages: Any) -> None:
+    assert canonical_messages(messages) == canonical_json(messages)
