@@ -164,6 +164,7 @@ def test_every_special_token_of_the_embedded_tokenizer_becomes_text(embedded_dir
     assert _turn_ids(ids, tok) == _turn_ids(plain, tok) and not (set(ids) - template) & special
 
 
+@pytest.mark.model  # the embedded model's tokenizer files, as the transformers test above
 @pytest.mark.vllm
 def test_vllm_backend_prompt_ids_match_the_hf_backend(embedded_dir: Path) -> None:
     """vLLM's prompt ids, computed by the backend's own method on vLLM's tokenizer, without starting an engine."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +53,30 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def built(tmp_path: Path, kit: Any) -> tuple[Path, Path]:
-    """A finished scripted build: (recipe, warehouse), its export in the default place."""
-    path = kit.scripted(tmp_path)
-    wh = tmp_path / "wh"
+@pytest.fixture(scope="module")
+def shared_build(tmp_path_factory: pytest.TempPathFactory, kit: Any) -> Iterator[tuple[Path, Path]]:
+    """A finished scripted build: (recipe, warehouse), its export in the default place. Built once for the
+    module, for tests whose commands only read it, which the check after the last one holds them to."""
+    folder = tmp_path_factory.mktemp("built")
+    path = kit.scripted(folder)
+    wh = folder / "wh"
     ok(cli("build", path, "-w", wh, "-q"))
-    return path, wh
+    # A command that takes the warehouse's lock rewrites its lock note and its views database (factory.duckdb)
+    # with the same views; everything else (tables, calls, runs, export) must stay as built.
+    bookkeeping = {str(Path("wh") / ".lock"), str(Path("wh") / "factory.duckdb")}
+    before = {k: v for k, v in snapshot(folder).items() if k not in bookkeeping}
+    yield path, wh
+    assert {k: v for k, v in snapshot(folder).items() if k not in bookkeeping} == before, "a test changed the build"
+
+
+@pytest.fixture
+def built(shared_build: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """The shared build copied into this test's folder (recipe and warehouse side by side, as a build there
+    would leave them), for tests whose commands write to the warehouse: a publish records a run."""
+    path, wh = shared_build
+    shutil.copy2(path, tmp_path / path.name)
+    shutil.copytree(wh, tmp_path / wh.name, symlinks=True)
+    return tmp_path / path.name, tmp_path / wh.name
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -138,8 +157,8 @@ def test_a_lock_file_is_never_truncated(tmp_path: Path, kit: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- train
-def test_train_refuses_a_users_output_folder_before_training(built: tuple[Path, Path], tmp_path: Path) -> None:
-    _, wh = built
+def test_train_refuses_a_users_output_folder_before_training(shared_build: tuple[Path, Path], tmp_path: Path) -> None:
+    _, wh = shared_build
     export = wh / "exports" / "scripted"
     victim = tmp_path / "victim_models"
     files = user_tree(victim)
@@ -147,11 +166,12 @@ def test_train_refuses_a_users_output_folder_before_training(built: tuple[Path, 
     assert snapshot(victim) == files
 
 
-def test_train_refuses_the_working_folder(built: tuple[Path, Path], tmp_path: Path, monkeypatch: Any) -> None:
-    _, wh = built
+def test_train_refuses_the_working_folder(shared_build: tuple[Path, Path], tmp_path: Path, monkeypatch: Any) -> None:
+    _, wh = shared_build
+    files = user_tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     refused(cli("train", wh / "exports" / "scripted", "--output", ".", "-w", wh, "-q"), "working folder")
-    assert (tmp_path / "r.yaml").is_file()
+    assert snapshot(tmp_path) == files
 
 
 # ----------------------------------------------------------------------------------------------- publish
@@ -189,8 +209,8 @@ def test_an_old_copy_a_dry_run_could_not_remove_is_swept_by_the_next(
 
 
 # ------------------------------------------------------------------------------------------------ report
-def test_report_writes_over_its_own_page_only(built: tuple[Path, Path], tmp_path: Path) -> None:
-    _, wh = built
+def test_report_writes_over_its_own_page_only(shared_build: tuple[Path, Path], tmp_path: Path) -> None:
+    _, wh = shared_build
     page = tmp_path / "page.html"
     ok(cli("report", "--out", page, "-w", wh))
     ok(cli("report", "--out", page, "-w", wh))  # an earlier report: replaced

@@ -173,6 +173,7 @@ def test_with_the_opt_in_the_models_code_loads_and_runs(tmp_path: Path, model_fo
     assert sentinel.read_text(encoding="utf-8") == "the model's own code ran"
 
 
+@pytest.mark.model  # it needs the embedded model's folder (torch, transformers), like the tests above
 @pytest.mark.vllm
 def test_vllm_refuses_a_model_that_ships_code_before_its_engine_starts(model_folder: Path, sentinel: Path) -> None:
     pytest.importorskip("vllm")

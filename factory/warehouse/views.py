@@ -32,6 +32,64 @@ def sql_list(paths: Sequence[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
+_EMPTY_COLUMNS: dict[str, str] = {}
+_DUCKDB_TYPES: dict[pa.DataType, str] = {
+    pa.bool_(): "BOOLEAN",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.string(): "VARCHAR",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMP WITH TIME ZONE",
+}
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def duckdb_type(kind: pa.DataType) -> str | None:
+    """The type DuckDB gives a column of Arrow type `kind`, for the types of the warehouse's tables (None for
+    any other: the caller then asks DuckDB itself)."""
+    if kind in _DUCKDB_TYPES:
+        return _DUCKDB_TYPES[kind]
+    if pa.types.is_list(kind):
+        inner = duckdb_type(kind.value_type)
+        return None if inner is None else inner + "[]"
+    if pa.types.is_struct(kind):
+        fields = [(field.name, duckdb_type(field.type)) for field in kind]
+        if any(t is None for _, t in fields):
+            return None
+        return "STRUCT(" + ", ".join(f"{_quoted(name)} {t}" for name, t in fields) + ")"
+    return None
+
+
+def empty_columns(table: str) -> str:
+    """The column list of `table` for `CREATE TABLE`, in the types DuckDB gives its Arrow schema.
+
+    Worked out once per process, from the schema alone where every type is known: every connection creates
+    each table that has no file yet (most of them, in a small warehouse), converting an empty Arrow table costs
+    several times the plain statement, and building one makes pyarrow import pandas, a third of the start-up of
+    a `factory sql` process."""
+    columns = _EMPTY_COLUMNS.get(table)
+    if columns is None:
+        kinds = [(field.name, duckdb_type(field.type)) for field in ALL_TABLES[table]]
+        if all(kind is not None for _, kind in kinds):
+            columns = ", ".join(f"{_quoted(name)} {kind}" for name, kind in kinds)
+        else:
+            columns = ", ".join(f"{_quoted(name)} {kind}" for name, kind in arrow_columns(table))
+        _EMPTY_COLUMNS[table] = columns
+    return columns
+
+
+def arrow_columns(table: str) -> list[tuple[str, str]]:
+    """(name, DuckDB type) of each column of `table`, as DuckDB converts its empty Arrow table."""
+    con = duckdb.connect()
+    try:
+        con.register("_empty", ALL_TABLES[table].empty_table())
+        return [(name, kind) for name, kind, *_ in con.execute("DESCRIBE SELECT * FROM _empty").fetchall()]
+    finally:
+        con.close()
+
+
 class Views(CallCache, StageVersions):
     """The views over a warehouse's tables, and the read-only queries that run on them."""
 
@@ -60,9 +118,7 @@ class Views(CallCache, StageVersions):
                 )
             else:
                 # An empty table with the right columns, so queries over a new warehouse still type-check.
-                con.register("_empty", ALL_TABLES[table].empty_table())
-                con.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _empty')
-                con.unregister("_empty")
+                con.execute(f'CREATE OR REPLACE TABLE "{table}" ({empty_columns(table)})')
         return self._view_files
 
     def refresh_database(self) -> Path:
