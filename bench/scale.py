@@ -110,16 +110,13 @@ def build(recipe: Path, wh: Path, *extra: str, clock: Path | None = None) -> dic
 
 def model_seconds(wh: Path) -> float:
     """Seconds the build's models spent answering: a call row's `latency_s` is its batch's time inside the
-    backend's method divided by the batch's calls, so the rows add up to the time inside the backend."""
-    import pyarrow.parquet as pq
-
+    backend's method divided by the batch's calls, so the rows add up to the time inside the backend. Read
+    through the warehouse's views, which see parts and compacted files alike."""
+    from factory.warehouse.store import Warehouse
     from factory.warehouse.tables import CALL_TABLES
 
-    total = 0.0
-    for table in CALL_TABLES:
-        for part in sorted((wh / "calls" / table).glob("part-*.parquet")):
-            total += sum(x for x in pq.read_table(part, columns=["latency_s"])["latency_s"].to_pylist() if x)
-    return total
+    wh_ = Warehouse(wh)
+    return sum(wh_.query(f"SELECT coalesce(sum(latency_s), 0) AS s FROM {t}")["s"][0].as_py() for t in CALL_TABLES)
 
 
 def clock_seconds(clock: Path) -> tuple[float, float]:

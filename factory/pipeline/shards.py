@@ -64,9 +64,10 @@ def whole_key(stage: Stage, keys: Sequence[str]) -> str:
     return stable_hash({"stage": stage.writes, "version": stage.version, "shards": list(keys)})
 
 
-SHARD_COMPACT_FILES = 256
+SHARD_COMPACT_FILES = 1024
 """Between shards, the call cache is compacted once a table has this many small files: a long build's own parts
-would otherwise make every shard's cache lookup slower than the last (the end of the build compacts at 16)."""
+would otherwise make every listing of the cache slower than the last (the end of the build compacts at 16).
+High, so that a merge makes files of about ROWS_PER_FILE rows at a batch size of 256, which are not merged again."""
 
 
 def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[Shard]) -> set[str]:
