@@ -273,14 +273,8 @@ def ls_(warehouse: Path) -> None:
 
     wh = Warehouse(warehouse)
     wh.require()
-    counts = wh.row_counts()
-    import pyarrow as pa
-
-    print_table(pa.table({"table": list(counts), "rows": list(counts.values())}), 100)
-    runs = wh.query(
-        "SELECT run_id, recipe, status, model_calls, cached_calls, failed_calls, tokens_out, "
-        "round(seconds, 1) AS seconds FROM runs ORDER BY started_at DESC LIMIT 10"
-    )
+    counts, runs = wh.overview(10)
+    print_table(counts, 100)
     print_table(runs, 10)
     _warn_skipped(wh)
 

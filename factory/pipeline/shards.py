@@ -78,6 +78,7 @@ def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[Sh
     body = [s for s in ordered if not s.sink]
     stats = {s.name: StageStats(s.name, skipped=True) for s in body}
     shard_keys: dict[str, list[str]] = {s.name: [] for s in body}
+    compacted_at = run.wh.parts_written  # parts the run had written at its last compaction between shards
     for shard in shards:
         ctx.outputs["prompt_output"] = shard.output()
         ctx.rows.clear()
@@ -111,8 +112,9 @@ def execute_sharded(stages: list[Stage], ctx: Context, run: Run, shards: list[Sh
             if not upstream_ok or any(not out.complete for out in made):
                 shard_incomplete.add(stage.name)
         ctx.incomplete |= shard_incomplete
-        if shard is not shards[-1]:
+        if shard is not shards[-1] and run.wh.parts_written - compacted_at >= SHARD_COMPACT_FILES:
             run.compact_calls(SHARD_COMPACT_FILES)
+            compacted_at = run.wh.parts_written
     ctx.rows.clear()
     ctx.outputs.pop("prompt_output", None)
     ctx.keys = {}

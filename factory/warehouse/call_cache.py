@@ -37,6 +37,11 @@ class CallCache(DamageChecks):
         # build has written so far (a build of 60K prompts writes thousands, and looks up 60 shards).
         self._mine: dict[str, list[tuple[str, pa.Array]]] = {}
 
+    @property
+    def parts_written(self) -> int:
+        """How many calls parts this instance has written."""
+        return self._seq
+
     def append_calls(self, table: str, run_id: str, rows: Sequence[dict[str, Any]]) -> None:
         """Flush a batch of model-call rows as one new part file."""
         if not rows:

@@ -248,12 +248,23 @@ class Views(CallCache, StageVersions):
 
     def row_counts(self) -> dict[str, int]:
         """Rows per table in the current views."""
+        counts = self.overview(0)[0]
+        return dict(zip(counts["table"].to_pylist(), counts["rows"].to_pylist(), strict=True))
 
-        def count(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-            return {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in ALL_TABLES}
+    def overview(self, runs: int = 10) -> tuple[pa.Table, pa.Table]:
+        """(rows per table, the latest `runs` runs), from one connection: `factory ls`. Arrow straight from
+        DuckDB, so listing never imports pandas (pyarrow does to build a table from Python lists)."""
+        counts = " UNION ALL ".join(f'SELECT \'{t}\' AS "table", count(*) AS "rows" FROM "{t}"' for t in ALL_TABLES)
+        latest = (
+            "SELECT run_id, recipe, status, model_calls, cached_calls, failed_calls, tokens_out, "
+            f"round(seconds, 1) AS seconds FROM runs ORDER BY started_at DESC LIMIT {int(runs)}"
+        )
+
+        def both(con: duckdb.DuckDBPyConnection) -> tuple[pa.Table, pa.Table]:
+            return arrow(con.sql(counts)), arrow(con.sql(latest))
 
         try:
-            return self._with_views(count)
+            return self._with_views(both)
         except duckdb.Error as exc:
             raise FactoryError(f"{self.root}: cannot count rows: {first_line(exc)}") from None
 
