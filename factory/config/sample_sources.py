@@ -12,20 +12,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from factory.config.base import SAFE_NAME, FieldError, Strict
-from factory.config.models import SamplingParams
+from factory.config.labeling import SamplesSpec
 
 
-class PolicySamples(Strict):
+class PolicySamples(SamplesSpec):
     """One policy of several: a named model with its own number of samples and sampling settings."""
 
-    policy: str
-    """The name of an entry in `models`."""
     n: int = Field(4, ge=1, le=1024)
     """Samples per prompt from this policy (the prompt's samples from every source form one set)."""
-    params: SamplingParams = SamplingParams()
-    """Generation settings."""
-    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
-    """Sampling seed; part of the request key."""
 
 
 class ImportedSamples(Strict):
