@@ -26,7 +26,7 @@ from factory.pipeline.stage import Context, PlannedStage, Stage, StageStats, ord
 from factory.stages.imported import read_imports
 from factory.stages.judgments import judge_protocol
 from factory.stages.pairs import PAIRS
-from factory.stages.prompts import PROMPTS, read_prompts
+from factory.stages.prompts import PROMPTS, read_prompt_source, read_prompts
 from factory.stages.references import REFERENCES
 from factory.stages.samples import SAMPLES
 from factory.warehouse.store import Warehouse
@@ -94,8 +94,9 @@ class Build:
     def run(self) -> dict[str, Any]:
         """Build every stage; returns the runs-table row. The warehouse is locked for the duration."""
         # Bad input is the user's to fix: find it before anything is written to the warehouse.
-        prompt_output = read_prompts(self.loaded)
-        imports = read_imports(self.loaded, prompt_output.rows) if self.recipe.imports else None
+        prompt_output, raw = read_prompt_source(self.loaded)
+        imports = read_imports(self.loaded, prompt_output.rows, raw) if self.recipe.imports else None
+        del raw  # the prompt rows hold what the build needs; the raw rows may be large
         preflight(self.loaded, self.wh.root)
         recipe_hash = Run.hash_of(self.recipe.model_dump(mode="json"))
         run = Run(

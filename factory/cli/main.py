@@ -94,16 +94,19 @@ def validate(recipe: Path, warehouse: Path, overrides: tuple[str, ...]) -> None:
     folder, without building anything."""
     from factory.build.command import preflight
     from factory.stages.imported import read_imports
-    from factory.stages.prompts import read_prompts
+    from factory.stages.prompts import read_prompt_source
 
     loaded = _load(recipe, overrides)
     r = loaded.recipe
     prompts = "prompts from a Hub dataset (not read)"
-    if r.prompts.dataset is None:
-        prompts = f"{read_prompts(loaded).notes['kept']} prompts"
+    read = None
+    if r.prompts.dataset is None or r.imports:
+        read = read_prompt_source(loaded)
+        if r.prompts.dataset is None:
+            prompts = f"{read[0].notes['kept']} prompts"
     preflight(loaded, warehouse.resolve())
-    if r.imports:  # imported completions are read and checked as a build reads them
-        read_imports(loaded, read_prompts(loaded).rows)
+    if r.imports and read is not None:  # imported completions are read and checked as a build reads them
+        read_imports(loaded, read[0].rows, read[1])
     per = f"{sum(p.n for p in r.policies)} samples per prompt"
     if len(r.policies) > 1 or r.imports:
         per += f" from {len(r.policies)} policies and {len(r.imports)} imported sources"

@@ -84,13 +84,19 @@ def completions_of(value: Any, spec: ImportedSamples, where: str) -> tuple[list[
     return found, empty or not items
 
 
-def _read_source(loaded: LoadedRecipe, i: int, spec: ImportedSamples, prompts: list[dict[str, Any]]) -> ImportedSource:
+def _read_source(
+    loaded: LoadedRecipe,
+    i: int,
+    spec: ImportedSamples,
+    prompts: list[dict[str, Any]],
+    prompt_raw: list[dict[str, Any]] | None,
+) -> ImportedSource:
     """One source's completions joined to `prompts` (a prompt-source column by the prompt's own row, a
-    file's rows by instruction text or id)."""
+    file's rows by instruction text or id). `prompt_raw`: the prompt source's rows when already read."""
     out = ImportedSource()
     r = loaded.recipe
     if not spec.separate:
-        _, raw = read_rows(loaded)
+        raw = prompt_raw if prompt_raw is not None else read_rows(loaded)[1]
         where = f"{loaded.where('samples', i, 'field')}: column '{spec.field}' of the prompt source"
         keyed = [(p["prompt_id"], p["source_row"]) for p in prompts]
     else:
@@ -129,10 +135,18 @@ def _read_source(loaded: LoadedRecipe, i: int, spec: ImportedSamples, prompts: l
     return out
 
 
-def read_imports(loaded: LoadedRecipe, prompts: list[dict[str, Any]]) -> dict[str, ImportedSource]:
-    """Every import source of the recipe, read, checked and joined to the build's prompts (by source name)."""
+def read_imports(
+    loaded: LoadedRecipe, prompts: list[dict[str, Any]], prompt_raw: list[dict[str, Any]] | None = None
+) -> dict[str, ImportedSource]:
+    """Every import source of the recipe, read, checked and joined to the build's prompts (by source name).
+    `prompt_raw`: the prompt source's raw rows, when the caller has read them already (`read_prompt_source`),
+    so a column of imported completions does not read the prompt source a second time."""
     specs = loaded.recipe.samples if isinstance(loaded.recipe.samples, list) else []
-    return {s.imported: _read_source(loaded, i, s, prompts) for i, s in enumerate(specs) if hasattr(s, "imported")}
+    return {
+        s.imported: _read_source(loaded, i, s, prompts, prompt_raw)
+        for i, s in enumerate(specs)
+        if hasattr(s, "imported")
+    }
 
 
 def imported_rows(

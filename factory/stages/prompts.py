@@ -99,13 +99,20 @@ def prompt_rows(
 def read_prompts(loaded: LoadedRecipe, loc: tuple[str, ...] = ("prompts",)) -> StageOutput:
     """The prompt rows of the recipe's `prompts` (or of the prompt source at `loc`, e.g. `eval.prompts`), read
     and checked (raises UserInputError naming file, field and row)."""
+    return read_prompt_source(loaded, loc)[0]
+
+
+def read_prompt_source(
+    loaded: LoadedRecipe, loc: tuple[str, ...] = ("prompts",)
+) -> tuple[StageOutput, list[dict[str, Any]]]:
+    """`read_prompts`, and the raw rows it read (a column of them may hold imported completions)."""
     spec = loaded.recipe.eval.prompts if loc == ("eval", "prompts") else loaded.recipe.prompts
     source_name, raw = read_rows(loaded, spec, loc)
     source_field = "inline" if spec.inline is not None else "path" if spec.path is not None else "dataset"
     where = loaded.where(*loc, source_field)
     if spec.path is not None:
         where += f" ({loaded.resolve(spec.path).name})"  # name the data file too: the problem is in it
-    return prompt_rows(source_name, raw, spec, where=where)
+    return prompt_rows(source_name, raw, spec, where=where), raw
 
 
 def _prompts(ctx: Context, st: StageStats) -> StageOutput:

@@ -17,7 +17,7 @@ from factory.models.registry import model_identity
 from factory.models.requests import Call, generation_call
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
 from factory.stages.imported import content_key, imported_rows, read_imports
-from factory.stages.prompts import read_prompts
+from factory.stages.prompts import read_prompt_source
 
 if TYPE_CHECKING:
     from factory.config.labeling import SamplesSpec
@@ -99,7 +99,8 @@ def _imports(ctx: Context) -> dict[str, Any]:
     """The recipe's import sources, read once per build over all its prompts (`Build` reads them before the
     run; a context without them, such as a dry run, reads them here)."""
     if "imports" not in ctx.outputs:
-        ctx.outputs["imports"] = read_imports(ctx.loaded, read_prompts(ctx.loaded).rows)
+        prompt_output, raw = read_prompt_source(ctx.loaded)
+        ctx.outputs["imports"] = read_imports(ctx.loaded, prompt_output.rows, raw)
     return ctx.outputs["imports"]
 
 
