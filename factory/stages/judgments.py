@@ -21,7 +21,7 @@ from factory.judge.protocols import Protocol, custom_protocol, get_protocol, wit
 from factory.judge.verdicts import soft_score
 from factory.models.registry import model_identity
 from factory.models.requests import Call, judge_caller
-from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
+from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats, merge_notes
 from factory.stages.samples import distinct_samples, samples_per_prompt, text_representatives
 
 if TYPE_CHECKING:
@@ -265,12 +265,8 @@ def _judgments(ctx: Context, st: StageStats) -> StageOutput:
         for row in judged.rows:
             row.update(schedule="all-pairs", schedule_round=1)
         out.rows += judged.rows
-        for status, n in judged.notes["parse_status"].items():
-            out.notes["parse_status"][status] = out.notes["parse_status"].get(status, 0) + n
-        out.notes["prompts_without_reference"] = (
-            out.notes.get("prompts_without_reference", 0) + notes["prompts_without_reference"]
-        )
-        out.notes["merged_samples"] = notes["merged_samples"]  # the same samples for every judge
+        merged = notes.pop("merged_samples")  # the same samples for every judge: counted once, not summed
+        out.notes = {**merge_notes(out.notes, {**judged.notes, **notes}), "merged_samples": merged}
     out.complete = not out.notes["parse_status"].get("error", 0)
     return out
 
