@@ -8,6 +8,7 @@ reach the helpers through the `kit` fixture (they do not import conftest).
 from __future__ import annotations
 
 import copy
+import fcntl
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -101,6 +102,30 @@ def write_recipe(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+# pytest-xdist spreads the suite over workers a test file at a time (pyproject.toml, addopts), so a module's
+# fixtures (a loop build, a shared warehouse) are built once. A module with a test that starts a vLLM engine
+# (~5 GiB) or a local Ray cluster holds a lock shared by the workers while it runs: no two of them at once.
+ONE_AT_A_TIME = ("vllm", "ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_heavy_module_at_a_time(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    chosen = [item for item in request.session.items if item.module is request.module]
+    heavy = any(item.get_closest_marker(name) for item in chosen for name in ONE_AT_A_TIME)
+    if not heavy or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    # The workers' base folders share a parent: the lock lives there, and goes with the session's files.
+    with (tmp_path_factory.getbasetemp().parent / "one-at-a-time.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session", autouse=True)

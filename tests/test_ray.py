@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 from factory.cli.main import main
 
+pytestmark = pytest.mark.ray
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the `ray` extra")
 
 PROMPTS, N, BATCH = 4, 2, 2
