@@ -220,10 +220,10 @@ def test_export_is_a_trl_conversational_preference_dataset(base: Built) -> None:
         assert (row["recipe"], row["protocol"], row["judge"]) == ("modeltest", "refeval", "smol")
 
     files = sorted((path / "data").glob("*.parquet"))
-    assert [f.name for f in files] == ["test.parquet", "train.parquet"]
-    from_parquet = datasets.load_dataset("parquet", data_files={f.stem: str(f) for f in files})
+    assert [f.name for f in files] == ["test-00000.parquet", "train-00000.parquet"]  # a build of one shard
+    from_parquet = datasets.load_dataset("parquet", data_dir=str(path / "data"))
     for name, split in dd.items():
         assert from_parquet[name].to_list() == split.to_list()
 
     card = (path / "README.md").read_text(encoding="utf-8")
-    assert "# modeltest" in card and "refeval" in card and "data/train.parquet" in card
+    assert "# modeltest" in card and "refeval" in card and "data/train-*.parquet" in card

@@ -207,7 +207,7 @@ def test_sft_export_from_model_references(tmp_path: Path, kit: Any) -> None:
     )
     run = build(path, tmp_path / "wh")
     assert run["status"] == "ok" and run["model_calls"] == 4
-    rows = pq.read_table(tmp_path / "wh" / "exports" / "scripted-sft" / "data" / "train.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "wh" / "exports" / "scripted-sft" / "data" / "train-00000.parquet").to_pylist()
     assert rows and all(r["completion"][0]["content"] for r in rows)
 
 

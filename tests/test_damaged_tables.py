@@ -78,7 +78,8 @@ def snapshot(wh: Path) -> dict[str, Counter[str]]:
     """The rows of every stage table's current version and of the export, without the volatile columns."""
     out = {t: Counter(_norm(r) for r in pq.read_table(current_file(wh, t)).to_pylist()) for t in STAGE_TABLES}
     for split in ("train", "test"):
-        rows = pq.read_table(wh / "exports" / NAME / "data" / f"{split}.parquet").to_pylist()
+        files = sorted((wh / "exports" / NAME / "data").glob(f"{split}-*.parquet"))
+        rows = [r for f in files for r in pq.read_table(f).to_pylist()]
         out[f"export/{split}"] = Counter(_norm(r) for r in rows if r)
     return out
 

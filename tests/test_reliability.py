@@ -226,8 +226,8 @@ def snapshot(wh: Path) -> dict[str, Counter[str]]:
             rows = pq.read_table(pointer.parent / f"{key}.parquet").to_pylist()
         out[table] = Counter(_norm(r) for r in rows)
     for split in ("train", "test"):
-        path = wh / "exports" / NAME / "data" / f"{split}.parquet"
-        out[f"export/{split}"] = Counter(_norm(r) for r in pq.read_table(path).to_pylist()) if path.is_file() else {}
+        files = sorted((wh / "exports" / NAME / "data").glob(f"{split}-*.parquet"))
+        out[f"export/{split}"] = Counter(_norm(r) for f in files for r in pq.read_table(f).to_pylist())
     return out
 
 

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from factory.cli.main import main
+from factory.export.writer import SPLITS
 from factory.warehouse.store import Warehouse
 
 TABLES = ("prompts", "references", "samples", "judgments", "scores", "pairs")
@@ -38,7 +39,8 @@ def rows(wh: Path, table: str) -> list[str]:
 def export(wh: Path, name: str = "scripted") -> dict[str, list[dict[str, Any]]]:
     """The export's rows by split, without the recipe hash (the recipe files differ in `run.shard_prompts`)."""
     folder = wh / "exports" / name / "data"
-    found = {s: pq.read_table(folder / f"{s}.parquet").to_pylist() for s in ("train", "test")}
+    files = {s: sorted(folder.glob(f"{s}-*.parquet")) for s in SPLITS}
+    found = {s: [r for f in fs for r in pq.read_table(f).to_pylist()] for s, fs in files.items()}
     return {s: sorted(({**r, "recipe_hash": None} for r in recs), key=str) for s, recs in found.items()}
 
 

@@ -1,20 +1,22 @@
 """Export: pairs → a Hugging Face preference dataset in TRL's conversational format, plus a dataset card.
 
-Written to one folder (`factory.export.writer`): `data/<split>.parquet` for `load_dataset("parquet", ...)`
-and the Hub, the same rows in `datasets.save_to_disk` layout for `load_from_disk`, and README.md. Records are
-made and written one shard of the build at a time, so the export holds one shard, never the dataset.
+Written to one folder (`factory.export.writer`): Parquet files for `load_dataset("parquet", ...)` and the
+Hub, the same rows in `datasets.save_to_disk` layout for `load_from_disk`, and the card (`factory.export.card`).
+Records are made and written one shard of the build at a time, so the export holds one shard, never the
+dataset; a shard the folder already holds unchanged is not made again.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from factory.core.keys import stable_hash
 from factory.core.owned import read_marker, writing
+from factory.export.card import Tally, card, shard_tally, source_names
 from factory.export.writer import EXPORT_FOLDER, DatasetWriter
 from factory.labelers.registry import labeler_of
 from factory.pipeline.stage import Context
@@ -139,106 +141,6 @@ def split_records(records: list[dict[str, Any]], fraction: float, seed: int) -> 
     return splits
 
 
-@dataclass
-class Tally:
-    """What the card says of an export, counted while its shards stream past."""
-
-    prompts: int = 0
-    samples: int = 0
-    dropped: int = 0
-    margins: list[float] = field(default_factory=list)
-    """One float per pair (8 bytes: 60K pairs are half a MiB)."""
-    sources: dict[str, list[int]] = field(default_factory=dict)
-    """Per policy or import source: [samples, chosen, rejected]."""
-
-    def count(self, samples: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
-        """Add one shard's samples and exported pairs to the per-source counts."""
-        for s in samples:
-            self.sources.setdefault(s.get("policy") or "?", [0, 0, 0])[0] += 1
-        for rec in records:
-            self.sources.setdefault(rec["chosen_policy"] or "?", [0, 0, 0])[1] += 1
-            self.sources.setdefault(rec["rejected_policy"] or "?", [0, 0, 0])[2] += 1
-
-
-def source_names(r: Any) -> list[str]:
-    """The recipe's sample sources by name: each policy's model name, each import's name."""
-    return [getattr(s, "policy", None) or s.imported for s in r.sample_sources]
-
-
-def _source_lines(r: Any) -> list[str]:
-    """How the card names where the samples came from: one line per policy or import source."""
-    lines = []
-    for s in r.sample_sources:
-        if hasattr(s, "imported"):
-            separate = s.path or (s.dataset and f"hf:{s.dataset}")
-            where = f"column `{s.field}`" + (f" of `{separate}`, joined by {s.join}" if separate else " of the prompts")
-            lines.append(f"- Imported completions `{s.imported}`: {where} (no model call)")
-            continue
-        m = r.models[s.policy]
-        lines.append(
-            f"- Policy: `{s.policy}` ({m.backend}: {m.model}), {s.n} samples per prompt, "
-            f"temperature {s.params.temperature}, top_p {s.params.top_p}"
-        )
-    return lines
-
-
-def card(ctx: Context, rows: dict[str, int], tally: Tally, notes: dict[str, Any]) -> str:
-    """The dataset card: what was built, from what, with which labeler, and how it came out."""
-    r = ctx.recipe
-    labeler = labeler_of(r)
-    assert labeler is not None
-    margins = tally.margins
-    counts, score_lines = labeler.card_facts(ctx)
-    lines = [
-        "---",
-        "tags: [dpo, preference, factory]",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        *[f"  - split: {s}\n    path: data/{s}.parquet" for s in rows],
-        "---",
-        "",
-        f"# {r.name}",
-        "",
-        r.description or "A preference dataset built by factory (reference-guided pairwise judging).",
-        "",
-        "## How it was built",
-        "",
-        f"- Prompts: {tally.prompts} from `{r.prompts.path or r.prompts.dataset or 'inline'}`",
-        *_source_lines(r),
-        labeler.card_line(r),
-        f"- Pairs: {r.pairs.method}, min margin {r.pairs.min_margin}, max tokens {r.pairs.max_tokens}",
-        f"- Run `{notes['run_id']}`, export stage key `{notes['stage_key']}`, recipe hash "
-        f"`{r.content_hash if rows['train'] else ''}`",
-        "",
-        "## Counts",
-        "",
-        "| what | n |",
-        "| --- | --- |",
-        f"| samples | {tally.samples} |",
-        *[f"| {what} | {n} |" for what, n in counts],
-        *[f"| pairs in {s} | {n} |" for s, n in rows.items()],
-        f"| pairs dropped for a chat control token in their text | {tally.dropped} |",
-        "",
-        "## Sources",
-        "",
-        "| policy or import source | samples | chosen | rejected |",
-        "| --- | --- | --- | --- |",
-        *[f"| `{name}` | {n[0]} | {n[1]} | {n[2]} |" for name, n in sorted(tally.sources.items())],
-        "",
-        "## Scores",
-        "",
-        *score_lines,
-    ]
-    if margins:
-        lines.append(
-            f"- Margin (chosen − rejected score): mean {statistics.fmean(margins):.3f}, "
-            f"min {min(margins):.3f}, max {max(margins):.3f}"
-        )
-    lines += ["", "## Recipe", "", "```yaml", ctx.loaded.text.rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
 def _current_rows(path: Path, stage_key: str) -> int | None:
     """The pairs `path` holds when it holds this export, written from complete inputs (an export of an
     incomplete run has the same key, so it is rewritten once the run completes); None when it does not."""
@@ -255,9 +157,29 @@ def export_path(loaded: LoadedRecipe, wh_root: Path) -> Path:
     return loaded.resolve(r.export.path) if r.export.path else wh_root / "exports" / r.name
 
 
+def _shards(ctx: Context, out: DatasetWriter, records_of: Callable[[int], tuple[list[dict[str, Any]], Any]]) -> Tally:
+    """Write every shard of the build into `out`, taking the ones the folder holds unchanged as they are;
+    `records_of(i)` reads shard `i` and gives its records and card counts. Returns the summed counts."""
+    r = ctx.recipe
+    tally = Tally()
+    for i in range(ctx.shard_count):
+        key = ctx.shard_key(i)
+        key = key and stable_hash({"export": EXPORT_SHARD_VERSION, "recipe": r.content_hash, "shard": key})
+        counts = out.reuse(key)
+        if counts is None:
+            records, counts = records_of(i)
+            out.write(key, split_records(records, r.export.test_fraction, r.export.seed), counts)
+        tally.add(counts)
+    return tally
+
+
+EXPORT_SHARD_VERSION = 1
+"""Bumped when the records an export makes of a shard change for the same rows."""
+
+
 def export_dataset(path: Path, ctx: Context, stage_key: str) -> ExportResult:
     """Write the preference dataset folder at `path` from the build's shards (skipped when it already holds
-    this export stage key)."""
+    this export stage key; shards it holds unchanged are taken as they are)."""
     with writing(path, "export"):
         found = _current_rows(path, stage_key)
         if found is not None:
@@ -265,31 +187,22 @@ def export_dataset(path: Path, ctx: Context, stage_key: str) -> ExportResult:
         import datasets  # heavy; only when something is written
 
         datasets.disable_progress_bars()  # the build shows its own progress
-        r = ctx.recipe
-        tally = Tally()
-        shards = zip(
-            ctx.each_shard("prompts", ["prompt_id", "messages"]),
-            ctx.each_shard("samples", ["sample_id", "text", "policy"]),
-            ctx.each_shard("pairs"),
-            strict=True,
-        )
+
+        def records_of(i: int) -> tuple[list[dict[str, Any]], Any]:
+            prompts = ctx.shard_table("prompts", i, ["prompt_id", "messages"]).to_pylist()
+            samples = ctx.shard_table("samples", i, ["sample_id", "text", "policy"]).to_pylist()
+            pairs = ctx.shard_table("pairs", i).to_pylist()
+            records, dropped = without_special_tokens(preference_records(ctx, prompts, samples, pairs))
+            return records, shard_tally(ctx, i, len(prompts), samples, records, dropped)
+
         with DatasetWriter(path, preference_features(datasets)) as out:
-            for prompts, samples, pairs in shards:
-                records, dropped = without_special_tokens(preference_records(ctx, prompts, samples, pairs))
-                tally.prompts, tally.samples, tally.dropped = (
-                    tally.prompts + len(prompts),
-                    tally.samples + len(samples),
-                    tally.dropped + dropped,
-                )
-                tally.margins += [rec["margin"] for rec in records]
-                tally.count(samples, records)
-                for split, recs in split_records(records, r.export.test_fraction, r.export.seed).items():
-                    out.write(split, recs)
+            tally = _shards(ctx, out, records_of)
             complete = not ctx.incomplete
             notes: dict[str, Any] = {
                 "run_id": ctx.run_id,
                 "stage_key": stage_key,
                 "dropped_special_tokens": tally.dropped,
+                "shards_reused": out.reused,
                 **{f"{s}_rows": n for s, n in out.rows.items()},
             }
             readme = card(ctx, out.rows, tally, notes)
@@ -350,14 +263,22 @@ def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
             "recipe_hash": text,
         }
     )
-    dropped = 0
-    shards = zip(ctx.each_shard("prompts", ["prompt_id", "messages"]), ctx.each_shard("references"), strict=True)
+
+    def records_of(i: int) -> tuple[list[dict[str, Any]], Any]:
+        prompts = ctx.shard_table("prompts", i, ["prompt_id", "messages"]).to_pylist()
+        references = ctx.shard_table("references", i).to_pylist()
+        records, dropped = without_special_tokens(sft_records(ctx, prompts, references), ("prompt", "completion"))
+        return records, {
+            "prompts": len(prompts),
+            "samples": 0,
+            "dropped": dropped,
+            "margins": [0, 0.0, 0.0, 0.0],
+            "sources": {},
+            "labeler": {},
+        }
+
     with DatasetWriter(path, features) as out:
-        for prompts, references in shards:
-            records, n = without_special_tokens(sft_records(ctx, prompts, references), columns=("prompt", "completion"))
-            dropped += n
-            for split, recs in split_records(records, r.export.test_fraction, r.export.seed).items():
-                out.write(split, recs)
+        dropped = _shards(ctx, out, records_of).dropped
         readme = "\n".join(
             [
                 f"# {r.name} (SFT on references)",

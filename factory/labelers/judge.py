@@ -98,27 +98,32 @@ def consistent_pairs_arrow(judgments: pa.Table) -> tuple[int, int]:
     return int(pc.sum(pc.equal(both["w_count_distinct"], 1)).as_py() or 0), both.num_rows
 
 
-def _judge_card_facts(ctx: Context) -> tuple[list[tuple[str, int]], list[str]]:
-    status: dict[str, int] = defaultdict(int)
-    judges: dict[str, int] = defaultdict(int)
-    total = same = both = 0
+def _judge_shard_counts(ctx: Context, i: int) -> dict[str, int]:
     columns = ["sample_a", "sample_b", "verdict", "parse_status", "reference_name", "judge"]
-    for judgments in ctx.each_table("judgments", columns):
-        if judgments.num_rows == 0:
-            continue
-        total += judgments.num_rows
-        for found in pc.value_counts(judgments["parse_status"]).to_pylist():
-            status[found["values"]] += found["counts"]
-        for found in pc.value_counts(judgments["judge"]).to_pylist():
-            judges[found["values"]] += found["counts"]
-        agreed, judged = consistent_pairs_arrow(judgments)
-        same, both = same + agreed, both + judged
-    counts = [("judgments", total)]
-    counts += [(f"judgments with parse status `{k}`", v) for k, v in sorted(status.items())]
+    judgments = ctx.shard_table("judgments", i, columns)
+    if judgments.num_rows == 0:
+        return {}
+    counts = {"judgments": judgments.num_rows}
+    for found in pc.value_counts(judgments["parse_status"]).to_pylist():
+        counts[f"status:{found['values']}"] = found["counts"]
+    for found in pc.value_counts(judgments["judge"]).to_pylist():
+        counts[f"judge:{found['values']}"] = found["counts"]
+    counts["consistent"], counts["both_orders"] = consistent_pairs_arrow(judgments)
+    return counts
+
+
+def _judge_card_facts(counts: dict[str, int]) -> tuple[list[tuple[str, int]], list[str]]:
+    def having(prefix: str) -> list[tuple[str, int]]:
+        return sorted((k.removeprefix(prefix), v) for k, v in counts.items() if k.startswith(prefix))
+
+    rows = [("judgments", counts.get("judgments", 0))]
+    rows += [(f"judgments with parse status `{k}`", v) for k, v in having("status:")]
+    judges = having("judge:")
     if len(judges) > 1:  # a panel: each judge's share (one judge's card stays as it was)
-        counts += [(f"judgments by judge `{k}`", v) for k, v in sorted(judges.items())]
+        rows += [(f"judgments by judge `{k}`", v) for k, v in judges]
+    same, both = counts.get("consistent", 0), counts.get("both_orders", 0)
     shown = "n/a" if not both else f"{same / both:.3f}"
-    return counts, [f"- Position consistency (same winner in both orders): {shown} over {both} pairs"]
+    return rows, [f"- Position consistency (same winner in both orders): {shown} over {both} pairs"]
 
 
 JUDGE = Labeler(
@@ -129,5 +134,6 @@ JUDGE = Labeler(
     stages=lambda: [JUDGMENTS, JUDGE_SCORES],
     provenance=_judge_provenance,
     card_line=_judge_card_line,
+    shard_counts=_judge_shard_counts,
     card_facts=_judge_card_facts,
 )

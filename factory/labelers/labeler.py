@@ -31,5 +31,7 @@ class Labeler:
     """The export's `judge`, `protocol` and `reference_name` columns."""
     card_line: Callable[[Recipe], str]
     """How the dataset card names it."""
-    card_facts: Callable[[Context], tuple[list[tuple[str, int]], list[str]]] = lambda ctx: ([], [])
-    """Extra rows for the card's counts table, and lines for its scores section."""
+    shard_counts: Callable[[Context, int], dict[str, int]] = lambda ctx, i: {}
+    """What the card counts of one shard of the build, read from that shard's rows; summed over the shards."""
+    card_facts: Callable[[dict[str, int]], tuple[list[tuple[str, int]], list[str]]] = lambda counts: ([], [])
+    """From the summed counts: extra rows for the card's counts table, and lines for its scores section."""

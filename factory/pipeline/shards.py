@@ -13,7 +13,7 @@ pointer lists the shard files in order. Hence:
   before there were shards.
 
 Sinks (the export) run after the last shard, on the whole stages: they read back shard by shard
-(`Context.each_shard`).
+(`Context.shard_table`); the export takes a shard it already holds unchanged as it is.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Nothing here touches a file or a model: `execute` hands keys and compute functio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -122,22 +122,26 @@ class Context:
     read: Callable[[str, str, Sequence[str] | None], pa.Table] | None = None
     """How a sink reads one shard back: (table, shard key, columns or None) -> its rows as Arrow."""
 
-    def each_table(self, stage: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
-        """A finished stage's rows shard by shard as Arrow (only `columns`, when given), so a sink such as
-        the export holds one shard at a time; a run without shards yields its rows once."""
+    @property
+    def shard_count(self) -> int:
+        """How many shards the build's stages were cut into (1 for a run without shards)."""
+        return len(next(iter(self.shard_keys.values()), [None]))
+
+    def shard_key(self, i: int) -> str | None:
+        """Shard `i` across every stage: a hash of each stage's key for it, so it changes with any row of the
+        shard; None for a run without shards (nothing to recognise it by)."""
+        if not self.shard_keys:
+            return None
+        return stable_hash({name: keys[i] for name, keys in sorted(self.shard_keys.items())})
+
+    def shard_table(self, stage: str, i: int, columns: Sequence[str] | None = None) -> pa.Table:
+        """Shard `i` of a finished stage as Arrow (only `columns`, when given); a run without shards has one."""
         keys = self.shard_keys.get(stage)
         if keys is None or self.read is None:
             rows = self.rows.get(stage, [])
             table = pa.Table.from_pylist(rows)
-            yield table if columns is None or not rows else table.select(list(columns))
-            return
-        for key in keys:
-            yield self.read(stage, key, columns)
-
-    def each_shard(self, stage: str, columns: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
-        """`each_table`, as rows."""
-        for table in self.each_table(stage, columns):
-            yield table.to_pylist()
+            return table if columns is None or not rows else table.select(list(columns))
+        return self.read(stage, keys[i], columns)
 
     @property
     def recipe(self) -> Any:
