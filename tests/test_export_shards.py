@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from factory.cli.main import main
 from factory.core.owned import read_marker
-from factory.export.writer import EXPORT_FOLDER
+from factory.export.writer import EXPORT_FOLDER, META
 
 PROMPTS = [
     {"instruction": f"Name thing number {i}.", "ref": f"Thing {i}."} for i in range(6)
@@ -78,6 +78,9 @@ def test_added_prompts_write_only_their_shards_and_load_as_an_export_from_scratc
     assert grown == new
     assert sum(len(rows) for rows in grown[0].values()) == more["train_rows"] + more["test_rows"]
     assert [len(grown[0][s]) for s in ("train", "test")] == [len(grown[1][s]) for s in ("train", "test")]
+    for name in META:  # taken from the replaced folder, as `datasets` made them for the export from scratch
+        grown_meta, new_meta = (json.loads((f / name).read_text()) for f in (folder, from_scratch))
+        assert {**grown_meta, "_fingerprint": None} == {**new_meta, "_fingerprint": None}, name
     card, scratch_card = (f / "README.md" for f in (folder, from_scratch))
     strip = [line for line in card.read_text().splitlines() if "stage key" not in line]
     assert strip == [line for line in scratch_card.read_text().splitlines() if "stage key" not in line]

@@ -158,7 +158,7 @@ def test_dry_run_writes_loadable_shards_and_a_valid_card(export: Path, tmp_path:
 def test_shards_and_empty_splits(export: Path, tmp_path: Path) -> None:
     import datasets
 
-    from factory.export.dataset import preference_features
+    from factory.export.dataset import PREFERENCE
     from factory.export.writer import write_dataset_folder
     from factory.publish.command import publish as run_publish
 
@@ -172,7 +172,7 @@ def test_shards_and_empty_splits(export: Path, tmp_path: Path) -> None:
     train = export_rows(export)["train"]
     readme = (export / "README.md").read_text(encoding="utf-8")
     only_train = tmp_path / "only-train"
-    write_dataset_folder(only_train, {"train": train, "test": []}, preference_features(datasets), readme, "k", "r")
+    write_dataset_folder(only_train, {"train": train, "test": []}, PREFERENCE, readme, "k", "r")
     out = ok(publish(only_train, "--repo-id", REPO, "--dry-run", "-w", tmp_path / "wh")).output
     assert "split 'test' has no rows" in out
     assert sorted(files(tmp_path / "only-train-publish")) == ["README.md", SHARDS[0]]

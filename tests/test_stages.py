@@ -13,6 +13,7 @@ from factory.config.labeling import JudgmentsSpec, PairsSpec
 from factory.config.models import ModelSpec
 from factory.config.sources import PromptSource, ReferenceSpec
 from factory.core.errors import UserInputError
+from factory.core.keys import stable_hash
 from factory.judge.protocols import PROTOCOLS
 from factory.models.registry import model_identity
 from factory.stages.judgments import judge_calls
@@ -45,6 +46,23 @@ def test_prompt_id_is_a_hash_of_the_messages() -> None:
     assert a["prompt_id"] == b["prompt_id"]  # source and provenance do not enter the id
     c = prompt_rows("one", [{"instruction": "same", "sys": "Be brief."}], source(system_field="sys")).rows[0]
     assert c["prompt_id"] != a["prompt_id"]
+
+
+def test_prompt_rows_render_as_json_dumps_and_hash_as_stable_hash() -> None:
+    """The row's texts are rendered by hand for speed: byte for byte what `json.dumps` and `stable_hash` give,
+    for text with quotes, escapes, control characters, line separators and characters beyond the BMP."""
+    pieces = ["a", '"', "\\", "\n", "\u2028", "é", "\x00", "\U0001f600", " ", "</", "\t", "\x7f"]
+    rnd = random.Random(3)
+    for _ in range(300):
+        text = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 9))) for _ in range(3)]
+        text[0] = "q" + text[0]  # never blank: a blank instruction is dropped
+        row = {"q": text[0], "sys": text[1], "ref": text[2] if rnd.random() < 0.5 else None}
+        got = prompt_rows("s", [row], source(instruction_field="q", system_field="sys", reference_fields=["ref"]))
+        (out,) = got.rows
+        messages = [{"role": "system", "content": text[1]}, {"role": "user", "content": text[0]}]
+        assert out["messages"] == json.dumps(messages, ensure_ascii=False)
+        assert out["prompt_id"] == stable_hash(messages, 16)
+        assert out["reference_fields"] == json.dumps({"ref": row["ref"]}, ensure_ascii=False)
 
 
 def test_prompt_rows_system_field() -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from factory.core.keys import stable_hash
 from factory.core.owned import read_marker, writing
 from factory.export.card import Tally, card, shard_tally, source_names
-from factory.export.writer import EXPORT_FOLDER, DatasetWriter
+from factory.export.writer import EXPORT_FOLDER, DatasetWriter, Layout
 from factory.labelers.registry import labeler_of
 from factory.pipeline.stage import Context
 
@@ -63,6 +63,25 @@ def preference_features(datasets: Any) -> Any:
             "recipe_hash": text,
         }
     )
+
+
+def sft_features(datasets: Any) -> Any:
+    """The SFT export's column types (TRL's conversational prompt/completion, with provenance)."""
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    text = datasets.Value("string")
+    return datasets.Features(
+        {
+            "prompt": datasets.List(message),
+            "completion": datasets.List(message),
+            **{k: text for k in ("prompt_id", "reference_name", "source_kind", "reference_model", "recipe")},
+            "recipe_hash": text,
+        }
+    )
+
+
+PREFERENCE = Layout("preference", 1, preference_features)
+SFT = Layout("sft", 1, sft_features)
+"""The two exports' columns; a version is bumped when its columns change (`Layout`)."""
 
 
 def without_special_tokens(
@@ -184,9 +203,6 @@ def export_dataset(path: Path, ctx: Context, stage_key: str) -> ExportResult:
         found = _current_rows(path, stage_key)
         if found is not None:
             return ExportResult(found, {"skipped": True, "path": str(path)})
-        import datasets  # heavy; only when something is written
-
-        datasets.disable_progress_bars()  # the build shows its own progress
 
         def records_of(i: int) -> tuple[list[dict[str, Any]], Any]:
             prompts = ctx.shard_table("prompts", i, ["prompt_id", "messages"]).to_pylist()
@@ -195,7 +211,7 @@ def export_dataset(path: Path, ctx: Context, stage_key: str) -> ExportResult:
             records, dropped = without_special_tokens(preference_records(ctx, prompts, samples, pairs))
             return records, shard_tally(ctx, i, len(prompts), samples, records, dropped)
 
-        with DatasetWriter(path, preference_features(datasets)) as out:
+        with DatasetWriter(path, PREFERENCE) as out:
             tally = _shards(ctx, out, records_of)
             complete = not ctx.incomplete
             notes: dict[str, Any] = {
@@ -249,20 +265,7 @@ def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
     found = _current_rows(path, stage_key)
     if found is not None:
         return ExportResult(found, {"skipped": True, "path": str(path)})
-    import datasets
-
-    datasets.disable_progress_bars()
     r = ctx.recipe
-    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-    text = datasets.Value("string")
-    features = datasets.Features(
-        {
-            "prompt": datasets.List(message),
-            "completion": datasets.List(message),
-            **{k: text for k in ("prompt_id", "reference_name", "source_kind", "reference_model", "recipe")},
-            "recipe_hash": text,
-        }
-    )
 
     def records_of(i: int) -> tuple[list[dict[str, Any]], Any]:
         prompts = ctx.shard_table("prompts", i, ["prompt_id", "messages"]).to_pylist()
@@ -277,7 +280,7 @@ def _export_sft(path: Path, ctx: Context, stage_key: str) -> ExportResult:
             "labeler": {},
         }
 
-    with DatasetWriter(path, features) as out:
+    with DatasetWriter(path, SFT) as out:
         dropped = _shards(ctx, out, records_of).dropped
         readme = "\n".join(
             [

@@ -8,7 +8,8 @@ The folder holds the same rows twice, in files of one build shard each:
 - `<split>/data-<shard>.arrow` with each split's `state.json` and `dataset_info.json`, and
   `dataset_dict.json`: the `save_to_disk` layout, for `load_from_disk`. `datasets` writes the metadata files
   itself (for an empty split); factory lists its own Arrow files in them, as `save_to_disk(num_shards=...)`
-  lists its shards.
+  lists its shards. An export of the same columns and `datasets` release takes them from the folder it
+  replaces.
 
 The marker names each shard's files under the shard's key (`Context.shard_key`), with its size and the card's
 counts. The next export of the same folder takes a shard whose key and files are unchanged as it is (a hard
@@ -21,6 +22,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,6 +48,24 @@ def check_export_target(path: Path, wh_root: Path | None = None) -> None:
     check_replaceable(path, EXPORT_FOLDER, wh_root)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What an export's rows are: a name and version for its columns (bumped when they change), and how
+    `datasets` types them (given the `datasets` module: it is imported only when something needs it)."""
+
+    name: str
+    version: int
+    features: Callable[[Any], Any]
+
+    def ident(self) -> str:
+        """What an export's metadata files depend on: these columns, and the `datasets` release writing them."""
+        return f"{self.name}/{self.version}/datasets-{metadata.version('datasets')}"
+
+
+META = ("dataset_dict.json", *(f"{split}/{name}" for split in SPLITS for name in ("state.json", "dataset_info.json")))
+"""`datasets`' metadata of the `save_to_disk` layout."""
+
+
 def _stamp(file: Path) -> list[int]:
     """What tells a file factory wrote from one changed since: its size and modification time."""
     st = file.stat()
@@ -57,10 +79,9 @@ class DatasetWriter:
     Leaving the `with` block without `finish` (an error, an interrupt) removes the half-built folder and
     leaves the target as it was."""
 
-    def __init__(self, path: Path, features: Any) -> None:
+    def __init__(self, path: Path, layout: Layout) -> None:
         self.path = path
-        self.features = features
-        self.schema: pa.Schema = features.arrow_schema  # carries datasets' feature metadata into the files
+        self.layout = layout
         self.rows = dict.fromkeys(SPLITS, 0)
         self.shards: list[dict[str, Any]] = []
         self.reused = 0
@@ -69,8 +90,40 @@ class DatasetWriter:
         # once the calls succeed, but not its rows.
         previous = marker.get("shards") if marker.get("complete") is True else None
         self._previous = {s["key"]: s for s in previous or [] if isinstance(s, dict) and s.get("key")}
+        # The metadata files and the schema of an export of the same layout serve again as they are, so an
+        # export that writes a shard or two does not import `datasets` (half a second) to make them anew.
+        self._old_meta = marker.get("meta") if marker.get("layout") == layout.ident() else None
+        self._schema: pa.Schema | None = None
         self._beside: Any = None
         self.tmp = Path()
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The files' Arrow schema, with `datasets`' feature metadata: read from a file of the export being
+        replaced when it has the same layout, else made by `datasets`."""
+        if self._schema is None:
+            self._schema = self._old_schema() or self._features().arrow_schema
+        return self._schema
+
+    def _features(self) -> Any:
+        import datasets  # heavy; only when the files' metadata must be made anew
+
+        datasets.disable_progress_bars()  # the build shows its own progress
+        return self.layout.features(datasets)
+
+    def _old_schema(self) -> pa.Schema | None:
+        if not isinstance(self._old_meta, dict):
+            return None
+        for shard in self._previous.values():
+            for split, (_, arrow, _) in shard.get("files", {}).items():
+                file = self.path / arrow
+                try:
+                    if split in SPLITS and _stamp(file) == shard["stamps"][arrow]:
+                        with pa.memory_map(str(file)) as source:
+                            return pa.ipc.open_stream(source).schema
+                except (OSError, KeyError, TypeError, pa.ArrowInvalid):
+                    continue
+        return None
 
     def __enter__(self) -> DatasetWriter:
         check_export_target(self.path)
@@ -130,32 +183,48 @@ class DatasetWriter:
         self.shards.append({"key": key, "files": files, "stamps": stamps, "counts": counts})
 
     def finish(self, readme: str, info: dict[str, Any]) -> None:
-        """Write `datasets`' metadata for the `save_to_disk` layout, the card and the marker (`info`, the shards
-        and the file list), and move the folder into place."""
-        import datasets
-
-        empty = {k: [] for k in self.features}
-        meta = self.tmp / ".meta"
-        layout = datasets.DatasetDict(
-            {split: datasets.Dataset.from_dict(empty, features=self.features, split=split) for split in SPLITS}
-        )
-        layout.save_to_disk(str(meta), num_shards=dict.fromkeys(SPLITS, 1))
-        os.replace(meta / "dataset_dict.json", self.tmp / "dataset_dict.json")
+        """Write `datasets`' metadata for the `save_to_disk` layout, the card and the marker (`info`, the shards,
+        the layout and the file list), and move the folder into place."""
+        meta = self._meta()
+        (self.tmp / "dataset_dict.json").write_text(meta["dataset_dict.json"], encoding="utf-8")
         for split in SPLITS:
             listed = [s["files"][split][1] for s in self.shards if split in s["files"]]
-            if not listed:  # an empty split: datasets' own empty file for load_from_disk, no Parquet file
+            if not listed:  # an empty split: a file of no rows for load_from_disk, and no Parquet file
                 listed = [f"{split}/data-00000.arrow"]
-                os.replace(meta / split / "data-00000-of-00001.arrow", self.tmp / listed[0])
-            state = json.loads((meta / split / "state.json").read_text(encoding="utf-8"))
+                with pa.OSFile(str(self.tmp / listed[0]), "wb") as sink, pa.ipc.new_stream(sink, self.schema):
+                    pass
+            state = json.loads(meta[f"{split}/state.json"])
             state["_data_files"] = [{"filename": Path(name).name} for name in listed]
             # Unique to this split of this export: `datasets` caches a `map` over a dataset by its fingerprint.
             state["_fingerprint"] = stable_hash([split, info, [s["key"] for s in self.shards]], 16)
             (self.tmp / split / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-            os.replace(meta / split / "dataset_info.json", self.tmp / split / "dataset_info.json")
-        shutil.rmtree(meta)
+            info_file = f"{split}/dataset_info.json"
+            (self.tmp / info_file).write_text(meta[info_file], encoding="utf-8")
         (self.tmp / "README.md").write_text(readme, encoding="utf-8")
-        seal(self.tmp, EXPORT_FOLDER, {**info, "shards": self.shards})
+        stamps = {name: _stamp(self.tmp / name) for name in META}
+        layout = {"layout": self.layout.ident(), "meta": stamps}
+        seal(self.tmp, EXPORT_FOLDER, {**info, **layout, "shards": self.shards})
         replace_folder(self.tmp, self.path, EXPORT_FOLDER)
+
+    def _meta(self) -> dict[str, str]:
+        """The text of each metadata file: the replaced export's where it has the same layout and the files are
+        as factory wrote them, else what `datasets` writes for empty splits of these features."""
+        old = self._old_meta
+        try:
+            if isinstance(old, dict) and all(_stamp(self.path / name) == old[name] for name in META):
+                return {name: (self.path / name).read_text(encoding="utf-8") for name in META}
+        except (OSError, KeyError, TypeError):
+            pass
+        import datasets
+
+        features = self._features()
+        made = self.tmp / ".meta"
+        empty = {k: [] for k in features}
+        splits = {split: datasets.Dataset.from_dict(empty, features=features, split=split) for split in SPLITS}
+        datasets.DatasetDict(splits).save_to_disk(str(made), num_shards=dict.fromkeys(SPLITS, 1))
+        texts = {name: (made / name).read_text(encoding="utf-8") for name in META}
+        shutil.rmtree(made)
+        return texts
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._beside is not None:
@@ -181,13 +250,13 @@ def _link(source: Path, target: Path) -> None:
 def write_dataset_folder(
     path: Path,
     splits: dict[str, list[dict[str, Any]]],
-    features: Any,
+    layout: Layout,
     readme: str,
     stage_key: str,
     run_id: str,
     complete: bool = True,
 ) -> None:
     """A whole export folder of one shard from records already in memory (small sets, tests)."""
-    with DatasetWriter(path, features) as out:
+    with DatasetWriter(path, layout) as out:
         out.write(None, splits, {})
         out.finish(readme, {"stage_key": stage_key, "run_id": run_id, "complete": complete})

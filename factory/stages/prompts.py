@@ -11,13 +11,31 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from factory.core.errors import UserInputError
-from factory.core.keys import stable_hash
+from factory.core.keys import hash_text, stable_hash
 from factory.inputs.sources import read_rows
 from factory.pipeline.stage import Context, Stage, StageOutput, StageStats
 
 if TYPE_CHECKING:
     from factory.config.recipe import LoadedRecipe
     from factory.config.sources import PromptSource
+
+
+_STRING = json.encoder.encode_basestring  # how json.dumps writes a string with ensure_ascii off
+
+
+def _rendered(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """`json.dumps(messages, ensure_ascii=False)` (the row's `messages`) and the canonical JSON its id hashes
+    (`stable_hash(messages)`'s text), byte for byte, each string escaped once: two renderings of every prompt
+    were most of the time a build spends reading 60K prompts (docs/BENCHMARKS.md, "Paper scale")."""
+    escaped = [(_STRING(m["role"]), _STRING(m["content"])) for m in messages]
+    plain = ", ".join(f'{{"role": {role}, "content": {content}}}' for role, content in escaped)
+    canonical = ",".join(f'{{"content":{content},"role":{role}}}' for role, content in escaped)
+    return f"[{plain}]", f"[{canonical}]"
+
+
+def _texts_json(texts: dict[str, str | None]) -> str:
+    """`json.dumps(texts, ensure_ascii=False)` of a mapping of names to texts or None, without its per-call setup."""
+    return "{" + ", ".join(f"{_STRING(k)}: {'null' if v is None else _STRING(v)}" for k, v in texts.items()) + "}"
 
 
 def _columns(names: Any) -> str:
@@ -62,7 +80,8 @@ def prompt_rows(
         if system:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": instruction})
-        prompt_id = stable_hash(messages, 16)
+        rendered, canonical = _rendered(messages)
+        prompt_id = hash_text(canonical, 16)  # = stable_hash(messages, 16)
         if prompt_id in seen and spec.dedupe:
             duplicates += 1
             continue
@@ -71,12 +90,12 @@ def prompt_rows(
         rows.append(
             {
                 "prompt_id": prompt_id,
-                "messages": json.dumps(messages, ensure_ascii=False),
+                "messages": rendered,
                 "instruction": instruction,
                 "source": source_name,
                 "source_row": i,
                 "source_id": None if spec.id_field is None else str(row.get(spec.id_field)),
-                "reference_fields": json.dumps(refs, ensure_ascii=False),
+                "reference_fields": _texts_json(refs),
             }
         )
     named = [(c, "prompts.reference_fields") for c in spec.reference_fields]
