@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from factory.core.keys import canonical_json, canonical_messages, canonical_object, stable_hash
+from factory.judge.protocols import PROTOCOLS
 from factory.models.chat_tokens import neutralise_messages
-from factory.models.requests import judge_call, prompt_hash, request_key
+from factory.models.requests import judge_call, judge_caller, prompt_hash, request_key
 
 TEXTS = [
     "plain",
@@ -64,3 +65,22 @@ class Text(str):
 )
 def test_canonical_messages_is_canonical_json(messages: Any) -> None:
     assert canonical_messages(messages) == canonical_json(messages)
+
+
+@pytest.mark.parametrize("protocol", ["refeval", "llmbar-base", "cot"])
+def test_calls_from_turns_equal_calls_from_messages(protocol: str) -> None:
+    p = PROTOCOLS[protocol]
+    make = judge_caller({"backend": "scripted", "seed": 3}, p.prefill, 8, 20)
+    # Pieces that split a marker between them, and a value that looks like a placeholder.
+    values = [*TEXTS, "<|im_", "end|>", "{output_b}"]
+    for a in values:
+        for b in values:
+            ref = f"ref {b}" if p.uses_reference else None
+            plain = make(p.render(a, a, b, ref), prompt_id="p")
+            fast = make.from_turns(p.turns(a, a, b, ref), prompt_id="p")
+            assert (fast.key, fast.meta, fast.neutralised, fast.request) == (
+                plain.key,
+                plain.meta,
+                plain.neutralised,
+                plain.request,
+            )

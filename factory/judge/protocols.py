@@ -80,6 +80,24 @@ class Protocol:
         and `output_b` instead moves the outputs under fixed letters. Judging both ways separates a judge's
         position bias from its letter bias.
         """
+        return [
+            {"role": role, "content": "".join(pieces)}
+            for role, pieces in self.turns(instruction, output_a, output_b, reference, swap_blocks=swap_blocks)
+        ]
+
+    def turns(
+        self,
+        instruction: str,
+        output_a: str,
+        output_b: str,
+        reference: str | None = None,
+        *,
+        swap_blocks: bool = False,
+    ) -> list[tuple[str, list[str]]]:
+        """`render`'s messages as (role, pieces): each content is its pieces joined, the template's own text
+        and the values in between. A build keys one judge prompt per ordered pair, and the pieces recur across
+        them (the template's text in every prompt, a sample's text in every pair it is in), so a caller can do
+        per piece, once, what it would otherwise do per prompt (`factory.models.requests.JudgeCaller`)."""
         if self.uses_reference and reference is None:
             raise ValueError(f"protocol {self.name} needs a reference")
         template = self.template
@@ -97,7 +115,7 @@ class Protocol:
         # never substituted.
         messages = [] if self.system is None else [("system", self.system)]
         messages.append(("user", template))
-        return [{"role": role, "content": "".join(values.get(p, p) for p in _pieces(text))} for role, text in messages]
+        return [(role, [values.get(p, p) for p in _pieces(text)]) for role, text in messages]
 
     def parse(
         self,

@@ -14,13 +14,19 @@ Failure has two kinds (docs/DESIGN.md, "No silent failure"):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from factory.core.keys import canonical_json, canonical_messages, canonical_object, hash_text, stable_hash
-from factory.models.chat_tokens import neutralise_messages
+from factory.core.keys import (
+    canonical_json,
+    canonical_messages,
+    canonical_object,
+    hash_text,
+    json_string_body,
+    stable_hash,
+)
+from factory.models.chat_tokens import may_hold_marker, neutralise_messages
 
 if TYPE_CHECKING:
     from factory.config.models import SamplingParams
@@ -151,20 +157,57 @@ def judge_call(
     return judge_caller(identity, prefill, max_tokens, top_logprobs)(messages, **meta)
 
 
-def judge_caller(identity: dict[str, Any], prefill: str, max_tokens: int, top_logprobs: int) -> Callable[..., Call]:
+def judge_caller(identity: dict[str, Any], prefill: str, max_tokens: int, top_logprobs: int) -> JudgeCaller:
     """`judge_call` with the arguments every call of a stage shares rendered once: `make(messages, **meta)`."""
-    # The messages are rendered once for both hashes, and set into the rest of the payload's rendering: the
-    # very text `request_key` renders, so the key is unchanged.
-    before, after = _judge_frame(canonical_json(identity), prefill, max_tokens, top_logprobs)
+    return JudgeCaller(identity, prefill, max_tokens, top_logprobs)
 
-    def make(messages: list[dict[str, str]], **meta: Any) -> Call:
+
+class JudgeCaller:
+    """Makes the judge calls of one stage: `caller(messages, **meta)` is `judge_call(identity, messages, prefill,
+    max_tokens, top_logprobs, **meta)`, and `caller.from_turns(turns, **meta)` the same call for messages given
+    as pieces (`Protocol.turns`)."""
+
+    def __init__(self, identity: dict[str, Any], prefill: str, max_tokens: int, top_logprobs: int) -> None:
+        self.prefill, self.max_tokens, self.top_logprobs = prefill, max_tokens, top_logprobs
+        # The messages are rendered once for both hashes, and set into the rest of the payload's rendering: the
+        # very text `request_key` renders, so the key is unchanged.
+        self._before, self._after = _judge_frame(canonical_json(identity), prefill, max_tokens, top_logprobs)
+        # Per piece of a turn (`from_turns`), its JSON body, or None when it may hold a chat marker.
+        self._bodies: dict[str, str | None] = {}
+
+    def __call__(self, messages: list[dict[str, str]], **meta: Any) -> Call:
         messages, neutralised = neutralise_messages(messages)
-        sent = canonical_messages(messages)
-        request = JudgeRequest(messages, prefill, max_tokens, top_logprobs)
-        meta = {**meta, "prompt_hash": hash_text(sent, PROMPT_HASH_LENGTH)}
-        return Call(hash_text(before + sent + after), request, meta, neutralised)
+        return self._call(messages, canonical_messages(messages), neutralised, meta)
 
-    return make
+    def from_turns(self, turns: list[tuple[str, list[str]]], **meta: Any) -> Call:
+        """The call for the messages [{"role": role, "content": "".join(pieces)}, ...], keyed as `__call__` keys
+        them. A stage's prompts are made of recurring pieces (the template's text in every prompt, a sample's
+        text in each of its pairs), so each piece is checked for chat markers and escaped once, and the
+        rendering is the pieces' bodies joined: escaping and the marker check go character by character, so
+        this is the text `canonical_messages` writes. A piece that may hold a marker takes the plain path,
+        which neutralises the joined text."""
+        messages = [{"role": role, "content": "".join(pieces)} for role, pieces in turns]
+        bodies = self._bodies
+        rendered = []
+        for role, pieces in turns:
+            parts = []
+            for piece in (role, *pieces):
+                body = bodies.get(piece)
+                if body is None:
+                    if piece in bodies or type(piece) is not str:
+                        return self(messages, **meta)
+                    body = bodies[piece] = None if may_hold_marker(piece) else json_string_body(piece)
+                    if body is None:
+                        return self(messages, **meta)
+                parts.append(body)
+            rendered.append(f'{{"content":"{"".join(parts[1:])}","role":"{parts[0]}"}}')
+        return self._call(messages, "[" + ",".join(rendered) + "]", 0, meta)
+
+    def _call(self, messages: list[dict[str, str]], sent: str, neutralised: int, meta: dict[str, Any]) -> Call:
+        """The call for `messages` as sent (neutralised), `sent` being their canonical JSON."""
+        request = JudgeRequest(messages, self.prefill, self.max_tokens, self.top_logprobs)
+        meta = {**meta, "prompt_hash": hash_text(sent, PROMPT_HASH_LENGTH)}
+        return Call(hash_text(self._before + sent + self._after), request, meta, neutralised)
 
 
 @lru_cache(maxsize=64)

@@ -85,9 +85,8 @@ def judge_calls(
             for b in group:
                 if a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
                     continue
-                messages = protocol.render(p["instruction"], a["text"], b["text"], reference)
-                call = make(
-                    messages,
+                call = make.from_turns(
+                    protocol.turns(p["instruction"], a["text"], b["text"], reference),
                     prompt_id=p["prompt_id"],
                     sample_a=a["sample_id"],
                     sample_b=b["sample_id"],
