@@ -14,6 +14,7 @@ Failure has two kinds (docs/DESIGN.md, "No silent failure"):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,8 @@ class Call:
     neutralised: int = 0
     """Message contents whose chat control tokens were neutralised (`factory.models.chat_tokens`); a stage's notes
     count them."""
+    group: str = ""
+    """A generation call's `request_group`, rendered with its key (empty: rendered from the request when needed)."""
 
 
 def request_key(kind: str, identity: dict[str, Any], payload: dict[str, Any]) -> str:
@@ -136,10 +139,57 @@ def generation_call(
     identity: dict[str, Any], messages: list[dict[str, str]], params: SamplingParams, seed: int, index: int, **meta: Any
 ) -> Call:
     """The call for sample `index` of one conversation (backends group a prompt's indices into one request)."""
-    messages, neutralised = neutralise_messages(messages)
-    payload = {"messages": messages, "params": params.model_dump(), "seed": seed, "sample_index": index}
-    request = GenerationRequest(messages, params, seed, (index,))
-    return Call(request_key("generate", identity, payload), request, meta, neutralised)
+    return GenerationCaller(identity, params, seed).calls(messages, (index,), meta)[0]
+
+
+class GenerationCaller:
+    """Makes the generation calls of one stage: `calls(messages, indices, meta)` is `generation_call(identity,
+    messages, params, seed, i, **meta)` for each sample index i, with what the calls share rendered once."""
+
+    def __init__(self, identity: dict[str, Any], params: SamplingParams, seed: int) -> None:
+        self.params, self.seed = params, seed
+        # Rendered once per stage, and set into each prompt's payload: the very text `request_key` renders.
+        self._identity = canonical_json(identity)
+        self._params = canonical_json(params.model_dump())
+        self._seed = canonical_json(seed)
+
+    def calls(
+        self, messages: list[dict[str, str]], indices: Sequence[int], meta: dict[str, Any], index_field: str = ""
+    ) -> list[Call]:
+        """One call per sample index of one conversation, whose payload is rendered once (the index aside);
+        `index_field`, when given, is the meta field each call's index goes in."""
+        messages, neutralised = neutralise_messages(messages)
+        sent = canonical_messages(messages)
+        # The payload with a NUL for its index (canonical JSON writes any NUL inside a string as an escape).
+        rendered = {
+            "kind": _GENERATE,
+            "model": self._identity,
+            "messages": sent,
+            "params": self._params,
+            "seed": self._seed,
+            "sample_index": "\0",
+        }
+        before, after = canonical_object(rendered).split("\0")
+        group = f"[{sent},{self._params},{self._seed}]"  # request_group's text, from the same renderings
+        return [
+            Call(
+                hash_text(before + canonical_json(i) + after),
+                GenerationRequest(messages, self.params, self.seed, (i,)),
+                {**meta, index_field: i} if index_field else {**meta},
+                neutralised,
+                group,
+            )
+            for i in indices
+        ]
+
+
+_GENERATE = canonical_json("generate")
+
+
+def request_group(request: GenerationRequest) -> str:
+    """What a generation request asks, sample index aside: requests that share it are one n-sample request.
+    The canonical JSON itself (not its hash): a dict key needs no digest."""
+    return canonical_json([request.messages, request.params.model_dump(), request.seed])
 
 
 def judge_call(
