@@ -217,6 +217,12 @@ def pair_probability(votes: list[dict[str, Any]], scoring: str) -> tuple[float |
     With one reference this is that judgment's own reading. With several they vote: the mean soft score,
     or the majority of parsed verdicts (a tie is no verdict: nothing is guessed).
     """
+    if len(votes) == 1:  # one reference (the usual case, once per ordered pair): the same reading, made directly
+        verdict = votes[0]["verdict"]
+        winner = verdict if verdict == "a" or verdict == "b" else None
+        if scoring == "verdict":
+            return ({"a": 1.0, "b": 0.0}.get(winner or ""), winner)
+        return (win_probability(votes[0], scoring), winner)
     probs = [p for p in (win_probability(j, scoring) for j in votes) if p is not None]
     a_votes = sum(j["verdict"] == "a" for j in votes)
     b_votes = sum(j["verdict"] == "b" for j in votes)
