@@ -256,7 +256,7 @@ class JudgeCaller:
     def _call(self, messages: list[dict[str, str]], sent: str, neutralised: int, meta: dict[str, Any]) -> Call:
         """The call for `messages` as sent (neutralised), `sent` being their canonical JSON."""
         request = JudgeRequest(messages, self.prefill, self.max_tokens, self.top_logprobs)
-        meta = {**meta, "prompt_hash": hash_text(sent, PROMPT_HASH_LENGTH)}
+        meta["prompt_hash"] = hash_text(sent, PROMPT_HASH_LENGTH)  # `meta` is the caller's keywords: a dict of its own
         return Call(hash_text(self._before + sent + self._after), request, meta, neutralised)
 
 

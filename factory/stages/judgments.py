@@ -81,12 +81,13 @@ def judge_calls(
         if name is not None and reference is None:
             no_reference += 1
             continue
+        fill = protocol.pair_turns(p["instruction"], reference) if len(group) > 1 else None
         for a in group:
             for b in group:
-                if a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
+                if fill is None or a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
                     continue
                 call = make.from_turns(
-                    protocol.turns(p["instruction"], a["text"], b["text"], reference),
+                    fill(a["text"], b["text"]),
                     prompt_id=p["prompt_id"],
                     sample_a=a["sample_id"],
                     sample_b=b["sample_id"],
