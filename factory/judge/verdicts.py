@@ -24,9 +24,10 @@ CONCLUSION_RE = re.compile(r"\bTherefore,?\s+" + BETTER_RE.pattern, re.IGNORECAS
 """A reasoning answer's statement of its choice; CONCLUSION_RE is the closing sentence the cot protocol asks for."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Verdict:
-    """What one judge answer says about an ordered pair (a, b)."""
+    """What one judge answer says about an ordered pair (a, b). Not frozen: one is made per judgment, and a frozen
+    dataclass's __init__ costs three times as much."""
 
     verdict: str | None
     """'a' or 'b' from the regex; None when the answer names neither. Never guessed."""

@@ -33,7 +33,10 @@ if TYPE_CHECKING:
     from factory.config.models import SamplingParams
 
 
-@dataclass(frozen=True)
+# The requests and `Call` are plain dataclasses, not frozen ones: a build makes one of each per model call (millions),
+# a frozen dataclass's __init__ sets every field through object.__setattr__ (three times the cost), and nothing
+# assigns to them after they are made.
+@dataclass
 class GenerationRequest:
     """Chat generation for one conversation: one output per entry of `sample_indices`."""
 
@@ -58,7 +61,7 @@ class Generation:
     """Price of this output for priced APIs; None when unknown or free (local engines)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class JudgeRequest:
     """A greedy judge call that keeps the top log-probabilities of every generated token."""
 
@@ -84,7 +87,7 @@ class JudgeOutput:
     """Price of this call for priced APIs; None when unknown or free (local engines)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class RewardRequest:
     """A whole conversation (ending with the assistant's answer) for a reward model to score."""
 
@@ -115,7 +118,7 @@ class RequestFailed(TransientError):
     """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Call:
     """One model call a stage needs: its request key, the request, and the row fields it will fill."""
 
