@@ -139,9 +139,11 @@ def verdict_fields(
 def logprob_pairs(steps: list[list[Any]]) -> list[list[tuple[str, float]]]:
     """A call row's top log-probabilities as (token, logprob) pairs: a row made in this run holds the
     backend's pairs, a row read from the cache holds {token, logprob} dicts (Parquet structs)."""
-    first = next((step[0] for step in steps if step), None)
-    if isinstance(first, dict):
-        return [[(t["token"], t["logprob"]) for t in step] for step in steps]
+    for step in steps:  # the first position with alternatives tells which (a plain loop: once per judgment)
+        if step:
+            if isinstance(step[0], dict):
+                return [[(t["token"], t["logprob"]) for t in step] for step in steps]
+            break
     return steps
 
 
@@ -185,15 +187,21 @@ def judgment_row(
 
 
 def judgment_rows(
-    calls: list[Call], results: dict[str, dict[str, Any]], spec: JudgmentsSpec, protocol: Protocol
+    calls: list[Call],
+    results: dict[str, dict[str, Any]],
+    spec: JudgmentsSpec,
+    protocol: Protocol,
+    schedule: dict[str, Any] | None = None,
 ) -> StageOutput:
-    """Each judge answer parsed into verdict, soft score and parse status; failed calls stay as rows."""
+    """Each judge answer parsed into verdict, soft score and parse status; failed calls stay as rows.
+    `schedule`: fields every row gets besides (the schedule and its round, when all rows share them)."""
     fields = {
         "protocol": protocol.name,
         "judge": spec.judge,
         "prefill": protocol.prefill,
         "markers": spec.markers,
         "top_logprobs": spec.top_logprobs,
+        **(schedule or {}),
     }
     paper = spec.pooling == "paper"
     rows = [judgment_row(c, results.get(c.key), protocol, fields, spec.markers, paper) for c in calls]
@@ -267,9 +275,8 @@ def _judgments(ctx: Context, st: StageStats) -> StageOutput:
         calls, notes = judge_calls(
             ctx.rows["prompts"], ctx.rows["samples"], ctx.rows["references"], entry, protocol, identity
         )
-        judged = judgment_rows(calls, ctx.call(entry.judge, "judgments", calls, st), entry, protocol)
-        for row in judged.rows:
-            row.update(schedule="all-pairs", schedule_round=1)
+        schedule = {"schedule": "all-pairs", "schedule_round": 1}
+        judged = judgment_rows(calls, ctx.call(entry.judge, "judgments", calls, st), entry, protocol, schedule)
         out.rows += judged.rows
         merged = notes.pop("merged_samples")  # the same samples for every judge: counted once, not summed
         out.notes = {**merge_notes(out.notes, {**judged.notes, **notes}), "merged_samples": merged}
