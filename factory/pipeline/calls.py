@@ -208,12 +208,13 @@ class CallRunner:
             self.reporter.stage_started(stage, 0)
             return {}
         kind = KINDS[type(calls[0].request)]
-        neutralised = sum({c.key: c.neutralised for c in calls}.values())
+        # Two calls can share a key (two samples with the same text render the same judge prompt): call once.
+        unique = {c.key: c for c in calls}
+        neutralised = sum(c.neutralised for c in unique.values())
         if neutralised:  # data that carried chat control tokens (factory.models.chat_tokens); absent when none did
             st.notes["neutralised_contents"] = st.notes.get("neutralised_contents", 0) + neutralised
-        results = self.wh.cached_calls(kind.table, (c.key for c in calls))
-        # Two calls can share a key (two samples with the same text render the same judge prompt): call once.
-        missing = list({c.key: c for c in calls if c.key not in results}.values())
+        results = self.wh.cached_calls(kind.table, unique)
+        missing = [c for key, c in unique.items() if key not in results]
         st.cached_calls += len(calls) - len(missing)
         self.reporter.stage_started(stage, len(missing))
         if not missing:
