@@ -6,9 +6,19 @@ from typing import Any
 
 import pytest
 
+from factory.config.models import SamplingParams
 from factory.core.keys import canonical_json, canonical_messages, canonical_object, stable_hash
+from factory.judge.protocols import PROTOCOLS
 from factory.models.chat_tokens import neutralise_messages
-from factory.models.requests import judge_call, prompt_hash, request_key
+from factory.models.requests import (
+    GenerationCaller,
+    generation_call,
+    judge_call,
+    judge_caller,
+    prompt_hash,
+    request_group,
+    request_key,
+)
 
 TEXTS = [
     "plain",
@@ -64,3 +74,38 @@ class Text(str):
 )
 def test_canonical_messages_is_canonical_json(messages: Any) -> None:
     assert canonical_messages(messages) == canonical_json(messages)
+
+
+@pytest.mark.parametrize("protocol", ["refeval", "llmbar-base", "cot"])
+def test_calls_from_turns_equal_calls_from_messages(protocol: str) -> None:
+    p = PROTOCOLS[protocol]
+    make = judge_caller({"backend": "scripted", "seed": 3}, p.prefill, 8, 20)
+    # Pieces that split a marker between them, and a value that looks like a placeholder.
+    values = [*TEXTS, "<|im_", "end|>", "{output_b}"]
+    for a in values:
+        for b in values:
+            ref = f"ref {b}" if p.uses_reference else None
+            plain = make(p.render(a, a, b, ref), prompt_id="p")
+            fast = make.from_turns(p.turns(a, a, b, ref), prompt_id="p")
+            assert (fast.key, fast.meta, fast.neutralised, fast.request) == (
+                plain.key,
+                plain.meta,
+                plain.neutralised,
+                plain.request,
+            )
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_generation_call_keys_equal_the_plain_rendering(text: str) -> None:
+    identity: dict[str, Any] = {"backend": "scripted", "seed": 3, "options": {"z": 1.5, "a": [True]}}
+    params = SamplingParams(max_tokens=64, temperature=0.7)
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": text}]
+    calls = GenerationCaller(identity, params, 5).calls(messages, range(3), {"prompt_id": "p"}, "sample_index")
+    sent, _ = neutralise_messages(messages)
+    for i, call in enumerate(calls):
+        payload = {"messages": sent, "params": params.model_dump(), "seed": 5, "sample_index": i}
+        assert call.key == request_key("generate", identity, payload)
+        assert call.meta == {"prompt_id": "p", "sample_index": i}
+        # The group the runner merges a prompt's samples by is the one it would render from the request.
+        assert call.group == request_group(call.request)
+        assert call == generation_call(identity, messages, params, 5, i, prompt_id="p", sample_index=i)

@@ -52,6 +52,13 @@ def canonical_messages(messages: Any) -> str:
     return "[" + ",".join(parts) + "]"
 
 
+def json_string_body(text: str) -> str:
+    """`text` as canonical JSON writes it, without its quotes. JSON escapes each character on its own, so the
+    bodies of several texts, joined, are the body of their join: a text made of recurring pieces (a judge
+    prompt's template and values) is escaped piece by piece, each piece once."""
+    return _STRING(text)[1:-1]
+
+
 def canonical_object(rendered: dict[str, str]) -> str:
     """The canonical JSON of an object whose values are given already rendered by `canonical_json`: the same
     text as `canonical_json` of the object itself (keys sorted, no whitespace), so a part that several keys

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,6 +33,9 @@ from factory.judge.verdicts import Verdict, parse_verdict
 
 _PLACEHOLDER = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
 """Any placeholder (captured, so splitting on it keeps it)."""
+
+_OUTPUT_SLOTS = {"{output_a}": 0, "{output_b}": 1}
+"""The placeholders a prompt's pairs fill differently (`Protocol.pair_turns`), and their slots."""
 
 
 @lru_cache(maxsize=64)
@@ -80,6 +83,31 @@ class Protocol:
         and `output_b` instead moves the outputs under fixed letters. Judging both ways separates a judge's
         position bias from its letter bias.
         """
+        return [
+            {"role": role, "content": "".join(pieces)}
+            for role, pieces in self.turns(instruction, output_a, output_b, reference, swap_blocks=swap_blocks)
+        ]
+
+    def turns(
+        self,
+        instruction: str,
+        output_a: str,
+        output_b: str,
+        reference: str | None = None,
+        *,
+        swap_blocks: bool = False,
+    ) -> list[tuple[str, list[str]]]:
+        """`render`'s messages as (role, pieces): each content is its pieces joined, the template's own text
+        and the values in between. A build keys one judge prompt per ordered pair, and the pieces recur across
+        them (the template's text in every prompt, a sample's text in every pair it is in), so a caller can do
+        per piece, once, what it would otherwise do per prompt (`factory.models.requests.JudgeCaller`)."""
+        return self.pair_turns(instruction, reference, swap_blocks=swap_blocks)(output_a, output_b)
+
+    def pair_turns(
+        self, instruction: str, reference: str | None = None, *, swap_blocks: bool = False
+    ) -> Callable[[str, str], list[tuple[str, list[str]]]]:
+        """`turns` for one instruction (and reference) and any pair of outputs: `pair_turns(i, r)(a, b)` is
+        `turns(i, a, b, r)`. The text between the outputs is joined once for all of a prompt's pairs."""
         if self.uses_reference and reference is None:
             raise ValueError(f"protocol {self.name} needs a reference")
         template = self.template
@@ -87,17 +115,30 @@ class Protocol:
             if template.count(BLOCK_A) != 1 or template.count(BLOCK_B) != 1:
                 raise UserInputError(f"protocol {self.name}: its output blocks cannot be swapped (no standard blocks)")
             template = template.replace(BLOCK_A, "\0").replace(BLOCK_B, BLOCK_A).replace("\0", BLOCK_B)
-        values = {
-            "{instruction}": instruction,
-            "{reference}": reference or "",
-            "{output_a}": output_a,
-            "{output_b}": output_b,
-        }
-        # Each turn is filled in one pass over its pieces, so a placeholder-like string inside an output is
-        # never substituted.
+        values = {"{instruction}": instruction, "{reference}": reference or ""}
         messages = [] if self.system is None else [("system", self.system)]
         messages.append(("user", template))
-        return [{"role": role, "content": "".join(values.get(p, p) for p in _pieces(text))} for role, text in messages]
+        # Each turn is filled in one pass over its pieces, so a placeholder-like string inside a value is never
+        # substituted. A turn is kept as its texts with slots between them: 0 for output (a), 1 for output (b).
+        layout: list[tuple[str, list[str | int]]] = []
+        for role, text in messages:
+            items: list[str | int] = []
+            run: list[str] = []
+            for p in _pieces(text):
+                slot = _OUTPUT_SLOTS.get(p)
+                if slot is None:
+                    run.append(values.get(p, p))
+                else:
+                    items += ["".join(run), slot]
+                    run = []
+            items.append("".join(run))
+            layout.append((role, items))
+
+        def fill(output_a: str, output_b: str) -> list[tuple[str, list[str]]]:
+            outputs = (output_a, output_b)
+            return [(role, [outputs[i] if type(i) is int else i for i in items]) for role, items in layout]
+
+        return fill
 
     def parse(
         self,

@@ -24,9 +24,10 @@ CONCLUSION_RE = re.compile(r"\bTherefore,?\s+" + BETTER_RE.pattern, re.IGNORECAS
 """A reasoning answer's statement of its choice; CONCLUSION_RE is the closing sentence the cot protocol asks for."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Verdict:
-    """What one judge answer says about an ordered pair (a, b)."""
+    """What one judge answer says about an ordered pair (a, b). Not frozen: one is made per judgment, and a frozen
+    dataclass's __init__ costs three times as much."""
 
     verdict: str | None
     """'a' or 'b' from the regex; None when the answer names neither. Never guessed."""
@@ -119,6 +120,28 @@ def parse_verdict(
     ("Therefore, Output (a) is better than Output (b)." is a), else a final line naming one output alone;
     an answer cut off before either has no verdict (never a guess).
     """
+    tokens = tuple(tokens)
+    read = _read_text if len(tokens) <= _CACHED_TOKENS else _read_text.__wrapped__
+    verdict, status, p_source, step = read(prefill, generated, tokens, last_match)
+    if step is None or step >= len(top_logprobs):
+        return Verdict(verdict, None, status, "none", _seen_json((), ()))
+    p_a, p_exact, seen_a, seen_b = _soft_scores(top_logprobs[step])
+    chosen = p_exact if markers == "exact" else p_a
+    return Verdict(verdict, chosen, status, p_source, _seen_json(seen_a, seen_b), p_exact)
+
+
+_CACHED_TOKENS = 32
+"""Answers of at most this many tokens have their text read through `_read_text`'s cache: a prefilled judge's
+answers are a handful of short strings (`a)`, `b)`), each read thousands of times in a build; a reasoning
+answer is long and unique, and would only fill the cache."""
+
+
+@lru_cache(maxsize=4096)
+def _read_text(
+    prefill: str, generated: str, tokens: tuple[str, ...], last_match: bool
+) -> tuple[str | None, str, str, int | None]:
+    """What an answer's text and tokens say (`parse_verdict`): the verdict, parse status, which token the soft
+    score reads (p_source) and that token's index (None: no soft score)."""
     text = prefill + generated
     match = _conclusion(text) if last_match else VERDICT_RE.search(text)
     step: int | None = None
@@ -140,14 +163,55 @@ def parse_verdict(
     if step is None:
         if not prefill:
             # A reasoning answer with no verdict: its first token starts the explanation, not a choice.
-            return Verdict(verdict, None, status, "none", _seen_json((), ()))
+            return verdict, status, "none", None
         step, p_source = 0, "first_token"
-    if step >= len(top_logprobs):
-        return Verdict(verdict, None, status, "none", _seen_json((), ()))
-    p_a, seen = soft_score(top_logprobs[step])
-    p_exact, _ = soft_score(top_logprobs[step], exact=True)
-    chosen = p_exact if markers == "exact" else p_a
-    return Verdict(verdict, chosen, status, p_source, _seen_json(tuple(seen["a"]), tuple(seen["b"])), p_exact)
+    return verdict, status, p_source, step
+
+
+def _soft_scores(
+    top_logprobs: Sequence[tuple[str, float]],
+) -> tuple[float, float, tuple[str, ...], tuple[str, ...]]:
+    """`soft_score` at one position under both rules in one pass: p(a) over the marker variants, p(a) over
+    the exact tokens, and the variants seen of each marker. The same sums in the same order as `soft_score`,
+    so the same floats."""
+    mass_a = mass_b = exact_a = exact_b = 0.0
+    seen_a: list[str] = []
+    seen_b: list[str] = []
+    exact_seen_a = exact_seen_b = False
+    for token, logprob in top_logprobs:
+        m = marker_of(token)
+        if m is None:
+            continue
+        p = math.exp(logprob)
+        if m == "a":
+            mass_a += p
+            seen_a.append(token)
+            if token == "a":
+                exact_a += p
+                exact_seen_a = True
+        else:
+            mass_b += p
+            seen_b.append(token)
+            if token == "b":
+                exact_b += p
+                exact_seen_b = True
+    return (
+        _share(mass_a, mass_b, bool(seen_a), bool(seen_b)),
+        _share(exact_a, exact_b, exact_seen_a, exact_seen_b),
+        tuple(seen_a),
+        tuple(seen_b),
+    )
+
+
+def _share(mass_a: float, mass_b: float, seen_a: bool, seen_b: bool) -> float:
+    """`soft_score`'s reading of the two masses."""
+    if seen_a and seen_b:
+        return mass_a / (mass_a + mass_b)
+    if seen_a:
+        return 1.0
+    if seen_b:
+        return 0.0
+    return 0.5
 
 
 @lru_cache(maxsize=4096)

@@ -87,6 +87,14 @@ def neutralise(text: str, markers: Iterable[str] = CHAT_CONTROL_MARKERS) -> tupl
     return BREAK.join(parts), len(starts)
 
 
+def may_hold_marker(text: str) -> bool:
+    """False when `neutralise(text)` (the common markers) surely returns `text` as it is: it holds none of the
+    markers' first characters. Nor then does a join of such texts, so pieces checked one by one vouch for
+    the text they make (`factory.models.requests.JudgeCaller`)."""
+    _, _, firsts = _pattern(CHAT_CONTROL_MARKERS)
+    return any(c in text for c in firsts)
+
+
 def neutralise_messages(
     messages: Sequence[dict[str, str]], markers: Iterable[str] = CHAT_CONTROL_MARKERS
 ) -> tuple[list[dict[str, str]], int]:

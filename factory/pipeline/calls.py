@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from factory.config.vocabulary import Role
 from factory.core.errors import FactoryError
-from factory.core.keys import canonical_json
 from factory.core.redact import redact
 from factory.models.registry import BACKENDS, Backend, load_backend
 from factory.models.requests import (
@@ -34,6 +33,7 @@ from factory.models.requests import (
     RequestFailed,
     RewardRequest,
     TransientError,
+    request_group,
 )
 from factory.pipeline.stage import StageStats
 from factory.warehouse.store import Warehouse
@@ -208,12 +208,13 @@ class CallRunner:
             self.reporter.stage_started(stage, 0)
             return {}
         kind = KINDS[type(calls[0].request)]
-        neutralised = sum({c.key: c.neutralised for c in calls}.values())
+        # Two calls can share a key (two samples with the same text render the same judge prompt): call once.
+        unique = {c.key: c for c in calls}
+        neutralised = sum(c.neutralised for c in unique.values())
         if neutralised:  # data that carried chat control tokens (factory.models.chat_tokens); absent when none did
             st.notes["neutralised_contents"] = st.notes.get("neutralised_contents", 0) + neutralised
-        results = self.wh.cached_calls(kind.table, (c.key for c in calls))
-        # Two calls can share a key (two samples with the same text render the same judge prompt): call once.
-        missing = list({c.key: c for c in calls if c.key not in results}.values())
+        results = self.wh.cached_calls(kind.table, unique)
+        missing = [c for key, c in unique.items() if key not in results]
         st.cached_calls += len(calls) - len(missing)
         self.reporter.stage_started(stage, len(missing))
         if not missing:
@@ -261,7 +262,7 @@ class CallRunner:
         # Generation: group a prompt's missing sample indices into one n-sample request; batch by prompt.
         by_prompt: dict[str, list[Call]] = {}
         for c in calls:
-            by_prompt.setdefault(_request_group(c.request), []).append(c)
+            by_prompt.setdefault(c.group or request_group(c.request), []).append(c)
         groups = list(by_prompt.values())
         for chunk in _chunks(groups, size):
             yield [c for g in chunk for c in g]
@@ -274,7 +275,7 @@ class CallRunner:
         """Merge a prompt's calls into one request with several sample indices, then split the outputs."""
         merged: dict[str, tuple[Any, list[Call]]] = {}
         for c in batch:
-            h = _request_group(c.request)
+            h = c.group or request_group(c.request)
             if h in merged:
                 merged[h][1].append(c)
             else:
@@ -303,12 +304,6 @@ class CallRunner:
 _GENERATION_FIELDS = tuple(f.name for f in fields(Generation))
 """A `Generation`'s fields, in order: its row fields are scalars, so reading them equals `asdict`, without
 its deep copy of each value."""
-
-
-def _request_group(r: GenerationRequest) -> str:
-    """What a generation request asks, sample index aside: requests that share it are one n-sample request.
-    The canonical JSON itself (not its hash): a dict key needs no digest."""
-    return canonical_json([r.messages, r.params.model_dump(), r.seed])
 
 
 class _Clock:

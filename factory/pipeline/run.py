@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 import factory
+from factory.core.collector import paced_collection
 from factory.core.errors import FactoryError, mark_recorded
 from factory.core.keys import stable_hash
 from factory.core.redact import redact
@@ -112,6 +113,7 @@ class Run:
         self.calls = CallRunner(wh, self.run_id, recipe, self.reporter)
         self._t0 = 0.0
         self._lock: Any = None
+        self._pace: Any = None
         self.recheck = False
         self._aside_from = 0
 
@@ -124,6 +126,8 @@ class Run:
     def __enter__(self) -> Run:
         self._lock = self.wh.lock()
         self._lock.__enter__()
+        self._pace = paced_collection()  # a run allocates per model call: collect garbage less often
+        self._pace.__enter__()
         try:
             self._aside_from = len(self.wh.set_aside)  # a warehouse object may serve several runs (rounds)
             self.wh.sweep_temporary()
@@ -142,6 +146,7 @@ class Run:
             self._t0 = time.perf_counter()
             self.wh.write_run(self.row)
         except BaseException:
+            self._pace.__exit__(None, None, None)
             self._lock.__exit__(None, None, None)
             raise
         return self
@@ -167,6 +172,7 @@ class Run:
                 self.compact_calls()
             self.wh.refresh_database()
         finally:
+            self._pace.__exit__(None, None, None)
             self._lock.__exit__(None, None, None)
 
     def compact_calls(self, min_files: int = MIN_FILES) -> None:

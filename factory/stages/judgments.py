@@ -81,13 +81,13 @@ def judge_calls(
         if name is not None and reference is None:
             no_reference += 1
             continue
+        fill = protocol.pair_turns(p["instruction"], reference) if len(group) > 1 else None
         for a in group:
             for b in group:
-                if a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
+                if fill is None or a is b or (spec.orders == "forward" and a["sample_index"] > b["sample_index"]):
                     continue
-                messages = protocol.render(p["instruction"], a["text"], b["text"], reference)
-                call = make(
-                    messages,
+                call = make.from_turns(
+                    fill(a["text"], b["text"]),
                     prompt_id=p["prompt_id"],
                     sample_a=a["sample_id"],
                     sample_b=b["sample_id"],
@@ -139,9 +139,11 @@ def verdict_fields(
 def logprob_pairs(steps: list[list[Any]]) -> list[list[tuple[str, float]]]:
     """A call row's top log-probabilities as (token, logprob) pairs: a row made in this run holds the
     backend's pairs, a row read from the cache holds {token, logprob} dicts (Parquet structs)."""
-    first = next((step[0] for step in steps if step), None)
-    if isinstance(first, dict):
-        return [[(t["token"], t["logprob"]) for t in step] for step in steps]
+    for step in steps:  # the first position with alternatives tells which (a plain loop: once per judgment)
+        if step:
+            if isinstance(step[0], dict):
+                return [[(t["token"], t["logprob"]) for t in step] for step in steps]
+            break
     return steps
 
 
@@ -185,15 +187,21 @@ def judgment_row(
 
 
 def judgment_rows(
-    calls: list[Call], results: dict[str, dict[str, Any]], spec: JudgmentsSpec, protocol: Protocol
+    calls: list[Call],
+    results: dict[str, dict[str, Any]],
+    spec: JudgmentsSpec,
+    protocol: Protocol,
+    schedule: dict[str, Any] | None = None,
 ) -> StageOutput:
-    """Each judge answer parsed into verdict, soft score and parse status; failed calls stay as rows."""
+    """Each judge answer parsed into verdict, soft score and parse status; failed calls stay as rows.
+    `schedule`: fields every row gets besides (the schedule and its round, when all rows share them)."""
     fields = {
         "protocol": protocol.name,
         "judge": spec.judge,
         "prefill": protocol.prefill,
         "markers": spec.markers,
         "top_logprobs": spec.top_logprobs,
+        **(schedule or {}),
     }
     paper = spec.pooling == "paper"
     rows = [judgment_row(c, results.get(c.key), protocol, fields, spec.markers, paper) for c in calls]
@@ -218,6 +226,12 @@ def pair_probability(votes: list[dict[str, Any]], scoring: str) -> tuple[float |
     With one reference this is that judgment's own reading. With several they vote: the mean soft score,
     or the majority of parsed verdicts (a tie is no verdict: nothing is guessed).
     """
+    if len(votes) == 1:  # one reference (the usual case, once per ordered pair): the same reading, made directly
+        verdict = votes[0]["verdict"]
+        winner = verdict if verdict == "a" or verdict == "b" else None
+        if scoring == "verdict":
+            return ({"a": 1.0, "b": 0.0}.get(winner or ""), winner)
+        return (win_probability(votes[0], scoring), winner)
     probs = [p for p in (win_probability(j, scoring) for j in votes) if p is not None]
     a_votes = sum(j["verdict"] == "a" for j in votes)
     b_votes = sum(j["verdict"] == "b" for j in votes)
@@ -261,9 +275,8 @@ def _judgments(ctx: Context, st: StageStats) -> StageOutput:
         calls, notes = judge_calls(
             ctx.rows["prompts"], ctx.rows["samples"], ctx.rows["references"], entry, protocol, identity
         )
-        judged = judgment_rows(calls, ctx.call(entry.judge, "judgments", calls, st), entry, protocol)
-        for row in judged.rows:
-            row.update(schedule="all-pairs", schedule_round=1)
+        schedule = {"schedule": "all-pairs", "schedule_round": 1}
+        judged = judgment_rows(calls, ctx.call(entry.judge, "judgments", calls, st), entry, protocol, schedule)
         out.rows += judged.rows
         merged = notes.pop("merged_samples")  # the same samples for every judge: counted once, not summed
         out.notes = {**merge_notes(out.notes, {**judged.notes, **notes}), "merged_samples": merged}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from factory.config.sample_sources import ImportedSamples
 from factory.core.keys import stable_hash
 from factory.models.registry import model_identity
-from factory.models.requests import Call, generation_call
+from factory.models.requests import Call, GenerationCaller
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats
 from factory.stages.imported import content_key, imported_rows, read_imports
 from factory.stages.prompts import read_prompt_source
@@ -29,12 +29,9 @@ def generation_calls(
 ) -> list[Call]:
     """One call per (prompt, sample index); the backend groups a prompt's indices into one n-sample call."""
     calls = []
+    make = GenerationCaller(identity, params, seed)
     for p in prompts:
-        messages = json.loads(p["messages"])
-        calls += [
-            generation_call(identity, messages, params, seed, i, prompt_id=p["prompt_id"], sample_index=i)
-            for i in range(n)
-        ]
+        calls += make.calls(json.loads(p["messages"]), range(n), {"prompt_id": p["prompt_id"]}, "sample_index")
     return calls
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -110,12 +110,15 @@ class CallCache(DamageChecks):
         """The files of a calls table that readers use, readable or not (see `_listing`)."""
         return self._listing(table)[0]
 
-    def _call_files(self, table: str) -> list[str]:
+    def _call_files(self, table: str, keep: Callable[[list[str]], list[str]] | None = None) -> list[str]:
         """The readable files of a calls table (unreadable ones skipped, or set aside under the lock), listed
-        again while some listed file vanished before it was checked (a concurrent compaction removed it)."""
+        again while some listed file vanished before it was checked (a concurrent compaction removed it).
+        With `keep`, only the listed files it keeps are checked and returned."""
         while True:
             start = len(self.set_aside)
             listed, _ = self._listing(table)
+            if keep is not None:
+                listed = keep(listed)
             usable = self._usable(listed)
             moved = set(map(str, self.set_aside[start:]))
             if all(p in moved or os.path.lexists(p) for p in listed):
@@ -132,7 +135,9 @@ class CallCache(DamageChecks):
         if wanted.num_rows == 0:
             return {}
         while True:  # each retry leaves out at least one more part, so this ends
-            parts = self._worth_reading(table, self._call_files(table), unique)
+            # Only the parts worth reading are checked: a build's lookups would otherwise check every part it
+            # wrote so far (a stat each, a footer read once each) to read none of them.
+            parts = self._call_files(table, lambda listed: self._worth_reading(table, listed, unique))
             if not parts:
                 return {}
             try:
