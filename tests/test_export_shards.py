@@ -132,3 +132,19 @@ def test_an_export_left_as_it_was_when_the_new_one_fails(tmp_path: Path, kit: An
     assert result.exit_code != 0
     assert loaded(folder) == original
     assert sorted(p.name for p in folder.parent.iterdir()) == [".scripted.lock", "scripted"]  # nothing half-built
+
+
+def test_a_marker_not_as_factory_wrote_it_makes_every_shard_again(tmp_path: Path, kit: Any) -> None:
+    wh, folder = tmp_path / "wh", tmp_path / "wh" / "exports" / "scripted"
+    path = recipe(tmp_path, kit, PROMPTS[:3])
+    build(path, wh)
+    marker = folder / EXPORT_FOLDER.marker
+    data = json.loads(marker.read_text())
+    for shard in data["shards"]:
+        shard["files"] = {"train": "not a list"}
+    marker.write_text(json.dumps(data))
+
+    recipe(tmp_path, kit, PROMPTS[:4])
+    notes = build(path, wh)
+    assert notes["shards_reused"] == 0 and notes["complete"]
+    assert sum(len(rows) for rows in loaded(folder)[0].values()) == notes["train_rows"] + notes["test_rows"]
