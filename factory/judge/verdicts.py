@@ -59,20 +59,10 @@ def soft_score(top_logprobs: Sequence[tuple[str, float]], exact: bool = False) -
     since a small tokenizer can split the same answer as `a`, ` a` or `A`; `exact` counts only the tokens
     that are `a` and `b` themselves, as the paper's code does.
     """
-    mass = {"a": 0.0, "b": 0.0}
-    seen: dict[str, list[str]] = {"a": [], "b": []}
-    for token, logprob in top_logprobs:
-        m = (token if token in ("a", "b") else None) if exact else marker_of(token)
-        if m is not None:
-            mass[m] += math.exp(logprob)
-            seen[m].append(token)
-    if seen["a"] and seen["b"]:
-        return mass["a"] / (mass["a"] + mass["b"]), seen
-    if seen["a"]:
-        return 1.0, seen
-    if seen["b"]:
-        return 0.0, seen
-    return 0.5, seen
+    p_a, p_exact, seen_a, seen_b = soft_scores(top_logprobs)
+    if exact:  # the exact tokens are variants of their marker too, seen in the same order
+        return p_exact, {"a": [t for t in seen_a if t == "a"], "b": [t for t in seen_b if t == "b"]}
+    return p_a, {"a": list(seen_a), "b": list(seen_b)}
 
 
 def _conclusion(text: str) -> re.Match[str] | None:
@@ -125,7 +115,7 @@ def parse_verdict(
     verdict, status, p_source, step = read(prefill, generated, tokens, last_match)
     if step is None or step >= len(top_logprobs):
         return Verdict(verdict, None, status, "none", _seen_json((), ()))
-    p_a, p_exact, seen_a, seen_b = _soft_scores(top_logprobs[step])
+    p_a, p_exact, seen_a, seen_b = soft_scores(top_logprobs[step])
     chosen = p_exact if markers == "exact" else p_a
     return Verdict(verdict, chosen, status, p_source, _seen_json(seen_a, seen_b), p_exact)
 
@@ -168,12 +158,11 @@ def _read_text(
     return verdict, status, p_source, step
 
 
-def _soft_scores(
+def soft_scores(
     top_logprobs: Sequence[tuple[str, float]],
 ) -> tuple[float, float, tuple[str, ...], tuple[str, ...]]:
     """`soft_score` at one position under both rules in one pass: p(a) over the marker variants, p(a) over
-    the exact tokens, and the variants seen of each marker. The same sums in the same order as `soft_score`,
-    so the same floats."""
+    the exact tokens, and the variants seen of each marker, in the order of `top_logprobs`."""
     mass_a = mass_b = exact_a = exact_b = 0.0
     seen_a: list[str] = []
     seen_b: list[str] = []

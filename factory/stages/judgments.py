@@ -18,7 +18,7 @@ from factory.core.keys import stable_hash
 from factory.core.reading import read_input_text
 from factory.judge.adaptive import Adaptive
 from factory.judge.protocols import Protocol, custom_protocol, get_protocol, with_template
-from factory.judge.verdicts import soft_score
+from factory.judge.verdicts import soft_scores
 from factory.models.registry import model_identity
 from factory.models.requests import Call, judge_caller
 from factory.pipeline.stage import Context, PlannedStage, Stage, StageOutput, StageStats, merge_notes
@@ -153,13 +153,12 @@ def paper_first_token(tops: list[list[tuple[str, float]]], markers: str) -> dict
     them (:94-99). No first token at all also counts ½."""
     if not tops:
         return {"p_a": 0.5, "p_a_exact": 0.5, "p_source": "none", "marker_tokens": json.dumps({"a": [], "b": []})}
-    p_a, seen = soft_score(tops[0])
-    p_exact, _ = soft_score(tops[0], exact=True)
+    p_a, p_exact, seen_a, seen_b = soft_scores(tops[0])
     return {
         "p_a": p_exact if markers == "exact" else p_a,
         "p_a_exact": p_exact,
         "p_source": "first_token",
-        "marker_tokens": json.dumps(seen, ensure_ascii=False),
+        "marker_tokens": json.dumps({"a": list(seen_a), "b": list(seen_b)}, ensure_ascii=False),
     }
 
 
