@@ -11,7 +11,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from factory.core.errors import UserInputError
-from factory.core.keys import hash_text, stable_hash
+from factory.core.keys import canonical_messages, hash_text, stable_hash
 from factory.inputs.sources import read_rows
 from factory.pipeline.stage import Context, Stage, StageOutput, StageStats
 
@@ -23,14 +23,12 @@ if TYPE_CHECKING:
 _STRING = json.encoder.encode_basestring  # how json.dumps writes a string with ensure_ascii off
 
 
-def _rendered(messages: list[dict[str, str]]) -> tuple[str, str]:
-    """`json.dumps(messages, ensure_ascii=False)` (the row's `messages`) and the canonical JSON its id hashes
-    (`stable_hash(messages)`'s text), byte for byte, each string escaped once: two renderings of every prompt
-    were most of the time a build spends reading 60K prompts (docs/BENCHMARKS.md, "Paper scale")."""
-    escaped = [(_STRING(m["role"]), _STRING(m["content"])) for m in messages]
-    plain = ", ".join(f'{{"role": {role}, "content": {content}}}' for role, content in escaped)
-    canonical = ",".join(f'{{"content":{content},"role":{role}}}' for role, content in escaped)
-    return f"[{plain}]", f"[{canonical}]"
+def _messages_json(messages: list[dict[str, str]]) -> str:
+    """`json.dumps(messages, ensure_ascii=False)` of chat messages (string role and content), byte for byte,
+    without the encoder `dumps` builds per call for non-default options: most of the time a build spent
+    reading 60K prompts went there (docs/BENCHMARKS.md, "Paper scale")."""
+    turns = (f'{{"role": {_STRING(m["role"])}, "content": {_STRING(m["content"])}}}' for m in messages)
+    return "[" + ", ".join(turns) + "]"
 
 
 def _texts_json(texts: dict[str, str | None]) -> str:
@@ -80,8 +78,7 @@ def prompt_rows(
         if system:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": instruction})
-        rendered, canonical = _rendered(messages)
-        prompt_id = hash_text(canonical, 16)  # = stable_hash(messages, 16)
+        prompt_id = hash_text(canonical_messages(messages), 16)  # = stable_hash(messages, 16), rendered faster
         if prompt_id in seen and spec.dedupe:
             duplicates += 1
             continue
@@ -90,7 +87,7 @@ def prompt_rows(
         rows.append(
             {
                 "prompt_id": prompt_id,
-                "messages": rendered,
+                "messages": _messages_json(messages),
                 "instruction": instruction,
                 "source": source_name,
                 "source_row": i,
